@@ -1,0 +1,77 @@
+"""Recognise the services' authentication failures and explain their likely causes."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from iampg._endpoint import Endpoint
+from iampg.errors import AuthenticationError
+
+__all__ = ["authentication_error", "failure_kind"]
+
+FailureKind = Literal["token", "tls"]
+
+# How the services word a refused token (FACTS.md): RDS/Aurora, DSQL, plain PostgreSQL.
+_TOKEN_REFUSED = (
+    "PAM authentication failed for user",
+    "unable to accept connection, access denied",
+    "password authentication failed for user",
+)
+_NO_TLS = "no encryption"
+
+
+def failure_kind(exc: BaseException) -> FailureKind | None:
+    """Tell whether a failed connect was the token being refused, or TLS being off."""
+    text = str(exc)
+    if any(marker in text for marker in _TOKEN_REFUSED):
+        return "token"
+    if "pg_hba.conf rejects connection" in text and _NO_TLS in text:
+        return "tls"
+    return None
+
+
+def _causes(endpoint: Endpoint, kind: FailureKind) -> list[str]:
+    user, region = endpoint.user, endpoint.region
+    if kind == "tls":
+        return [
+            (
+                "the connection did not use TLS: IAM users may only log in over TLS; "
+                "use sslmode=require or verify-full"
+            )
+        ]
+    common = [
+        (
+            "the token expired (tokens last 15 minutes) or was signed for another host, port, "
+            f"user or region than {endpoint.host}:{endpoint.port}, user {user!r}, {region}"
+        ),
+        "the temporary AWS credentials that signed it expired or were rotated",
+        "the local clock is off: SigV4 checks the signing time; synchronise it (NTP)",
+    ]
+    if endpoint.kind == "dsql":
+        action = "dsql:DbConnectAdmin" if user == "admin" else "dsql:DbConnect"
+        return [
+            *common,
+            f"the IAM policy does not allow {action} on the cluster",
+            (
+                "the user/action mapping: 'admin' needs a DbConnectAdmin token, any other role "
+                "a DbConnect token and an AWS IAM GRANT mapping the IAM role to it"
+            ),
+        ]
+    return [
+        *common,
+        (
+            "the IAM policy does not allow rds-db:connect on "
+            f"arn:aws:rds-db:{region}:<account>:dbuser:<resource id>/{user}"
+        ),
+        f'the database user lacks the rds_iam role: GRANT rds_iam TO "{user}"',
+        "IAM database authentication is not enabled on the cluster, instance or RDS Proxy",
+    ]
+
+
+def authentication_error(
+    exc: BaseException, endpoint: Endpoint, kind: FailureKind
+) -> AuthenticationError:
+    """Return an :class:`AuthenticationError` quoting the server and listing likely causes."""
+    server = " ".join(str(exc).split())
+    causes = "\n".join(f"  - {cause}" for cause in _causes(endpoint, kind))
+    return AuthenticationError(f"{server}\nlikely causes:\n{causes}")
