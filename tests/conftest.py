@@ -1,0 +1,55 @@
+"""Shared fixtures: an isolated AWS environment, a real PostgreSQL, and the emulator."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from iampg import _aws
+from iampg.emulator import FAKE_CREDENTIALS, Backend, Emulator
+
+LOCAL_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Give botocore the documented fake keys and no config files, never a real credential."""
+    for name in list(os.environ):
+        if name.startswith(("AWS_", "PG")):
+            monkeypatch.delenv(name)
+    missing = str(tmp_path / "no-aws-config")
+    monkeypatch.setenv("AWS_CONFIG_FILE", missing)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", missing)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_CREDENTIALS.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_CREDENTIALS.secret_access_key)
+    # Providers share one signer per credential source for the whole process; each test
+    # starts from none, so credentials cached for one test do not leak into the next.
+    _aws._shared.clear()
+
+
+@pytest.fixture(scope="session")
+def backend() -> Iterator[Backend]:
+    """Return a real PostgreSQL: $IAMPG_TEST_BACKEND_DSN, the local server, or a throwaway one."""
+    dsn = os.environ.get("IAMPG_TEST_BACKEND_DSN")
+    if dsn:
+        yield Backend.from_dsn(dsn)
+        return
+    try:
+        psycopg.connect(LOCAL_DSN).close()
+    except psycopg.OperationalError:
+        with Backend.temporary() as temporary:
+            yield temporary
+    else:
+        yield Backend.from_dsn(LOCAL_DSN)
+
+
+@pytest.fixture
+def emulator(backend: Backend) -> Iterator[Emulator]:
+    """Return a running RDS-mode emulator in front of the backend, on real time."""
+    with Emulator(backend.dsn) as emu:
+        yield emu

@@ -1,0 +1,23 @@
+"""Helpers for tests that connect through the emulator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from iampg import Endpoint
+from iampg.emulator import Emulator
+
+
+def endpoint_for(emu: Emulator, user: str = "postgres", **params: Any) -> Endpoint:
+    """Return the endpoint a client uses for ``emu``: signed name, loopback address, full TLS."""
+    fields: dict[str, Any] = {
+        "user": user,
+        "port": emu.port,
+        "hostaddr": emu.listen_host,
+        "region": emu.region,
+        "sslmode": "verify-full",
+        "sslrootcert": str(emu.ca_file),
+        "connect_timeout": "5",
+    }
+    fields.update(params)
+    return Endpoint(emu.host, **fields)
