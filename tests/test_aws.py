@@ -86,3 +86,66 @@ def test_import_iampg_does_not_import_botocore() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "False"
+
+
+def test_providers_with_the_same_source_share_one_signer() -> None:
+    """Providers given the same credential source share one signer and so one client."""
+    session = CountingSession()
+    a = TokenProvider(RDS, session=session)
+    b = TokenProvider(RDS.replace(user="other"), session=session)
+    c = TokenProvider(RDS)
+    d = TokenProvider(RDS.replace(port=5432))
+    a.token()
+    b.token()
+    assert session.clients == 1
+    assert a._signer is b._signer
+    assert c._signer is d._signer
+    assert c._signer is not a._signer
+
+
+def test_static_keys_sign_and_are_not_shown() -> None:
+    """Static keys sign tokens; the signer's repr shows neither the key id nor the secret."""
+    provider = TokenProvider(
+        RDS,
+        aws_access_key_id="AKIAI44QH8DHBEXAMPLE",
+        aws_secret_access_key="je7MtGbClwBF/2Zp9Utk/h3yCo8nvbEXAMPLEKEY",
+    )
+    token = provider.token()
+    assert "X-Amz-Credential=AKIAI44QH8DHBEXAMPLE%2F" in token
+    assert "je7MtGbClwBF" not in repr(provider)
+    assert "AKIAI44QH8DHBEXAMPLE" not in repr(provider)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"profile": "a", "aws_access_key_id": "x", "aws_secret_access_key": "y"}, "one cred"),
+        ({"aws_access_key_id": "x"}, "both"),
+        ({"external_id": "x"}, "need role_arn"),
+        ({"role_arn": "myrole"}, "role ARN"),
+        ({"role_arn": "arn:aws:iam::123456789012:role/a", "role_duration": 60}, "900"),
+    ],
+)
+def test_bad_credential_arguments(kwargs: dict[str, Any], message: str) -> None:
+    """Conflicting or incomplete credential arguments fail early and say why."""
+    from iampg import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=message):
+        TokenProvider(RDS, **kwargs)
+
+
+def test_debug_logs_never_carry_the_token(caplog: pytest.LogCaptureFixture) -> None:
+    """With DEBUG on everywhere, neither iampg nor botocore logs the token or its signature."""
+    import logging
+
+    with caplog.at_level(logging.DEBUG):
+        provider = TokenProvider(RDS.replace(user="logcheck"))
+        token = provider.token()
+        provider.invalidate()
+        provider.token()
+    signature = token.rsplit("X-Amz-Signature=", 1)[1]
+    assert any(r.name.startswith("iampg") for r in caplog.records)
+    for record in caplog.records:
+        text = record.getMessage()
+        assert signature not in text, record.name
+        assert token not in text, record.name

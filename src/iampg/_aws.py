@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import threading
 import weakref
 from typing import Any
@@ -19,6 +20,32 @@ RDS_TOKEN_LIFETIME = 900.0
 
 _ROLE_DURATION = (900, 43200)  # STS AssumeRole DurationSeconds bounds
 
+_logger = logging.getLogger("iampg.aws")
+
+
+class _DropSigningDetails(logging.Filter):
+    """Drop botocore's DEBUG records that carry a token's parts.
+
+    botocore logs the canonical request (with any session token), the string to sign and the
+    signature of every request it signs. For an IAM token, the canonical request and the
+    signature together are the token: a bearer credential must not reach debug logs.
+    """
+
+    _SECRET_MESSAGES = frozenset(
+        {"CanonicalRequest:\n%s", "StringToSign:\n%s", "Signature:\n%s"}
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in self._SECRET_MESSAGES
+
+
+def _redact_botocore_signing_logs() -> None:
+    auth = logging.getLogger("botocore.auth")
+    if not any(isinstance(f, _DropSigningDetails) for f in auth.filters):
+        auth.addFilter(_DropSigningDetails())
+        _logger.debug("botocore.auth debug records with signing details are dropped")
+
+
 _shared: weakref.WeakValueDictionary[tuple[object, ...], AwsSigner] = weakref.WeakValueDictionary()
 _shared_lock = threading.Lock()
 
@@ -28,8 +55,12 @@ class AwsSigner:
 
     Clients are made on first use and reused for every later token (making one costs
     milliseconds; signing with it ~0.1 ms, with no network call unless the credentials need
-    refreshing). An ``AwsSigner`` is thread-safe and may serve any number of providers:
-    providers made with the same credential arguments share one automatically.
+    refreshing). botocore logs the parts of each signature at DEBUG, which for an IAM token
+    amounts to the token: an ``AwsSigner`` adds a filter to the ``botocore.auth`` logger that
+    drops those three records, and nothing else.
+
+    An ``AwsSigner`` is thread-safe and may serve any number of providers: providers made
+    with the same credential arguments share one automatically.
 
     Credentials come from exactly one of: a ``session`` (``boto3.Session`` or
     ``botocore.session.Session``), a ``profile``, static keys, or botocore's default chain
@@ -124,6 +155,7 @@ class AwsSigner:
             else None
         )
         self._sts = (sts_region, sts_endpoint_url)
+        _redact_botocore_signing_logs()
         self._signing_session: Any = None
         self._clients: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
