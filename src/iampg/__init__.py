@@ -1,28 +1,52 @@
 """IAM-authenticated PostgreSQL on AWS: tokens, psycopg pools and DSN helpers."""
 
+from iampg._aws import AwsSigner
 from iampg._dsn import conninfo, env, url
 from iampg._endpoint import Endpoint, Kind
-from iampg._pool import AsyncConnectionPool, ConnectionPool, connect
-from iampg._tokens import Clock, SignedToken, Signer, TokenProvider
-from iampg.errors import AuthenticationError, ConfigurationError, Error, TokenError
+from iampg._pool import AsyncConnectionPool, ConnectionPool, aconnect, connect
+from iampg._retry import RETRYABLE_SQLSTATES, aretry_transaction, retry_transaction
+from iampg._tokens import (
+    Clock,
+    RefreshStrategy,
+    SignedToken,
+    Signer,
+    TokenProvider,
+    TokenStats,
+)
+from iampg.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    Error,
+    TokenError,
+    UnavailableError,
+)
 
 __all__ = [
+    "RETRYABLE_SQLSTATES",
     "AsyncConnectionPool",
     "AuthenticationError",
+    "AwsSigner",
     "Clock",
     "ConfigurationError",
     "ConnectionPool",
     "Endpoint",
     "Error",
     "Kind",
+    "RefreshStrategy",
     "SignedToken",
     "Signer",
     "TokenError",
     "TokenProvider",
+    "TokenStats",
+    "UnavailableError",
+    "aconnect",
+    "aretry_transaction",
     "connect",
     "conninfo",
     "env",
+    "retry_transaction",
     "url",
 ]
 
 __version__ = "0.1.0.dev0"
+

@@ -7,7 +7,7 @@ from typing import Literal
 from iampg._endpoint import Endpoint
 from iampg.errors import AuthenticationError
 
-__all__ = ["authentication_error", "failure_kind"]
+__all__ = ["authentication_error", "failure_kind", "transient_reason"]
 
 FailureKind = Literal["token", "tls"]
 
@@ -27,6 +27,28 @@ def failure_kind(exc: BaseException) -> FailureKind | None:
         return "token"
     if "pg_hba.conf rejects connection" in text and _NO_TLS in text:
         return "tls"
+    return None
+
+
+# Refusals that go away by themselves: (marker in the server's text, what is happening).
+_TRANSIENT = (
+    ("waking up cluster", "the cluster is waking up"),
+    ("rate exceeded", "the cluster's connection rate limit was exceeded"),
+)
+
+
+def transient_reason(exc: BaseException, *, timeouts: bool = False) -> str | None:
+    """Say what is going on when a failed connect is worth retrying shortly, else None.
+
+    With ``timeouts``, a connect that timed out counts too: a paused Aurora Serverless
+    cluster blocks new connections while it resumes.
+    """
+    text = str(exc)
+    for marker, reason in _TRANSIENT:
+        if marker in text:
+            return reason
+    if timeouts and "timeout expired" in text:
+        return "the connection timed out, as while a paused cluster resumes"
     return None
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar, overload
 
@@ -11,12 +13,15 @@ import psycopg_pool
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import TupleRow
 
-from iampg._diagnose import authentication_error, failure_kind
+from iampg import _refresh
+from iampg._defaults import ServiceDefaults, defaults_for, pool_options
+from iampg._diagnose import authentication_error, failure_kind, transient_reason
 from iampg._dsn import connect_params, resolve
 from iampg._endpoint import Endpoint
 from iampg._tokens import TokenProvider
+from iampg.errors import UnavailableError
 
-__all__ = ["AsyncConnectionPool", "ConnectionPool", "connect"]
+__all__ = ["AsyncConnectionPool", "ConnectionPool", "aconnect", "connect"]
 
 logger = logging.getLogger("iampg.pool")
 
@@ -78,11 +83,75 @@ def _async_class(base: type[ACT], provider: TokenProvider) -> type[ACT]:
     return IamAsyncConnection
 
 
+class _Attempts:
+    """What to do after a failed connect: retry at once, wait and retry, or raise."""
+
+    def __init__(
+        self, endpoint: Endpoint, provider: TokenProvider, defaults: ServiceDefaults, wait: float
+    ) -> None:
+        self._endpoint = endpoint
+        self._provider = provider
+        self._defaults = defaults
+        self._wait = wait
+        self._refused = False
+        self._failures = 0
+        self._deadline: float | None = None
+
+    def failed(self, exc: psycopg.OperationalError, token: str) -> float:
+        """Return the seconds to wait before the next attempt, or raise the error to surface."""
+        kind = failure_kind(exc)
+        if kind is not None:
+            error = _feedback(exc, self._provider, token)
+            if kind == "token" and not self._refused:
+                self._refused = True
+                logger.info(
+                    "token refused by %s; retrying once with a new token", self._endpoint.host
+                )
+                return 0.0
+            raise error from exc
+        reason = transient_reason(exc, timeouts=self._defaults.retry_timeouts)
+        if reason is None or self._wait <= 0:
+            raise exc
+        now = time.monotonic()
+        if self._deadline is None:
+            self._deadline = now + self._wait
+            logger.info(
+                "%s is not accepting connections yet (%s); retrying for up to %.0f s",
+                self._endpoint.host,
+                reason,
+                self._wait,
+            )
+        if now >= self._deadline:
+            raise UnavailableError(
+                f"{self._endpoint.host} did not accept a connection within {self._wait:.0f} s: "
+                f"{reason}. Retry later, or pass a longer wait="
+            ) from exc
+        self._failures += 1
+        step = _refresh.backoff(self._failures, base=0.5, cap=5.0)
+        return min(step, self._deadline - now)
+
+
+def _prepare(
+    endpoint: Endpoint | str | None,
+    provider: TokenProvider | None,
+    profile: str | None,
+    *,
+    allow_insecure: bool,
+) -> tuple[Endpoint, TokenProvider, ServiceDefaults, dict[str, str]]:
+    ep, prov = resolve(endpoint, provider)
+    defaults = defaults_for(ep, profile)
+    params = connect_params(ep, allow_insecure=allow_insecure)
+    params.setdefault("connect_timeout", str(defaults.connect_timeout))
+    return ep, prov, defaults, params
+
+
 @overload
 def connect(
     endpoint: Endpoint | str | None = ...,
     *,
     provider: TokenProvider | None = ...,
+    profile: str | None = ...,
+    wait: float | None = ...,
     allow_insecure: bool = ...,
     connection_class: type[CT],
     **kwargs: Any,
@@ -92,6 +161,8 @@ def connect(
     endpoint: Endpoint | str | None = ...,
     *,
     provider: TokenProvider | None = ...,
+    profile: str | None = ...,
+    wait: float | None = ...,
     allow_insecure: bool = ...,
     **kwargs: Any,
 ) -> psycopg.Connection[TupleRow]: ...
@@ -99,17 +170,30 @@ def connect(
     endpoint: Endpoint | str | None = None,
     *,
     provider: TokenProvider | None = None,
+    profile: str | None = None,
+    wait: float | None = None,
     allow_insecure: bool = False,
     connection_class: type[psycopg.Connection[Any]] = psycopg.Connection,
     **kwargs: Any,
 ) -> psycopg.Connection[Any]:
     """Open a psycopg connection that authenticates with a current IAM token.
 
+    A refused token is forgotten and the connect retried once with a new one. While the
+    service says it is waking up or rate-limiting connections (DSQL), or, for Aurora
+    Serverless, while a connect times out during a resume, the connect is retried with
+    backoff for up to ``wait`` seconds, logging one line that says what it waits for.
+
     Args:
         endpoint: Where to connect (anything :meth:`Endpoint.parse` accepts); defaults to the
             provider's endpoint.
         provider: The token cache to use; one is made for ``endpoint`` if omitted. Share one
             provider between all connections to the same endpoint.
+        profile: ``rds``, ``aurora-serverless`` (or ``aurora-express``) or ``dsql``: the
+            service's defaults (``connect_timeout``, ``wait``). Defaults to ``dsql`` for DSQL
+            endpoints and ``rds`` otherwise.
+        wait: Seconds to keep retrying a cluster that is not accepting connections yet
+            (default from the profile: 30 s for RDS, 90 s for Aurora Serverless, 60 s for
+            DSQL); 0 disables it.
         allow_insecure: Allow an ``sslmode`` that may send the token in plaintext to a
             non-loopback host.
         connection_class: The psycopg connection class (e.g. a subclass with a row factory).
@@ -118,33 +202,84 @@ def connect(
     Raises:
         ConfigurationError: Bad endpoint or options.
         TokenError: No token could be signed.
-        AuthenticationError: The server refused the token twice (the first refusal makes the
-            provider forget it and sign a new one), or TLS was off; the message lists the
-            likely causes for the service.
+        AuthenticationError: The server refused the token twice, or TLS was off; the message
+            lists the likely causes for the service.
+        UnavailableError: The service was still turning connections away after ``wait``.
         psycopg.OperationalError: The connection failed for another reason.
     """
-    ep, prov = resolve(endpoint, provider)
-    params = connect_params(ep, allow_insecure=allow_insecure)
-    for attempt in (1, 2):
+    ep, prov, defaults, params = _prepare(
+        endpoint, provider, profile, allow_insecure=allow_insecure
+    )
+    attempts = _Attempts(ep, prov, defaults, defaults.wait if wait is None else wait)
+    while True:
         token = prov.token()
         try:
             return connection_class.connect(**{**params, **kwargs, "password": token})
         except psycopg.OperationalError as exc:
-            error = _feedback(exc, prov, token)
-            if error is exc:
-                raise
-            if attempt == 1 and failure_kind(exc) == "token":
-                logger.info("token refused by %s; retrying once with a new token", ep.host)
-                continue
-            raise error from exc
-    raise AssertionError("unreachable")  # pragma: no cover
+            delay = attempts.failed(exc, token)
+        if delay:
+            time.sleep(delay)
+
+
+@overload
+async def aconnect(
+    endpoint: Endpoint | str | None = ...,
+    *,
+    provider: TokenProvider | None = ...,
+    profile: str | None = ...,
+    wait: float | None = ...,
+    allow_insecure: bool = ...,
+    connection_class: type[ACT],
+    **kwargs: Any,
+) -> ACT: ...
+@overload
+async def aconnect(
+    endpoint: Endpoint | str | None = ...,
+    *,
+    provider: TokenProvider | None = ...,
+    profile: str | None = ...,
+    wait: float | None = ...,
+    allow_insecure: bool = ...,
+    **kwargs: Any,
+) -> psycopg.AsyncConnection[TupleRow]: ...
+async def aconnect(
+    endpoint: Endpoint | str | None = None,
+    *,
+    provider: TokenProvider | None = None,
+    profile: str | None = None,
+    wait: float | None = None,
+    allow_insecure: bool = False,
+    connection_class: type[psycopg.AsyncConnection[Any]] = psycopg.AsyncConnection,
+    **kwargs: Any,
+) -> psycopg.AsyncConnection[Any]:
+    """Open a psycopg async connection with a current IAM token; see :func:`connect`.
+
+    Tokens come from :meth:`TokenProvider.atoken`, so signing never blocks the event loop.
+    """
+    ep, prov, defaults, params = _prepare(
+        endpoint, provider, profile, allow_insecure=allow_insecure
+    )
+    attempts = _Attempts(ep, prov, defaults, defaults.wait if wait is None else wait)
+    while True:
+        token = await prov.atoken()
+        try:
+            return await connection_class.connect(**{**params, **kwargs, "password": token})
+        except psycopg.OperationalError as exc:
+            delay = attempts.failed(exc, token)
+        if delay:
+            await asyncio.sleep(delay)
 
 
 def _pool_setup(
-    endpoint: Endpoint | str | None, provider: TokenProvider | None, *, allow_insecure: bool
-) -> tuple[str, TokenProvider]:
-    ep, prov = resolve(endpoint, provider)
-    return make_conninfo(**connect_params(ep, allow_insecure=allow_insecure)), prov
+    endpoint: Endpoint | str | None,
+    provider: TokenProvider | None,
+    profile: str | None,
+    pool_kwargs: dict[str, Any],
+    *,
+    allow_insecure: bool,
+) -> tuple[str, TokenProvider, dict[str, Any]]:
+    _, prov, defaults, params = _prepare(endpoint, provider, profile, allow_insecure=allow_insecure)
+    return make_conninfo(**params), prov, pool_options(defaults, pool_kwargs)
 
 
 @overload
@@ -152,6 +287,7 @@ def ConnectionPool(
     endpoint: Endpoint | str | None = ...,
     *,
     provider: TokenProvider | None = ...,
+    profile: str | None = ...,
     allow_insecure: bool = ...,
     kwargs: KwargsParam = ...,
     connection_class: type[CT],
@@ -162,6 +298,7 @@ def ConnectionPool(
     endpoint: Endpoint | str | None = ...,
     *,
     provider: TokenProvider | None = ...,
+    profile: str | None = ...,
     allow_insecure: bool = ...,
     kwargs: KwargsParam = ...,
     **pool_kwargs: Any,
@@ -170,6 +307,7 @@ def ConnectionPool(  # noqa: N802
     endpoint: Endpoint | str | None = None,
     *,
     provider: TokenProvider | None = None,
+    profile: str | None = None,
     allow_insecure: bool = False,
     kwargs: KwargsParam = None,
     **pool_kwargs: Any,
@@ -183,9 +321,17 @@ def ConnectionPool(  # noqa: N802
     the failure is raised (and logged by psycopg_pool) as :class:`iampg.AuthenticationError`.
     Connections are instances of a subclass of ``connection_class`` that does just that.
 
+    The service's defaults apply where the caller passes nothing (see ``profile``):
+    Aurora Serverless pools keep ``min_size=0`` so the cluster can pause and close idle
+    connections after 240 s, before Aurora's own idle cut; DSQL pools recycle connections
+    after 3300 s, under DSQL's one-hour cap, and check them at checkout; every profile sets a
+    finite ``connect_timeout`` (45 s for Aurora Serverless, above a resume).
+
     Args:
         endpoint: Where to connect; defaults to the provider's endpoint.
         provider: The token cache; one is made for ``endpoint`` if omitted.
+        profile: ``rds``, ``aurora-serverless`` (or ``aurora-express``) or ``dsql``; defaults
+            to ``dsql`` for DSQL endpoints and ``rds`` otherwise.
         allow_insecure: See :func:`connect`.
         kwargs: Extra connection arguments (a mapping, or a callable returning one, evaluated
             per connection); ``password`` is always the token.
@@ -195,18 +341,20 @@ def ConnectionPool(  # noqa: N802
     Raises:
         ConfigurationError: Bad endpoint or options.
     """
-    info, prov = _pool_setup(endpoint, provider, allow_insecure=allow_insecure)
+    info, prov, options = _pool_setup(
+        endpoint, provider, profile, pool_kwargs, allow_insecure=allow_insecure
+    )
 
     def connection_kwargs() -> dict[str, Any]:
         extra = kwargs() if callable(kwargs) else kwargs
         return {**(extra or {}), "password": prov.token()}
 
-    base = pool_kwargs.pop("connection_class", psycopg.Connection)
+    base = options.pop("connection_class", psycopg.Connection)
     return psycopg_pool.ConnectionPool(
         info,
         kwargs=connection_kwargs,
         connection_class=_sync_class(base, prov),
-        **pool_kwargs,
+        **options,
     )
 
 
@@ -215,6 +363,7 @@ def AsyncConnectionPool(
     endpoint: Endpoint | str | None = ...,
     *,
     provider: TokenProvider | None = ...,
+    profile: str | None = ...,
     allow_insecure: bool = ...,
     kwargs: AsyncKwargsParam = ...,
     connection_class: type[ACT],
@@ -225,6 +374,7 @@ def AsyncConnectionPool(
     endpoint: Endpoint | str | None = ...,
     *,
     provider: TokenProvider | None = ...,
+    profile: str | None = ...,
     allow_insecure: bool = ...,
     kwargs: AsyncKwargsParam = ...,
     **pool_kwargs: Any,
@@ -233,6 +383,7 @@ def AsyncConnectionPool(  # noqa: N802
     endpoint: Endpoint | str | None = None,
     *,
     provider: TokenProvider | None = None,
+    profile: str | None = None,
     allow_insecure: bool = False,
     kwargs: AsyncKwargsParam = None,
     **pool_kwargs: Any,
@@ -243,7 +394,9 @@ def AsyncConnectionPool(  # noqa: N802
     :meth:`TokenProvider.atoken`, so signing never blocks the event loop. Open it with
     ``await pool.open()`` or ``async with``, as psycopg_pool asks.
     """
-    info, prov = _pool_setup(endpoint, provider, allow_insecure=allow_insecure)
+    info, prov, options = _pool_setup(
+        endpoint, provider, profile, pool_kwargs, allow_insecure=allow_insecure
+    )
 
     async def connection_kwargs() -> dict[str, Any]:
         extra = kwargs() if callable(kwargs) else kwargs
@@ -251,10 +404,12 @@ def AsyncConnectionPool(  # noqa: N802
             extra = await extra
         return {**(extra or {}), "password": await prov.atoken()}
 
-    base = pool_kwargs.pop("connection_class", psycopg.AsyncConnection)
+    if "check" in options and "check" not in pool_kwargs:
+        options["check"] = psycopg_pool.AsyncConnectionPool.check_connection
+    base = options.pop("connection_class", psycopg.AsyncConnection)
     return psycopg_pool.AsyncConnectionPool(
         info,
         kwargs=connection_kwargs,
         connection_class=_async_class(base, prov),
-        **pool_kwargs,
+        **options,
     )

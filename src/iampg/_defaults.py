@@ -1,0 +1,100 @@
+"""Per-service connection and pool defaults, each with the reason it exists."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from iampg._endpoint import Endpoint
+from iampg.errors import ConfigurationError
+
+__all__ = ["PROFILES", "Profile", "ServiceDefaults", "defaults_for", "pool_options"]
+
+Profile = Literal["rds", "aurora-serverless", "aurora-express", "dsql"]
+"""How the service behaves: ``rds`` (RDS, provisioned Aurora, RDS Proxy), ``aurora-serverless``
+(Aurora Serverless v2, which can pause; ``aurora-express`` is the same), ``dsql``."""
+
+
+@dataclass(frozen=True)
+class ServiceDefaults:
+    """What iampg sets when the caller does not.
+
+    Attributes:
+        connect_timeout: libpq ``connect_timeout`` in seconds (libpq's own default waits
+            forever).
+        pool: psycopg_pool options.
+        wait: Seconds :func:`iampg.connect` keeps retrying while the service says it is waking
+            up or rate-limiting connections (or, for Aurora Serverless, while a connect times
+            out during a resume).
+        retry_timeouts: Whether a connect that timed out is worth retrying (a paused Aurora
+            Serverless cluster blocks new connections while it resumes).
+    """
+
+    connect_timeout: int
+    pool: Mapping[str, Any] = field(default_factory=dict)
+    wait: float = 30.0
+    retry_timeouts: bool = False
+
+
+def _check_connection() -> Any:
+    from psycopg_pool import ConnectionPool  # noqa: PLC0415
+
+    return ConnectionPool.check_connection
+
+
+PROFILES: Mapping[str, ServiceDefaults] = {
+    # Provisioned instances answer at once; 10 s is generous and still fails fast on a
+    # wrong address instead of hanging forever.
+    "rds": ServiceDefaults(connect_timeout=10),
+    # A paused cluster resumes in about 15 s (30 s after a long pause) while the connect
+    # blocks, so the timeout must exceed that. Idle connections close after 4 minutes, before
+    # Aurora's own idle cut at about 5, and min_size=0 lets the cluster pause (it only pauses
+    # with zero connections).
+    "aurora-serverless": ServiceDefaults(
+        connect_timeout=45,
+        pool={"min_size": 0, "max_size": 4, "max_idle": 240.0},
+        wait=90.0,
+        retry_timeouts=True,
+    ),
+    # DSQL closes every connection after one hour: recycle at 55 minutes, and check a
+    # connection at checkout because psycopg_pool enforces max_lifetime only on return.
+    "dsql": ServiceDefaults(
+        connect_timeout=10,
+        pool={"max_lifetime": 3300.0},
+        wait=60.0,
+    ),
+}
+
+
+def defaults_for(endpoint: Endpoint, profile: str | None) -> ServiceDefaults:
+    """Return the defaults for ``profile``, or for the endpoint's service when it is None.
+
+    Raises:
+        ConfigurationError: An unknown profile, or ``dsql`` for a non-DSQL endpoint.
+    """
+    if profile is None:
+        profile = "dsql" if endpoint.kind == "dsql" else "rds"
+    if profile == "aurora-express":
+        profile = "aurora-serverless"
+    if profile not in PROFILES:
+        raise ConfigurationError(
+            f"profile must be one of rds, aurora-serverless, aurora-express, dsql; not {profile!r}"
+        )
+    if (profile == "dsql") != (endpoint.kind == "dsql"):
+        raise ConfigurationError(
+            f"profile {profile!r} does not fit a {endpoint.kind} endpoint ({endpoint.host})"
+        )
+    return PROFILES[profile]
+
+
+def pool_options(defaults: ServiceDefaults, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge the profile's pool options under the caller's (the caller wins)."""
+    options = {**defaults.pool, **given}
+    if "max_lifetime" in defaults.pool and "check" not in given:
+        # Enforce DSQL's hour at checkout too, not only when a connection is returned.
+        options["check"] = _check_connection()
+    if "min_size" in given and "max_size" not in given:
+        # psycopg_pool's own rule (max_size = min_size) rather than a default below min_size.
+        options.pop("max_size", None)
+    return options

@@ -1,0 +1,116 @@
+"""retry_transaction: conflicts are retried with backoff, other errors are not."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import psycopg
+import pytest
+
+import iampg
+from iampg.emulator import Emulator
+from support import endpoint_for
+
+
+@pytest.fixture
+def counter(emulator: Emulator) -> str:
+    """A fresh one-row table; returns its name."""
+    with iampg.connect(endpoint_for(emulator), autocommit=True) as conn:
+        conn.execute("drop table if exists iampg_retry_counter")
+        conn.execute("create table iampg_retry_counter (id int primary key, n int not null)")
+        conn.execute("insert into iampg_retry_counter values (1, 0)")
+    return "iampg_retry_counter"
+
+
+def test_serialization_failure_is_retried(emulator: Emulator, counter: str) -> None:
+    """A 40001 caused by a concurrent update rolls back and runs again, once."""
+    ep = endpoint_for(emulator)
+    calls = 0
+    with iampg.connect(ep) as conn, iampg.connect(ep, autocommit=True) as other:
+
+        def work(c: psycopg.Connection[Any]) -> int:
+            nonlocal calls
+            calls += 1
+            c.execute("set transaction isolation level repeatable read")
+            row = c.execute(f"select n from {counter} where id = 1").fetchone()
+            assert row is not None
+            if calls == 1:  # someone else commits in between: our update must conflict
+                other.execute(f"update {counter} set n = n + 100 where id = 1")
+            c.execute(f"update {counter} set n = %s where id = 1", (row[0] + 1,))
+            return int(row[0]) + 1
+
+        assert iampg.retry_transaction(conn, work, base=0.001, cap=0.01) == 101
+    assert calls == 2
+
+
+@pytest.mark.parametrize("sqlstate", ["OC000", "OC001", "40001"])
+def test_dsql_conflict_codes_are_retried_until_attempts_run_out(
+    emulator: Emulator, sqlstate: str
+) -> None:
+    """DSQL's OC000/OC001 (raised here by PL/pgSQL) are retried; the last error surfaces."""
+    calls = 0
+
+    def conflict(c: psycopg.Connection[Any]) -> None:
+        nonlocal calls
+        calls += 1
+        c.execute(f"do $$ begin raise exception 'conflict' using errcode = '{sqlstate}'; end $$")
+
+    with iampg.connect(endpoint_for(emulator)) as conn:
+        with pytest.raises(psycopg.Error) as info:
+            iampg.retry_transaction(conn, conflict, attempts=3, base=0.001, cap=0.01)
+        assert info.value.sqlstate == sqlstate
+        assert conn.execute("select 1").fetchone() == (1,)  # usable: rolled back
+    assert calls == 3
+
+
+def test_other_errors_are_not_retried(emulator: Emulator) -> None:
+    """A unique violation is not a conflict: it surfaces on the first attempt."""
+    calls = 0
+
+    def broken(c: psycopg.Connection[Any]) -> None:
+        nonlocal calls
+        calls += 1
+        c.execute("select 1/0")
+
+    with (
+        iampg.connect(endpoint_for(emulator)) as conn,
+        pytest.raises(psycopg.errors.DivisionByZero),
+    ):
+        iampg.retry_transaction(conn, broken, base=0.001)
+    assert calls == 1
+
+
+def test_async_retry_through_a_pool(emulator: Emulator) -> None:
+    """The async twin retries with a fresh pooled connection per attempt."""
+    calls = 0
+
+    async def work(c: psycopg.AsyncConnection[Any]) -> int:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            await c.execute("do $$ begin raise exception 'x' using errcode = 'OC000'; end $$")
+        row = await (await c.execute("select 42")).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def main() -> int:
+        async with iampg.AsyncConnectionPool(
+            provider=iampg.TokenProvider(endpoint_for(emulator)),
+            min_size=1,
+            max_size=1,
+            open=False,
+        ) as pool:
+            return await iampg.aretry_transaction(pool, work, base=0.001, cap=0.01)
+
+    assert asyncio.run(main()) == 42
+    assert calls == 3
+
+
+def test_bad_retry_settings_are_refused(emulator: Emulator) -> None:
+    """attempts below 1 or a cap below base are configuration errors."""
+    with iampg.connect(endpoint_for(emulator)) as conn:
+        with pytest.raises(iampg.ConfigurationError, match="attempts"):
+            iampg.retry_transaction(conn, lambda c: None, attempts=0)
+        with pytest.raises(iampg.ConfigurationError, match="base"):
+            iampg.retry_transaction(conn, lambda c: None, base=1.0, cap=0.5)
