@@ -106,6 +106,16 @@ class Endpoint:
         hostaddr: str | None = None,
         **params: Any,
     ) -> None:
+        for name, value in (
+            ("host", host),
+            ("user", user),
+            ("dbname", dbname),
+            ("region", region),
+            ("kind", kind),
+            ("hostaddr", hostaddr),
+        ):
+            if value is not None and not isinstance(value, str):
+                raise ConfigurationError(f"{name} must be a string, not {type(value).__name__}")
         kind, host, region = _locate(host, kind, region)
         self.host = host
         self.kind = kind
@@ -333,6 +343,8 @@ def _hostaddr(value: str | None) -> str | None:
 def _port(value: int | str | None) -> int:
     if value is None or value == "":
         return _DEFAULT_PORT
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigurationError(f"port must be a number from 1 to 65535, not {value!r}")
     try:
         port = int(value)
     except (TypeError, ValueError):
