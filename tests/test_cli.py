@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from iampg.cli import main
+from iampg.emulator import Emulator
 
 HOST = "mydb.cluster-abc.us-east-1.rds.amazonaws.com"
 
@@ -87,3 +94,176 @@ def test_help_works_for_every_command() -> None:
         )
         assert result.returncode == 0, result.stderr
         assert "usage: iampg" in result.stdout
+
+
+# -- more formats ---------------------------------------------------------------------------
+
+
+def test_url_sqlalchemy_format_reads_back(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--format sqlalchemy`` prints a URL SQLAlchemy parses into the token and options."""
+    from sqlalchemy.engine import make_url
+
+    assert main(["url", HOST, "-U", "app", "--format", "sqlalchemy"]) == 0
+    parsed = make_url(capsys.readouterr().out.strip())
+    assert parsed.drivername == "postgresql+psycopg"
+    assert str(parsed.password).startswith(f"{HOST}:5432/?Action=connect&DBUser=app&")
+    assert parsed.query["sslmode"] == "require"
+
+
+def test_url_sqlalchemy_driver_is_validated(capsys: pytest.CaptureFixture[str]) -> None:
+    """A driver name that is not an identifier is a usage error (exit 2)."""
+    assert main(["url", HOST, "-U", "app", "--format", "sqlalchemy", "--driver", "a/b"]) == 2
+    assert "driver" in capsys.readouterr().err
+
+
+def test_url_pgpass_format_escapes_colons(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--format pgpass`` prints host:port:dbname:user:token with the token's colon escaped."""
+    assert main(["url", HOST, "-U", "app", "-d", "shop", "--format", "pgpass"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{HOST}:5432:shop:app:{HOST}\\:5432/?Action=connect&DBUser=app&")
+
+
+def test_env_dotenv_and_json_formats(capsys: pytest.CaptureFixture[str]) -> None:
+    """``env --format dotenv`` quotes only what needs it; ``--format json`` is an object."""
+    assert (
+        main(
+            ["env", f"postgresql://app@{HOST}/shop?application_name=my%20app", "--format", "dotenv"]
+        )
+        == 0
+    )
+    lines = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["PGAPPNAME"] == "'my app'"
+    assert lines["PGHOST"] == HOST
+    assert lines["PGPASSWORD"].startswith(f"{HOST}:5432/?Action=connect&DBUser=app&")
+    assert main(["env", HOST, "-U", "app", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["PGUSER"] == "app"
+
+
+def test_usage_errors_exit_2_without_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    """Unknown options and arguments after -- for a command other than psql: exit 2."""
+    assert main(["token", "--no-such-option"]) == 2
+    assert main(["token", HOST, "-U", "app", "--", "x"]) == 2
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "only psql takes arguments after --" in err
+    assert "Traceback" not in err
+
+
+def test_help_documents_exit_codes() -> None:
+    """Every command's --help, psql and doctor included, lists the exit codes."""
+    for args in ([], ["psql"], ["doctor"], ["token"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "iampg.cli", *args, "--help"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "127 psql not found" in " ".join(result.stdout.split())
+
+
+# -- psql -----------------------------------------------------------------------------------
+
+PSQL = shutil.which("psql")
+
+
+def emulator_args(emu: Emulator) -> list[str]:
+    return [
+        emu.host,
+        "--user",
+        "postgres",
+        "--port",
+        str(emu.port),
+        "--hostaddr",
+        emu.listen_host,
+        "--sslmode",
+        "verify-full",
+        "--sslrootcert",
+        str(emu.ca_file),
+    ]
+
+
+def run_cli(args: list[str], path: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    if path is not None:
+        env["PATH"] = path
+    return subprocess.run(
+        [sys.executable, "-m", "iampg.cli", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env=env,
+    )
+
+
+@pytest.mark.skipif(PSQL is None, reason="needs the psql program")
+def test_psql_gets_the_token_in_its_environment_only(emulator: Emulator, tmp_path: Path) -> None:
+    """``iampg psql -- ARGS`` runs the real psql through the emulator; argv is exactly ARGS."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    wrapper = bindir / "psql"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'printf "%s\\n" "$@" > "{tmp_path}/argv"\n'
+        f'printf "%s" "$PGPASSWORD" > "{tmp_path}/token"\n'
+        f'exec "{PSQL}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    query = "select current_user, current_setting('application_name')"
+    psql_args = ["-X", "-A", "-t", "-c", query]
+    result = run_cli(
+        ["psql", *emulator_args(emulator), "--", *psql_args],
+        path=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    token = (tmp_path / "token").read_text()
+    assert result.returncode == 0, (
+        result.stderr.replace(token, "<token>") if token else result.stderr
+    )
+    assert result.stdout.strip() == "postgres|psql"
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert argv == psql_args
+    assert token.startswith(f"{emulator.host}:{emulator.port}/?Action=connect&DBUser=postgres&")
+    assert not any(token in arg for arg in argv)
+
+
+@pytest.mark.skipif(PSQL is None, reason="needs the psql program")
+def test_psql_exit_code_is_psqls(emulator: Emulator) -> None:
+    """A failing query makes psql, and so ``iampg psql``, exit 1 with psql's message."""
+    result = run_cli(["psql", *emulator_args(emulator), "--", "-X", "-c", "select 1/0"])
+    assert result.returncode == 1
+    assert "division by zero" in result.stderr
+
+
+def test_psql_missing_is_exit_127(tmp_path: Path) -> None:
+    """No psql on PATH: exit 127 and a message saying how to install it; nothing signed."""
+    result = run_cli(["psql", HOST, "-U", "app"], path=str(tmp_path))
+    assert result.returncode == 127
+    assert "psql not found" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_ctrl_c_exits_130_without_traceback() -> None:
+    """SIGINT while doctor waits on a silent server: exit 130, one line, no traceback."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        port = silent.getsockname()[1]
+        args = ["doctor", HOST, "-U", "app", "-p", str(port), "--hostaddr", "127.0.0.1"]
+        with subprocess.Popen(
+            [sys.executable, "-m", "iampg.cli", *args, "--timeout", "30"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:  # ends when doctor reaches the TLS check (or exits)
+                if line.startswith("PASS  tcp"):
+                    break
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert "Traceback" not in err
+    assert "interrupted" in err

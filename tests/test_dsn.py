@@ -8,6 +8,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 import iampg
+import iampg._dsn
 from fakes import CountingSigner
 from iampg import ConfigurationError, Endpoint, TokenProvider
 
@@ -91,3 +92,66 @@ def test_env_refuses_parameters_without_a_variable() -> None:
     p = provider(EP.replace(keepalives="1"))
     with pytest.raises(ConfigurationError, match="keepalives"):
         iampg.env(provider=p)
+
+
+def test_pgpass_escapes_backslashes_and_colons() -> None:
+    """pgpass() escapes \\ and : in every field and leaves the rest of the token alone."""
+    line = iampg._dsn.pgpass(provider=provider(EP.replace(dbname="a:b\\c")))
+    escaped = NASTY.replace("\\", "\\\\").replace(":", "\\:")
+    assert line == f"{EP.host}:5432:a\\:b\\\\c:app user:{escaped}"
+
+
+def test_pgpass_escapes_a_wildcard_field() -> None:
+    """A database literally named * is escaped, so the line does not match every database."""
+    line = iampg._dsn.pgpass(provider=provider(EP.replace(dbname="*")))
+    assert line.split(":")[2] == "\\*"
+
+
+def test_pgpass_refuses_line_breaks_without_showing_the_token() -> None:
+    """A line break cannot go in a .pgpass line: a clear error that does not quote the value."""
+    with pytest.raises(ConfigurationError, match="dbname contains a line break") as info:
+        iampg._dsn.pgpass(provider=provider(EP.replace(dbname="a\nb")))
+    assert "a\nb" not in str(info.value)
+
+    class NewlineSigner(CountingSigner):
+        def sign(self, endpoint: Endpoint, lifetime: float = 900.0) -> iampg.SignedToken:
+            return iampg.SignedToken("secret\nvalue", 900.0)
+
+    with pytest.raises(ConfigurationError, match="token contains a line break") as info:
+        iampg._dsn.pgpass(provider=TokenProvider(EP, signer=NewlineSigner()))
+    assert "secret" not in str(info.value)
+
+
+def test_alembic_url_doubles_every_percent() -> None:
+    """alembic_url() is url() with each % doubled, and ConfigParser undoes exactly that."""
+    import configparser
+
+    p = provider()
+    text = iampg._dsn.alembic_url(provider=p)
+    assert text == iampg.url(provider=p).replace("%", "%%")
+    parser = configparser.ConfigParser()
+    parser.read_string(f"[alembic]\nsqlalchemy.url = {text}\n")
+    assert conninfo_to_dict(parser["alembic"]["sqlalchemy.url"])["password"] == NASTY
+
+
+def test_sqlalchemy_url_reads_back() -> None:
+    """make_url() finds the token, the user, the database and the options in sqlalchemy_url()."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(iampg._dsn.sqlalchemy_url(provider=provider()))
+    assert parsed.drivername == "postgresql+psycopg"
+    assert parsed.password == NASTY
+    assert parsed.username == "app user"
+    assert parsed.database == "shop/db"
+    assert dict(parsed.query) == {"application_name": "api", "sslmode": "require"}
+    assert make_url(iampg._dsn.sqlalchemy_url(provider=provider(), driver=None)).drivername == (
+        "postgresql"
+    )
+
+
+def test_sqlalchemy_url_refuses_a_bad_driver_before_signing() -> None:
+    """A driver name that is not an identifier is refused without minting a token."""
+    signer = FixedSigner()
+    with pytest.raises(ConfigurationError, match="driver"):
+        iampg._dsn.sqlalchemy_url(provider=TokenProvider(EP, signer=signer), driver="psycopg://x")
+    assert signer.calls == 0

@@ -194,7 +194,7 @@ def test_bad_arguments_are_configuration_errors() -> None:
 
 
 def test_loop_never_stalls_while_tasks_and_threads_wait_for_a_slow_signer() -> None:
-    """200 tasks and 32 threads at expiry, 200 ms signer: one signing, no loop gap over 20 ms."""
+    """200 tasks and 32 threads at expiry, 200 ms signer: one signing, the loop never waits."""
     provider, signer, clock = make(CountingSigner(delay=0.2))
     provider.token()
     clock.advance(900.0)
@@ -228,7 +228,9 @@ def test_loop_never_stalls_while_tasks_and_threads_wait_for_a_slow_signer() -> N
 
     assert asyncio.run(main()) == {"token-2-app"}
     assert signer.calls == 2
-    assert max(gaps) < 0.020, f"largest event-loop gap {max(gaps) * 1000:.1f} ms"
+    # Blocked, the loop would stall for the whole 200 ms signing; idle machines show under
+    # 20 ms (see benchmarks/), busy CI machines more, so the bound here is the blocking one.
+    assert max(gaps) < 0.100, f"largest event-loop gap {max(gaps) * 1000:.1f} ms"
 
 
 def test_a_cancelled_waiter_does_not_cancel_the_refresh_for_others() -> None:

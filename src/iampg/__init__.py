@@ -1,7 +1,7 @@
 """IAM-authenticated PostgreSQL on AWS: tokens, psycopg pools and DSN helpers."""
 
 from iampg._aws import AwsSigner
-from iampg._dsn import conninfo, env, url
+from iampg._dsn import alembic_url, conninfo, env, pgpass, sqlalchemy_url, url
 from iampg._endpoint import Endpoint, Kind
 from iampg._pool import AsyncConnectionPool, ConnectionPool, aconnect, connect
 from iampg._retry import RETRYABLE_SQLSTATES, aretry_transaction, retry_transaction
@@ -40,11 +40,14 @@ __all__ = [
     "TokenStats",
     "UnavailableError",
     "aconnect",
+    "alembic_url",
     "aretry_transaction",
     "connect",
     "conninfo",
     "env",
+    "pgpass",
     "retry_transaction",
+    "sqlalchemy_url",
     "url",
 ]
 

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import quote
 
 from iampg._endpoint import Endpoint
 from iampg._tokens import TokenProvider
 from iampg.errors import ConfigurationError
 
-__all__ = ["connect_params", "conninfo", "env", "resolve", "url"]
+__all__ = [
+    "alembic_url",
+    "connect_params",
+    "conninfo",
+    "env",
+    "pgpass",
+    "resolve",
+    "sqlalchemy_url",
+    "url",
+]
 
 _INSECURE_SSLMODES = frozenset({"disable", "allow", "prefer"})
 _SYSTEM_ROOTS_LIBPQ = 160000  # sslrootcert=system needs libpq 16
+_DRIVER = re.compile(r"[A-Za-z0-9_]+")
 
 # libpq parameter -> environment variable (libpq's own table, for what iampg may pass on).
 _ENV_NAMES = {
@@ -129,14 +140,131 @@ def url(
 ) -> str:
     """Return a ``postgresql://`` URL with a current token, percent-encoded, as the password.
 
-    Every part is encoded with nothing left safe (a token contains ``% & / : = ?``), and every
-    other parameter is kept as a query parameter, so migration tools that take a URL can
-    connect. The result is a credential: do not log it.
+    The user, password and database name are percent-encoded with nothing left safe (a token
+    contains ``% & / : = ?``), and every other parameter (``hostaddr``, ``sslmode``,
+    ``application_name`` …) is kept as an encoded query parameter, so migration tools that
+    take a URL can connect. libpq and :func:`urllib.parse.urlsplit` read every part back. The
+    result is a credential valid for new connections until the token expires (at most 15
+    minutes by default): do not log it.
 
     Raises:
         ConfigurationError: See :func:`connect_params`.
         TokenError: No token could be signed.
     """
+    return _url("postgresql", endpoint, provider, allow_insecure=allow_insecure)
+
+
+def alembic_url(
+    endpoint: Endpoint | str | None = None,
+    provider: TokenProvider | None = None,
+    *,
+    allow_insecure: bool = False,
+) -> str:
+    """Return :func:`url` with every ``%`` doubled, for ``alembic.ini`` and ConfigParser.
+
+    ConfigParser's interpolation (used by ``alembic.ini`` and alembic's
+    ``config.set_main_option``) reads ``%%`` as ``%``; a single ``%`` from the encoded token
+    would fail with ``InterpolationSyntaxError``. After interpolation the value is exactly
+    :func:`url`. The result is a credential: do not log it.
+
+    Raises:
+        ConfigurationError: See :func:`connect_params`.
+        TokenError: No token could be signed.
+    """
+    return url(endpoint, provider, allow_insecure=allow_insecure).replace("%", "%%")
+
+
+def sqlalchemy_url(
+    endpoint: Endpoint | str | None = None,
+    provider: TokenProvider | None = None,
+    *,
+    driver: str | None = "psycopg",
+    allow_insecure: bool = False,
+) -> str:
+    """Return a SQLAlchemy URL, ``postgresql+<driver>://``, with a current token.
+
+    Encoded like :func:`url`: SQLAlchemy's ``make_url`` reads back the user, the token as
+    the password, the host, port and database, and every other libpq parameter as a query
+    parameter, which the ``psycopg`` and ``psycopg2`` dialects pass to libpq. The engine keeps
+    using this token for every new connection, so it stops connecting when the token expires
+    (at most 15 minutes by default): for long-lived engines use iampg's SQLAlchemy
+    integration, which signs per connection. The result is a credential: do not log it.
+
+    Args:
+        endpoint: Where to connect (anything :meth:`Endpoint.parse` accepts).
+        provider: The token cache to use.
+        driver: The SQLAlchemy driver name (default ``psycopg``); ``None`` for SQLAlchemy's
+            default PostgreSQL driver (``postgresql://``).
+        allow_insecure: See :func:`connect_params`.
+
+    Raises:
+        ConfigurationError: An invalid driver name, or see :func:`connect_params`.
+        TokenError: No token could be signed.
+    """
+    if driver is not None and not _DRIVER.fullmatch(driver):
+        raise ConfigurationError(
+            f"driver must be a SQLAlchemy driver name such as 'psycopg', not {driver!r}"
+        )
+    scheme = "postgresql" if driver is None else f"postgresql+{driver}"
+    return _url(scheme, endpoint, provider, allow_insecure=allow_insecure)
+
+
+def pgpass(
+    endpoint: Endpoint | str | None = None,
+    provider: TokenProvider | None = None,
+    *,
+    allow_insecure: bool = False,
+) -> str:
+    r"""Return a ``.pgpass`` line, ``host:port:dbname:user:token``, without a line break.
+
+    Backslashes and colons are escaped as libpq requires (``\\`` and ``\:``), and a field
+    that is exactly ``*`` (libpq's wildcard) or a host starting with ``#`` (a comment) is
+    escaped too, so the line matches only this endpoint. libpq looks the line up by the
+    ``host`` name (not ``hostaddr``), port, database and user, and ignores a password file
+    that others can read: create it with mode ``0600``. The line is a credential valid until
+    the token expires (at most 15 minutes by default): do not log it.
+
+    Raises:
+        ConfigurationError: A field contains a line break (a ``.pgpass`` line cannot hold
+            one), or see :func:`connect_params`.
+        TokenError: No token could be signed.
+    """
+    ep, prov = resolve(endpoint, provider)
+    params = connect_params(ep, allow_insecure=allow_insecure)
+    names = ("host", "port", "dbname", "user")
+    fields = [params[name] for name in names]
+    for name in names:
+        if "\n" in params[name] or "\r" in params[name]:
+            raise ConfigurationError(
+                f"the {name} contains a line break, which a .pgpass line cannot hold: "
+                "use conninfo(), url() or env() instead"
+            )
+    token = prov.token()
+    if "\n" in token or "\r" in token:
+        raise ConfigurationError(
+            "the token contains a line break, which a .pgpass line cannot hold: "
+            "use conninfo(), url() or env() instead"
+        )
+    escaped = [_pgpass_escape(value) for value in fields]
+    if escaped[0].startswith("#"):
+        escaped[0] = "\\" + escaped[0]
+    return ":".join([*escaped, _pgpass_escape(token, wildcard=False)])
+
+
+def _pgpass_escape(value: str, *, wildcard: bool = True) -> str:
+    """Escape backslashes and colons for a ``.pgpass`` field, and a lone ``*`` (a wildcard)."""
+    if wildcard and value == "*":
+        return "\\*"
+    return value.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def _url(
+    scheme: str,
+    endpoint: Endpoint | str | None,
+    provider: TokenProvider | None,
+    *,
+    allow_insecure: bool,
+) -> str:
     ep, prov = resolve(endpoint, provider)
     params = connect_params(ep, allow_insecure=allow_insecure)
     host = params.pop("host")
@@ -146,7 +274,7 @@ def url(
     dbname = quote(params.pop("dbname"), safe="")
     token = quote(prov.token(), safe="")
     query = "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in params.items())
-    return f"postgresql://{user}:{token}@{host}:{port}/{dbname}" + (f"?{query}" if query else "")
+    return f"{scheme}://{user}:{token}@{host}:{port}/{dbname}" + (f"?{query}" if query else "")
 
 
 def env(

@@ -1,0 +1,204 @@
+"""iampg doctor: one line per check against the emulator, the failing step named with its fix."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from iampg.cli import main
+from iampg.emulator import Backend, Emulator
+
+CHECKS = ["endpoint", "credentials", "token", "dns", "tcp", "tls", "authentication", "query"]
+
+
+def doctor_args(emu: Emulator, *extra: str, host: str | None = None) -> list[str]:
+    return [
+        "doctor",
+        host or emu.host,
+        "--user",
+        "postgres",
+        "--port",
+        str(emu.port),
+        "--hostaddr",
+        emu.listen_host,
+        "--sslmode",
+        "verify-full",
+        "--sslrootcert",
+        str(emu.ca_file),
+        "--timeout",
+        "5",
+        *extra,
+    ]
+
+
+def statuses(out: str) -> dict[str, str]:
+    """Map each check's name to PASS/FAIL/SKIP from the human report."""
+    found = {}
+    for line in out.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] in {"PASS", "FAIL", "SKIP"}:
+            found[words[1]] = words[0]
+    return found
+
+
+def run_json(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> tuple[int, dict[str, dict[str, str]]]:
+    code = main([*args, "--json"])
+    report = json.loads(capsys.readouterr().out)
+    return code, {check["name"]: check for check in report["checks"]}
+
+
+def test_all_checks_pass_against_the_emulator(
+    emulator: Emulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every check passes through the emulator; exit 0; no token in the output."""
+    code = main(doctor_args(emulator))
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert statuses(out) == dict.fromkeys(CHECKS, "PASS")
+    assert "X-Amz-" not in out
+    assert "verified (host name and chain" in out
+    assert "commonName=" + emulator.host in out
+    assert out.rstrip().endswith("all checks passed")
+
+
+def test_json_report_lists_every_check(
+    emulator: Emulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--json prints one JSON object with ok and a status per check, and nothing else."""
+    code, checks = run_json(doctor_args(emulator), capsys)
+    assert code == 0
+    assert list(checks) == CHECKS
+    assert {c["status"] for c in checks.values()} == {"pass"}
+    assert checks["credentials"]["detail"].startswith("environment variables")
+
+
+@pytest.fixture
+def elsewhere(backend: Backend) -> Iterator[Emulator]:
+    """An emulator whose host name does not imply a region, in us-east-1."""
+    with Emulator(backend.dsn, hostnames=("db.emulator.test",), region="us-east-1") as emu:
+        yield emu
+
+
+def test_wrong_region_fails_authentication_with_its_causes(
+    elsewhere: Emulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A token signed for another region: authentication fails, listing the region as a cause."""
+    code = main(doctor_args(elsewhere, "--region", "eu-west-1"))
+    out = capsys.readouterr().out
+    assert code == 1
+    found = statuses(out)
+    assert found["token"] == "PASS"
+    assert found["tls"] == "PASS"
+    assert found["authentication"] == "FAIL"
+    assert found["query"] == "SKIP"
+    assert 'PAM authentication failed for user "postgres"' in out
+    assert "eu-west-1" in out
+    assert "likely causes" in out
+    assert "fix:" in out
+    assert "X-Amz-" not in out
+
+
+def test_no_credentials_fails_the_credentials_step(
+    emulator: Emulator, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without AWS keys the credentials check fails with a fix; network checks still run."""
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    code, checks = run_json(doctor_args(emulator), capsys)
+    assert code == 1
+    assert checks["credentials"]["status"] == "fail"
+    assert "AWS_PROFILE" in checks["credentials"]["fix"]
+    assert checks["token"]["status"] == "skip"
+    assert [checks[n]["status"] for n in ("dns", "tcp", "tls")] == ["pass"] * 3
+    assert checks["authentication"]["status"] == "skip"
+
+
+def closed_port() -> int:
+    """Return a loopback port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_unreachable_port_fails_the_tcp_step(
+    emulator: Emulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing listening: the TCP check fails with a fix, the checks after it are skipped."""
+    args = doctor_args(emulator)
+    args[args.index("--port") + 1] = str(closed_port())
+    args[args.index("--timeout") + 1] = "2"
+    code, checks = run_json(args, capsys)
+    assert code == 1
+    assert checks["tcp"]["status"] == "fail"
+    assert "security group" in checks["tcp"]["fix"]
+    assert [checks[n]["status"] for n in ("tls", "authentication", "query")] == ["skip"] * 3
+    assert checks["token"]["status"] == "pass"
+
+
+def test_untrusted_certificate_fails_the_tls_step(
+    emulator: Emulator, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A CA file that did not sign the server's certificate: TLS fails and says what to pass."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "another CA")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    other = tmp_path / "other-ca.pem"
+    other.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    args = doctor_args(emulator)
+    args[args.index("--sslrootcert") + 1] = str(other)
+    code, checks = run_json(args, capsys)
+    assert code == 1
+    assert checks["tls"]["status"] == "fail"
+    assert "--sslrootcert" in checks["tls"]["fix"]
+    assert checks["authentication"]["status"] == "skip"
+
+
+def test_endpoint_without_region_fails_the_first_step(capsys: pytest.CaptureFixture[str]) -> None:
+    """A host that names no region: the endpoint check fails; nothing is dialled."""
+    code, checks = run_json(["doctor", "db.internal", "-U", "app"], capsys)
+    assert code == 1
+    assert checks["endpoint"]["status"] == "fail"
+    assert "region" in checks["endpoint"]["detail"]
+    assert [checks[n]["status"] for n in CHECKS[2:]] == ["skip"] * 6
+
+
+def test_bad_timeout_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """--timeout 0 is refused with exit 2 before any check runs."""
+    assert main(["doctor", "db.internal", "--timeout", "0"]) == 2
+    assert "--timeout" in capsys.readouterr().err
+
+
+def test_dns_step_resolves_the_host_name(
+    backend: Backend, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without hostaddr the DNS check resolves the host (localhost) and the rest passes."""
+    with Emulator(backend.dsn, hostnames=("localhost",), region="us-east-1") as emu:
+        args = doctor_args(emu, "--region", "us-east-1")
+        del args[args.index("--hostaddr") : args.index("--hostaddr") + 2]
+        code, checks = run_json(args, capsys)
+    assert code == 0, checks
+    assert checks["dns"]["detail"].startswith("localhost → ")
+    assert "127.0.0.1" in checks["dns"]["detail"]
