@@ -24,6 +24,7 @@ _PROG = "iampg emulate"
 _EXIT_OK = 0
 _EXIT_RUNTIME = 1
 _EXIT_USAGE = 2
+_PROFILES = ("rds", "aurora-express", "dsql")
 _WAIT_SLICE = 0.5  # seconds; the main thread wakes this often while waiting for a signal
 
 
@@ -115,9 +116,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="speed of the emulator's clock relative to real time (default: 1.0)",
     )
     parser.add_argument(
+        "--profile",
+        choices=_PROFILES,
+        default=None,
+        help="the service to behave like: rds (tokens only; the default), aurora-express "
+        "(auto-pause, ~16 s resume, ~3.5 s connect latency, 5-minute idle cut) or dsql "
+        "(DSQL tokens and host name, SNI required, 1-hour session cap, connection limits)",
+    )
+    parser.add_argument(
         "--user",
-        default="postgres",
-        help="database user to create on the backend if missing (default: %(default)s)",
+        default=None,
+        help="database user to create on the backend if missing "
+        "(default: admin with --profile dsql, else postgres)",
     )
     parser.add_argument(
         "--dbname", default="postgres", help="database for the examples (default: %(default)s)"
@@ -155,7 +165,41 @@ def _emulator_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["region"] = args.region
     if args.time_scale is not None:
         kwargs["time_scale"] = args.time_scale
+    if getattr(args, "profile", None):
+        kwargs["profile"] = args.profile
     return kwargs
+
+
+def _user(args: argparse.Namespace) -> str:
+    """Return the database user: ``--user``, else the service's usual one."""
+    if args.user:
+        return str(args.user)
+    return "admin" if getattr(args, "profile", None) == "dsql" else "postgres"
+
+
+def _behaviour(emu: _Emulator) -> list[str]:
+    """Return the banner lines describing the emulator's profile (none for a stand-in)."""
+    profile = getattr(emu, "profile", None)
+    if profile is None:
+        return []
+    lines = profile.describe()
+    return [f"  profile:    {profile.name}", *(f"              {line}" for line in lines)]
+
+
+def _token_command(emu: _Emulator, user: str) -> str:
+    """Return the AWS CLI command that mints a token for ``user``."""
+    q = shlex.quote
+    if getattr(emu, "service", "rds") == "dsql":
+        verb = (
+            "generate-db-connect-admin-auth-token"
+            if user == "admin"
+            else ("generate-db-connect-auth-token")
+        )
+        return f"aws dsql {verb} --hostname {q(emu.host)} --region {q(emu.region)}"
+    return (
+        f"aws rds generate-db-auth-token --hostname {q(emu.host)} --port {emu.port} "
+        f"--region {q(emu.region)} --username {q(user)}"
+    )
 
 
 def _describe_backend(backend: Backend) -> str:
@@ -176,10 +220,7 @@ def _banner(emu: _Emulator, backend: Backend, user: str, dbname: str) -> str:
     env.setdefault("AWS_REGION", emu.region)
     ca_file = str(emu.ca_file)
     conninfo = emu.conninfo(user, dbname=dbname)
-    token = (
-        f"aws rds generate-db-auth-token --hostname {q(emu.host)} --port {emu.port} "
-        f"--region {q(emu.region)} --username {q(user)}"
-    )
+    token = _token_command(emu, user)
     lines = [
         "iampg emulator running",
         "",
@@ -191,6 +232,7 @@ def _banner(emu: _Emulator, backend: Backend, user: str, dbname: str) -> str:
         f"  user:       {user}",
         f"  dbname:     {dbname}",
         f"  backend:    {_describe_backend(backend)}",
+        *_behaviour(emu),
         "",
         "Fake AWS credentials (accepted only by this emulator):",
         "",
@@ -278,13 +320,14 @@ def _start(
     running.append(("backend", backend))
     if stop.is_set():
         return
-    backend.ensure_role(args.user, superuser=backend.kind == "temporary")
+    user = _user(args)
+    backend.ensure_role(user, superuser=backend.kind == "temporary")
     emu = factory(backend.dsn, **_emulator_kwargs(args))
     if stop.is_set():
         return
     emu.start()
     running.append(("emulator", emu))
-    _say(_banner(emu, backend, args.user, args.dbname))
+    _say(_banner(emu, backend, user, args.dbname))
 
 
 def _shutdown(running: list[tuple[str, _Stoppable]], status: int) -> int:

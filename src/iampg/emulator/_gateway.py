@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import logging
@@ -15,6 +16,7 @@ import socket
 import struct
 import tempfile
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,17 +26,21 @@ from psycopg.conninfo import conninfo_to_dict
 
 from iampg.errors import ConfigurationError
 
+from . import _serverless as sl
 from ._clock import EmulatorClock
-from ._credentials import FAKE_CREDENTIALS, Credentials
+from ._credentials import FAKE_CREDENTIALS, CredentialLookup, Credentials, CredentialStore
+from ._profiles import Profile, ProfileName, Service, dsql_hostname, get_profile
 from ._sigv4 import MALFORMED, TokenRules, TokenVerificationError, verify_token
 from ._tls import ALPN_PROTOCOL, make_certificates, server_context
 
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from types import TracebackType
 
-    from typing_extensions import Self
+    from typing_extensions import Self, Unpack
+
+    from ._profiles import ProfileSettings
 
 __all__ = ["DEFAULT_HOSTNAME", "Emulator", "Event"]
 
@@ -67,6 +73,9 @@ _AUTH_SASL_CONTINUE: Final = 11
 _AUTH_SASL_FINAL: Final = 12
 _PROTOCOL_MAJOR: Final = 3
 
+_DSQL_ADMIN: Final = "admin"
+_MONITOR_TICK: Final = 0.02  # real seconds between the monitor's looks at the clock
+_CALL_TIMEOUT: Final = 10.0  # real seconds pause()/resume() wait for the emulator's loop
 _PAM_FAILED: Final = 'PAM authentication failed for user "{user}"'
 _NO_ENCRYPTION: Final = (
     'pg_hba.conf rejects connection for host "{host}", user "{user}", '
@@ -74,9 +83,17 @@ _NO_ENCRYPTION: Final = (
 )
 
 
+Outcome = Literal["accepted", "rejected", "closed", "paused", "resuming", "resumed"]
+"""What an :class:`Event` records: a connection's fate, or the cluster's state changing."""
+
+
 @dataclass(frozen=True)
 class Event:
-    """One authentication decision of the emulator; never holds the token itself.
+    """One decision of the emulator (the service's ``iam-db-auth-error`` log, and more).
+
+    Never holds a token. Connection events (``accepted``, ``rejected``, ``closed``) name
+    the peer, user and database; cluster events (``paused``, ``resuming``, ``resumed``)
+    leave them empty.
 
     Attributes:
         time: When, in the emulator clock's wall time (epoch seconds, see
@@ -84,17 +101,44 @@ class Event:
         peer: The client's IP address.
         user: The user of the startup message.
         database: The database of the startup message.
-        outcome: ``"accepted"`` or ``"rejected"``.
-        reason: Why it was rejected (``"signature mismatch"``, ``"token expired"``,
-            ``"wrong host"``, ``"no encryption"``...), empty when accepted.
+        outcome: ``"accepted"``, ``"rejected"`` (a connection refused), ``"closed"`` (an
+            established session cut by the emulator), ``"paused"``, ``"resuming"`` or
+            ``"resumed"``.
+        reason: Why: for ``rejected`` a token check (``"signature mismatch"``, ``"token
+            expired"``, ``"wrong host"``, ``"wrong action"``...), ``"no encryption"``,
+            ``"no sni"``, ``"rate exceeded"``, ``"too many connections"`` or
+            ``"waking up"``; for ``closed`` ``"idle timeout"``, ``"session cap"``,
+            ``"transaction limit"`` or ``"paused"``; for ``paused`` ``"idle"`` or
+            ``"requested"``; for ``resuming`` ``"connection"``; for ``resumed``
+            ``"resume delay"`` or ``"requested"``. Empty when accepted.
+        sqlstate: The SQLSTATE the client was sent, if any (``"08006"``, ``"53300"``...).
+        hint: The HINT the client was sent (DSQL), without secrets; else empty.
     """
 
     time: float
     peer: str
     user: str
     database: str
-    outcome: Literal["accepted", "rejected"]
+    outcome: Outcome
     reason: str = ""
+    sqlstate: str = ""
+    hint: str = ""
+
+
+# Event reasons besides the token checks' (which are in _sigv4).
+NO_ENCRYPTION: Final = "no encryption"
+NO_SNI: Final = "no sni"
+RATE_EXCEEDED: Final = "rate exceeded"
+TOO_MANY_CONNECTIONS: Final = "too many connections"
+WAKING_UP: Final = "waking up"
+IDLE_TIMEOUT: Final = "idle timeout"
+SESSION_CAP: Final = "session cap"
+TRANSACTION_LIMIT: Final = "transaction limit"
+PAUSED: Final = "paused"
+IDLE: Final = "idle"
+REQUESTED: Final = "requested"
+CONNECTION: Final = "connection"
+RESUME_DELAY: Final = "resume delay"
 
 
 class _ProtocolViolationError(Exception):
@@ -114,11 +158,11 @@ def _message(kind: bytes, body: bytes) -> bytes:
     return kind + struct.pack("!I", len(body) + 4) + body
 
 
-def _error_response(sqlstate: str, message: str) -> bytes:
-    fields = b"".join(
-        code + value.encode("utf-8", "replace") + b"\0"
-        for code, value in ((b"S", "FATAL"), (b"V", "FATAL"), (b"C", sqlstate), (b"M", message))
-    )
+def _error_response(sqlstate: str, message: str, hint: str | None = None) -> bytes:
+    items = [(b"S", "FATAL"), (b"V", "FATAL"), (b"C", sqlstate), (b"M", message)]
+    if hint is not None:
+        items.append((b"H", hint))
+    fields = b"".join(code + value.encode("utf-8", "replace") + b"\0" for code, value in items)
     return _message(b"E", fields + b"\0")
 
 
@@ -198,6 +242,8 @@ class _Stream(asyncio.Protocol, _Channel):
         self._reading_paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._partner: _Stream | None = None
+        #: Called with what is relayed to the partner, just before relaying it.
+        self.on_data: Callable[[bytes], None] | None = None
 
     # asyncio.Protocol
 
@@ -206,6 +252,8 @@ class _Stream(asyncio.Protocol, _Channel):
 
     def data_received(self, data: bytes) -> None:
         if self._partner is not None:
+            if self.on_data is not None:
+                self.on_data(data)
             self._partner.write(data)
             return
         self._buffer += data
@@ -269,8 +317,11 @@ class _Stream(asyncio.Protocol, _Channel):
         """Send everything received from now on (and anything buffered) to ``partner``."""
         self._partner = partner
         if self._buffer:
-            partner.write(bytes(self._buffer))
+            data = bytes(self._buffer)
             self._buffer.clear()
+            if self.on_data is not None:
+                self.on_data(data)
+            partner.write(data)
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
@@ -478,12 +529,51 @@ def _password_message(password: str | bytes) -> bytes:
     return _message(b"p", data + b"\0")
 
 
-@dataclass
+def _credential_store(
+    credentials: Sequence[Credentials] | CredentialLookup,
+) -> tuple[CredentialLookup, Credentials]:
+    """Return the store to look keys up in and the key :meth:`Emulator.aws_env` exports."""
+    if isinstance(credentials, CredentialLookup):
+        default = credentials.default if isinstance(credentials, CredentialStore) else None
+        return credentials, default or FAKE_CREDENTIALS
+    if isinstance(credentials, Credentials):
+        credentials = (credentials,)
+    if not credentials:
+        raise ConfigurationError("credentials must hold at least one key")
+    try:
+        store = CredentialStore(credentials)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    return store, credentials[0]
+
+
+def _resolve_profile(
+    service: Service | None, profile: ProfileName | Profile | None, settings: dict[str, object]
+) -> Profile:
+    """Return the profile asked for, ``service`` and ``settings`` applied."""
+    chosen = get_profile(profile or ("dsql" if service == "dsql" else "rds"))
+    if service is not None:
+        settings["service"] = service
+    return chosen.replace(**settings) if settings else chosen
+
+
+@dataclass(eq=False)
 class _Session:
     sock: socket.socket | None
     peer: str
     client: _Stream | None = None
     backend: _Stream | None = None
+    sni: str | None = None
+    user: str = ""
+    database: str = ""
+    counted: bool = False  # admitted: counts against max_connections and auto-pause
+    established: bool = False  # relaying to the backend
+    started: float = 0.0  # emulated epoch seconds, once established
+    last_activity: float = 0.0
+    status: bytes = b"I"  # the last ReadyForQuery status
+    transaction_started: float = 0.0
+    capped: bool = False  # past the session cap, waiting for its transaction to end
+    cut: bool = False
 
 
 class Emulator:
@@ -514,10 +604,30 @@ class Emulator:
         region: The AWS region tokens must be scoped to.
         listen_host: The address to listen on.
         port: The port to listen on; ``0`` picks a free one (see :attr:`port`).
-        credentials: The AWS keys the emulator knows; the first one is :attr:`credentials`.
+        credentials: The AWS keys the emulator knows, the first one being :attr:`credentials`;
+            or a store to look keys up in for every token (a :class:`CredentialStore`
+            shared with a :class:`CredentialsServer`, or any object with
+            ``lookup(access_key_id) -> Credentials | None``), see :attr:`credential_store`.
         clock: The clock for token and credential expiry; a new one when ``None``.
         time_scale: Emulated seconds per real second, for a new clock when ``clock`` is
             ``None``.
+        service: ``"rds"`` (tokens for ``rds-db``/``connect`` naming host, port and user)
+            or ``"dsql"`` (``dsql``/``DbConnectAdmin`` for user ``admin``, ``DbConnect``
+            for any other role; refusals as ``08006 unable to accept connection, access
+            denied`` with a HINT). Defaults to the profile's.
+        profile: The service's behaviour (:class:`Profile`): ``"rds"`` (tokens only, the
+            default), ``"aurora-express"`` (auto-pause, 16 s resume, 3.5 s connect latency,
+            5-minute idle cut) or ``"dsql"`` (SNI, 1-hour session cap, connection limits,
+            waking-up refusals; the default when ``service="dsql"``), or a
+            :class:`Profile`. Durations are emulated seconds (see ``time_scale``).
+        **settings: Any :class:`Profile` setting, overriding the profile's
+            (``auto_pause``, ``resume_delay``, ``paused_connect``, ``connect_latency``,
+            ``idle_timeout``, ``idle_notice``, ``session_cap``, ``transaction_limit``,
+            ``max_connections``, ``connection_rate``, ``connection_burst``,
+            ``require_sni``).
+
+    Without ``hostnames``, a DSQL emulator answers to a DSQL-shaped name
+    (``<26 characters>.dsql.<region>.on.aws``), an RDS one to :data:`DEFAULT_HOSTNAME`.
 
     Raises:
         iampg.ConfigurationError: An argument is invalid.
@@ -527,14 +637,22 @@ class Emulator:
         self,
         backend: str,
         *,
-        hostnames: Sequence[str] = (DEFAULT_HOSTNAME,),
+        hostnames: Sequence[str] | None = None,
         region: str = "us-east-1",
         listen_host: str = "127.0.0.1",
         port: int = 0,
-        credentials: Sequence[Credentials] = (FAKE_CREDENTIALS,),
+        credentials: Sequence[Credentials] | CredentialLookup = (FAKE_CREDENTIALS,),
         clock: EmulatorClock | None = None,
         time_scale: float = 1.0,
+        service: Service | None = None,
+        profile: ProfileName | Profile | None = None,
+        **settings: Unpack[ProfileSettings],
     ) -> None:
+        self._profile = _resolve_profile(service, profile, dict(settings))
+        if hostnames is None:
+            hostnames = (
+                (dsql_hostname(region),) if self._profile.service == "dsql" else (DEFAULT_HOSTNAME,)
+            )
         if isinstance(hostnames, str):
             hostnames = (hostnames,)
         if not hostnames or not all(hostnames):
@@ -543,13 +661,7 @@ class Emulator:
             raise ConfigurationError("region must not be empty")
         if not 0 <= port <= 65535:  # noqa: PLR2004
             raise ConfigurationError(f"port must be between 0 and 65535, not {port}")
-        if not credentials:
-            raise ConfigurationError("credentials must hold at least one key")
-        keys: dict[str, Credentials] = {}
-        for creds in credentials:
-            if creds.access_key_id in keys:
-                raise ConfigurationError(f"access key {creds.access_key_id} is given twice")
-            keys[creds.access_key_id] = creds
+        store, first = _credential_store(credentials)
         if clock is not None and time_scale != 1.0:
             raise ConfigurationError("give either clock or time_scale, not both")
         try:
@@ -561,8 +673,8 @@ class Emulator:
         self._region = region
         self._listen_host = listen_host
         self._requested_port = port
-        self._keys = keys
-        self._first_credentials = credentials[0]
+        self._keys = store
+        self._first_credentials = first
         self._events: deque[Event] = deque(maxlen=_MAX_EVENTS)
         self._events_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -579,6 +691,16 @@ class Emulator:
         self._sessions: set[asyncio.Task[None]] = set()
         self._thread: threading.Thread | None = None
         self._thread_stop: asyncio.Event | None = None
+        # Serverless and DSQL behaviour (touched on the loop's thread only, but for state):
+        self._state: Literal["running", "paused", "resuming"] = "running"
+        self._resume_at = 0.0
+        self._resumed: asyncio.Future[None] | None = None
+        self._resume_task: asyncio.Task[None] | None = None
+        self._monitor_task: asyncio.Task[None] | None = None
+        self._open: set[_Session] = set()  # admitted, not yet closed
+        self._idle_since = self._clock.now()
+        self._bucket: sl.TokenBucket | None = None
+        self._sni: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
 
     # --- public properties ---
 
@@ -629,10 +751,63 @@ class Emulator:
         return self._first_credentials
 
     @property
+    def credential_store(self) -> CredentialLookup:
+        """Where the gateway looks up the key of every token.
+
+        A :class:`CredentialStore` made from the keys given, or the store given as
+        ``credentials``.
+        """
+        return self._keys
+
+    @property
     def events(self) -> list[Event]:
         """A snapshot of the authentication decisions so far (the last 10 000)."""
         with self._events_lock:
             return list(self._events)
+
+    @property
+    def profile(self) -> Profile:
+        """The behaviour in force: the named profile with the keyword overrides applied."""
+        return self._profile
+
+    @property
+    def service(self) -> Service:
+        """``"rds"`` or ``"dsql"``: which tokens and refusal texts the emulator uses."""
+        return self._profile.service
+
+    @property
+    def state(self) -> Literal["running", "paused", "resuming"]:
+        """The emulated cluster's state: ``running``, ``paused`` or ``resuming``."""
+        return self._state
+
+    @property
+    def session_count(self) -> int:
+        """How many sessions are established (relaying to the backend) right now."""
+        return sum(1 for session in list(self._open) if session.established)
+
+    @property
+    def connection_count(self) -> int:
+        """How many connections are open past admission (authenticating or established).
+
+        This is what ``max_connections`` limits and what keeps the cluster from pausing.
+        """
+        return len(self._open)
+
+    def pause(self) -> None:
+        """Pause the emulated cluster now, closing any open session abruptly.
+
+        New connections then wait for (``paused_connect="wait"``) or are refused during
+        (``"refuse"``) a resume of ``resume_delay`` emulated seconds. Thread-safe; works
+        on a stopped emulator too (it starts paused).
+        """
+        self._call_on_loop(lambda: self._pause_now(REQUESTED))
+
+    def resume(self) -> None:
+        """Resume the emulated cluster now, without waiting for the resume delay.
+
+        Connections waiting for a resume proceed at once. Thread-safe.
+        """
+        self._call_on_loop(lambda: self._resume_now(REQUESTED))
 
     def aws_env(self) -> dict[str, str]:
         """Return environment variables that make botocore sign with :attr:`credentials`."""
@@ -706,10 +881,22 @@ class Emulator:
             bound = listener.getsockname()
             self._port = int(bound[1])
             self._address = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(bound[0], bound[0])  # noqa: S104
-            self._rules = TokenRules.rds(
-                region=self._region, hostnames=set(self._hostnames), port=self._port
-            )
+            if self._profile.service == "dsql":
+                self._rules = TokenRules.dsql(region=self._region, hostnames=set(self._hostnames))
+            else:
+                self._rules = TokenRules.rds(
+                    region=self._region, hostnames=set(self._hostnames), port=self._port
+                )
+            context.sni_callback = self._on_sni
+            profile = self._profile
+            if profile.connection_rate is not None:
+                self._bucket = sl.TokenBucket(
+                    profile.connection_rate, profile.connection_burst, self._clock.now()
+                )
+            self._idle_since = self._clock.now()
             self._accept_task = loop.create_task(self._accept_loop(listener))
+            if profile.timed:
+                self._monitor_task = loop.create_task(self._monitor())
         logger.info("emulator listening on %s port %d for %s", self._address, self._port, self.host)
 
     async def astop(self) -> None:
@@ -722,10 +909,18 @@ class Emulator:
             self._ssl = None
         if listener is None:
             return
-        if accept_task is not None:
-            accept_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await accept_task
+        background = [accept_task, self._monitor_task, self._resume_task]
+        self._monitor_task = self._resume_task = None
+        for task in background:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._resumed is not None and not self._resumed.done():
+            self._resumed.cancel()
+        self._resumed = None
+        if self._state == "resuming":
+            self._state = "paused"
         listener.close()
         sessions = list(self._sessions)
         for task in sessions:
@@ -827,21 +1022,264 @@ class Emulator:
 
     def _record(
         self,
-        session: _Session,
+        session: _Session | None,
         user: str,
         database: str,
-        outcome: Literal["accepted", "rejected"],
+        outcome: Outcome,
         reason: str = "",
+        *,
+        sqlstate: str = "",
+        hint: str = "",
     ) -> None:
-        event = Event(self._clock.now(), session.peer, user, database, outcome, reason)
+        peer = session.peer if session is not None else ""
+        event = Event(self._clock.now(), peer, user, database, outcome, reason, sqlstate, hint)
         with self._events_lock:
             self._events.append(event)
-        if reason:
+        if session is None:
+            logger.debug("cluster %s: %s", outcome, reason)
+        elif reason:
             logger.debug(
-                "%s user %r database %r from %s: %s", outcome, user, database, session.peer, reason
+                "%s user %r database %r from %s: %s", outcome, user, database, peer, reason
             )
         else:
-            logger.debug("%s user %r database %r from %s", outcome, user, database, session.peer)
+            logger.debug("%s user %r database %r from %s", outcome, user, database, peer)
+
+    # --- serverless and DSQL behaviour ---
+
+    def _on_sni(self, ssl_object: ssl.SSLObject, name: str | None, context: ssl.SSLContext) -> None:
+        """Remember the server name a client sent (TLS SNI); libpq sends none for an IP."""
+        del context
+        if name:
+            self._sni[ssl_object] = name
+
+    def _refuse(
+        self, session: _Session, sqlstate: str, message: str, reason: str, *, hint: str = ""
+    ) -> None:
+        """Record a refusal and send the client its FATAL error (with a HINT if given)."""
+        self._record(
+            session,
+            session.user,
+            session.database,
+            "rejected",
+            reason,
+            sqlstate=sqlstate,
+            hint=hint,
+        )
+        if session.client is not None:
+            session.client.write(_error_response(sqlstate, message, hint or None))
+
+    def _admit(self, session: _Session) -> bool:
+        """Apply SNI, rate and connection-count rules before authentication."""
+        profile = self._profile
+        client = session.client
+        assert client is not None
+        if profile.require_sni:
+            transport = client.transport
+            ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+            session.sni = self._sni.get(ssl_object) if ssl_object is not None else None
+            if session.sni is None:
+                self._refuse(session, sl.DSQL_NO_SNI_CODE, sl.DSQL_NO_SNI, NO_SNI)
+                return False
+        if self._bucket is not None and not self._bucket.take(self._clock.now()):
+            self._refuse(session, sl.DSQL_RATE_CODE, sl.DSQL_RATE, RATE_EXCEEDED)
+            return False
+        if profile.max_connections is not None and len(self._open) >= profile.max_connections:
+            if profile.service == "dsql":
+                self._refuse(session, sl.DSQL_TOO_MANY_CODE, sl.DSQL_TOO_MANY, TOO_MANY_CONNECTIONS)
+            else:
+                self._refuse(session, sl.PG_TOO_MANY_CODE, sl.PG_TOO_MANY, TOO_MANY_CONNECTIONS)
+            return False
+        session.counted = True
+        self._open.add(session)
+        return True
+
+    def _forget(self, session: _Session) -> None:
+        """Drop a closed connection from the counts; start the idle clock at zero."""
+        if session in self._open:
+            self._open.discard(session)
+            if not self._open:
+                self._idle_since = self._clock.now()
+
+    async def _wait_until_running(self, session: _Session) -> bool:
+        """Wait for (or refuse during) a resume, then add the connect latency."""
+        profile = self._profile
+        waited = False
+        while self._state != "running":
+            resumed = self._start_resume()
+            if profile.paused_connect == "refuse":
+                self._refuse(session, sl.DSQL_WAKING_CODE, sl.DSQL_WAKING, WAKING_UP)
+                return False
+            waited = True
+            await asyncio.shield(resumed)
+        if profile.connect_latency and not waited:
+            await sl.sleep_emulated(self._clock, profile.connect_latency)
+        return True
+
+    def _start_resume(self) -> asyncio.Future[None]:
+        """Start resuming a paused cluster (once); return what resolves when it runs."""
+        loop = asyncio.get_running_loop()
+        if self._resumed is None or self._resumed.done():
+            self._resumed = loop.create_future()
+        if self._state == "paused":
+            self._state = "resuming"
+            self._resume_at = self._clock.now() + self._profile.resume_delay
+            self._record(None, "", "", "resuming", CONNECTION)
+            self._resume_task = loop.create_task(self._finish_resume())
+        return self._resumed
+
+    async def _finish_resume(self) -> None:
+        await sl.sleep_emulated(self._clock, max(self._resume_at - self._clock.now(), 0.0))
+        self._resume_task = None
+        self._resume_now(RESUME_DELAY)
+
+    def _resume_now(self, reason: str) -> None:
+        if self._state == "running":
+            return
+        self._state = "running"
+        self._idle_since = self._clock.now()
+        task, self._resume_task = self._resume_task, None
+        if task is not None:
+            task.cancel()
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None and not resumed.done():
+            resumed.set_result(None)
+        self._record(None, "", "", "resumed", reason)
+
+    def _pause_now(self, reason: str) -> None:
+        if self._state == "paused":
+            return
+        task, self._resume_task = self._resume_task, None
+        if task is not None:
+            task.cancel()  # waiters keep waiting for the next resume
+        self._state = "paused"
+        self._record(None, "", "", "paused", reason)
+        for session in list(self._open):
+            self._cut(session, PAUSED)
+
+    def _call_on_loop(self, action: Callable[[], None]) -> None:
+        """Run ``action`` on the emulator's loop (now, if there is none or we are on it)."""
+        loop = self._loop
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or loop.is_closed() or running is loop:
+            action()
+            return
+        done = threading.Event()
+        failure: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                action()
+            except BaseException as exc:
+                failure.append(exc)
+                raise
+            finally:
+                done.set()
+
+        try:
+            loop.call_soon_threadsafe(call)
+        except RuntimeError:  # the loop closed meanwhile
+            action()
+            return
+        if not done.wait(_CALL_TIMEOUT):
+            raise RuntimeError("the emulator's event loop did not respond: is it blocked?")
+        if failure:
+            raise failure[0]
+
+    def _establish(self, session: _Session, client: _Stream, backend: _Stream) -> None:
+        """Count a session as established; watch its traffic if anything is timed."""
+        now = self._clock.now()
+        session.established = True
+        session.started = session.last_activity = now
+        profile = self._profile
+        if not profile.timed:
+            return
+
+        def touch(data: bytes) -> None:
+            del data
+            session.last_activity = self._clock.now()
+
+        client.on_data = touch
+        if profile.session_cap is None:
+            backend.on_data = touch
+            return
+        scanner = sl.ReadyForQueryScanner(lambda status: self._on_status(session, status))
+
+        def from_backend(data: bytes) -> None:
+            session.last_activity = self._clock.now()
+            scanner.feed(data)
+
+        backend.on_data = from_backend
+
+    def _on_status(self, session: _Session, status: bytes) -> None:
+        """Follow a session's transaction status; close it once its capped transaction ends."""
+        previous, session.status = session.status, status
+        if previous == b"I" and status != b"I":
+            session.transaction_started = self._clock.now()
+        if status == b"I" and session.capped:
+            # after the ReadyForQuery is relayed: the transaction's end reaches the client
+            asyncio.get_running_loop().call_soon(
+                functools.partial(self._cut, session, SESSION_CAP, graceful=True)
+            )
+
+    def _cut(
+        self, session: _Session, reason: str, *, notice: bool = False, graceful: bool = False
+    ) -> None:
+        """Close a session: abruptly, after the 57P05 notice, or after what was relayed."""
+        if session.cut:
+            return
+        session.cut = True
+        sqlstate = sl.IDLE_TIMEOUT_CODE if notice else ""
+        self._record(session, session.user, session.database, "closed", reason, sqlstate=sqlstate)
+        client, backend = session.client, session.backend
+        if client is not None:
+            if notice:
+                client.write(_error_response(sl.IDLE_TIMEOUT_CODE, sl.IDLE_TIMEOUT))
+            if notice or graceful:
+                client.close()  # flushes what was written first
+            else:
+                client.abort()
+        if backend is not None:
+            backend.abort()
+
+    async def _monitor(self) -> None:
+        """Apply the timed rules: idle cut, session cap, auto-pause."""
+        while True:
+            await asyncio.sleep(_MONITOR_TICK)
+            try:
+                self._check_timers()
+            except Exception:  # keep watching whatever went wrong once
+                logger.warning("emulator monitor failed", exc_info=True)
+
+    def _check_timers(self) -> None:
+        profile = self._profile
+        now = self._clock.now()
+        for session in list(self._open):
+            if not session.established or session.cut:
+                continue
+            if (
+                profile.idle_timeout is not None
+                and now - session.last_activity >= profile.idle_timeout
+            ):
+                self._cut(session, IDLE_TIMEOUT, notice=profile.idle_notice)
+                continue
+            if profile.session_cap is None or now - session.started < profile.session_cap:
+                continue
+            if session.status == b"I":
+                self._cut(session, SESSION_CAP)
+                continue
+            session.capped = True
+            if now - session.transaction_started >= profile.transaction_limit:
+                self._cut(session, TRANSACTION_LIMIT)
+        if (
+            profile.auto_pause is not None
+            and self._state == "running"
+            and not self._open
+            and now - self._idle_since >= profile.auto_pause
+        ):
+            self._pause_now(IDLE)
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -860,6 +1298,12 @@ class Emulator:
             task.add_done_callback(self._sessions.discard)
 
     async def _serve(self, session: _Session) -> None:
+        try:
+            await self._serve_session(session)
+        finally:
+            self._forget(session)
+
+    async def _serve_session(self, session: _Session) -> None:
         try:
             try:
                 await asyncio.wait_for(self._startup(session), _AUTH_TIMEOUT)
@@ -938,10 +1382,19 @@ class Emulator:
                 "28000", "no PostgreSQL user name specified in startup packet"
             )
         database = params.get("database") or user
+        session.user, session.database = user, database
         if session.client is None:
-            self._record(session, user, database, "rejected", "no encryption")
+            if self._profile.service == "dsql":  # no TLS, so no SNI either
+                self._record(
+                    session, user, database, "rejected", NO_ENCRYPTION, sqlstate=sl.DSQL_NO_SNI_CODE
+                )
+                await raw.send(_error_response(sl.DSQL_NO_SNI_CODE, sl.DSQL_NO_SNI))
+                return
+            self._record(session, user, database, "rejected", NO_ENCRYPTION, sqlstate="28000")
             message = _NO_ENCRYPTION.format(host=session.peer, user=user, database=database)
             await raw.send(_error_response("28000", message))
+            return
+        if not self._admit(session) or not await self._wait_until_running(session):
             return
         if await self._authenticate(session, session.client, user, database):
             await self._connect_backend(session, session.client, packet, user)
@@ -1008,13 +1461,14 @@ class Emulator:
         try:
             token = body[:-1].decode("utf-8")
         except UnicodeDecodeError:
+            token = ""
             reason: str | None = MALFORMED
         else:
             try:
                 verify_token(
                     token,
                     rules=self._rules,
-                    action="connect",
+                    action=self._action_for(user),
                     user=user,
                     credentials=self._keys,
                     clock=self._clock,
@@ -1024,11 +1478,23 @@ class Emulator:
             else:
                 reason = None
         if reason is not None:
-            self._record(session, user, database, "rejected", reason)
-            client.write(_error_response("28000", _PAM_FAILED.format(user=user)))
+            if self._profile.service == "dsql":
+                hint = sl.dsql_hint(reason, token, user=user, clock=self._clock)
+                self._refuse(
+                    session, sl.DSQL_ACCESS_DENIED_CODE, sl.DSQL_ACCESS_DENIED, reason, hint=hint
+                )
+            else:
+                self._record(session, user, database, "rejected", reason, sqlstate="28000")
+                client.write(_error_response("28000", _PAM_FAILED.format(user=user)))
             return False
         self._record(session, user, database, "accepted")
         return True
+
+    def _action_for(self, user: str) -> str:
+        """Return the ``Action`` a token for ``user`` must carry."""
+        if self._profile.service == "dsql":
+            return "DbConnectAdmin" if user == _DSQL_ADMIN else "DbConnect"
+        return "connect"
 
     async def _open_backend(self) -> _Stream:
         loop = asyncio.get_running_loop()
@@ -1071,6 +1537,7 @@ class Emulator:
             (code,) = struct.unpack("!I", body[:4])
             if code == _AUTH_OK:
                 client.write(_message(kind, body))
+                self._establish(session, client, backend)
                 backend.pipe_to(client)
                 client.pipe_to(backend)
                 return

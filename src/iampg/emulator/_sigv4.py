@@ -7,22 +7,23 @@ import hashlib
 import hmac
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 from urllib.parse import quote, unquote
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
-
     from ._clock import EmulatorClock
-    from ._credentials import Credentials
+    from ._credentials import CredentialLookup, Credentials
 
 __all__ = [
     "ALGORITHM",
     "TokenRules",
     "TokenVerificationError",
     "VerifiedToken",
+    "parse_amz_date",
     "presign",
+    "token_parameters",
     "verify_token",
 ]
 
@@ -258,11 +259,14 @@ def _check_scope(params: dict[str, str], rules: TokenRules) -> tuple[str, str]:
 def _check_key(
     params: dict[str, str],
     key_id: str,
-    credentials: Mapping[str, Credentials],
+    credentials: Mapping[str, Credentials] | CredentialLookup,
     clock: EmulatorClock,
 ) -> Credentials:
     """Find the signing key; check its session token and expiry."""
-    creds = credentials.get(key_id)
+    if isinstance(credentials, Mapping):
+        creds = credentials.get(key_id)
+    else:
+        creds = credentials.lookup(key_id)
     if creds is None:
         raise TokenVerificationError(UNKNOWN_KEY)
     session_token = params.get("X-Amz-Security-Token")
@@ -322,7 +326,7 @@ def verify_token(
     rules: TokenRules,
     action: str,
     user: str,
-    credentials: Mapping[str, Credentials],
+    credentials: Mapping[str, Credentials] | CredentialLookup,
     clock: EmulatorClock,
 ) -> VerifiedToken:
     """Check a presigned-URL token the way the service does.
@@ -337,7 +341,8 @@ def verify_token(
         action: The ``Action`` the token must carry (``connect``, ``DbConnect``...).
         user: The user of the startup message, which the token must name when
             ``rules.user_parameter`` is set.
-        credentials: Known access keys, by access key id.
+        credentials: Known access keys, by access key id, or a store to look them up in
+            (:class:`CredentialStore`), consulted for every token.
         clock: The emulator's clock, for token age and credential expiry.
 
     Returns:
@@ -434,3 +439,30 @@ def presign(
     if port is not None:
         authority = f"{authority}:{port}"
     return authority + "/?" + "&".join(f"{_encode(k)}={_encode(v)}" for k, v in params)
+
+
+#: Token parameters that carry no secret, safe to read back into hints and events.
+_PUBLIC_PARAMETERS: Final = frozenset({"Action", "X-Amz-Date", "X-Amz-Expires"})
+
+
+def token_parameters(token: str) -> dict[str, str]:
+    """Return a token's ``Action``, ``X-Amz-Date`` and ``X-Amz-Expires`` (those present).
+
+    Never returns the signature, credential or session token. A malformed token gives
+    what could be read, possibly nothing.
+    """
+    try:
+        _, _, pairs = _parse(token)
+    except TokenVerificationError:
+        return {}
+    return {k: v for k, v in pairs if k in _PUBLIC_PARAMETERS}
+
+
+def parse_amz_date(text: str) -> float | None:
+    """Return an ``X-Amz-Date`` (``YYYYMMDDTHHMMSSZ``) in epoch seconds, or None if invalid."""
+    if not _DATE_RE.fullmatch(text):
+        return None
+    try:
+        return float(calendar.timegm(time.strptime(text, "%Y%m%dT%H%M%SZ")))
+    except ValueError:
+        return None
