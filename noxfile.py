@@ -1,4 +1,4 @@
-"""Quality gates: nox -s lint typecheck tests build (and quickstart, the README's first command)."""
+"""Quality gates: nox -s lint typecheck tests build docs, and quickstart (the README's first)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import nox
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
-nox.options.sessions = ["lint", "typecheck", "tests", "build"]
+nox.options.sessions = ["lint", "typecheck", "tests", "build", "docs"]
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 
@@ -20,6 +20,32 @@ def quickstart(session: nox.Session) -> None:
     """Run the seed scenario: on the embedded emulator, or on the endpoint given after --."""
     session.install("-e", ".[emulator,binary]")
     session.run("python", "examples/quickstart.py", *session.posargs)
+
+
+# Every example, run on the embedded emulator by `nox -s examples`, with a time limit each.
+EXAMPLES = [
+    "examples/quickstart.py",
+    "examples/rest_api.py",
+    "examples/lambda_handler.py",
+    "examples/alembic_migration/migrate.py",
+    "examples/dsql_transaction.py",
+]
+EXAMPLE_TIMEOUT = 180.0  # seconds; a throwaway PostgreSQL starts in a few
+_RUN_WITH_TIMEOUT = (
+    "import subprocess, sys; "
+    "sys.exit(subprocess.run([sys.executable, *sys.argv[2:]], timeout=float(sys.argv[1]))"
+    ".returncode)"
+)
+
+
+@nox.session
+def examples(session: nox.Session) -> None:
+    """Run every example against the embedded emulator (the CI check of examples/)."""
+    session.install("-e", ".[emulator,binary,sqlalchemy,asyncpg,django]", *_group("examples"))
+    # An empty PGHOST makes each example start the emulator instead of going to AWS.
+    env = {"PGHOST": ""}
+    for example in EXAMPLES:
+        session.run("python", "-c", _RUN_WITH_TIMEOUT, str(EXAMPLE_TIMEOUT), example, env=env)
 
 
 @nox.session
@@ -44,9 +70,23 @@ def typecheck(session: nox.Session) -> None:
     session.run("mypy", "--strict")
 
 
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Benchmark iampg against the alternatives on the emulator (not a default session)."""
+    session.install("-e", ".[emulator]", *_group("bench"))
+    session.run("python", "-m", "benchmarks", *session.posargs)
+
+
 @nox.session
 def build(session: nox.Session) -> None:
     """Build the sdist and wheel and check them as PyPI would."""
     session.install("build", "twine")
     session.run("python", "-m", "build", "--outdir", "dist")
     session.run("twine", "check", "--strict", "dist/*")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation; any Sphinx warning fails the session."""
+    session.install("-e", ".[emulator,binary]", *_group("docs"))
+    session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")

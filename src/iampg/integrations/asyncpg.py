@@ -1,0 +1,267 @@
+"""asyncpg connections and pools that authenticate every new connection with a token."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import shlex
+import ssl
+from typing import Any
+
+from iampg._dsn import connect_params
+from iampg._endpoint import Endpoint
+from iampg._tokens import TokenProvider
+from iampg.errors import ConfigurationError
+from iampg.integrations import EndpointOrProvider, _resolve
+
+__all__ = ["connect", "connect_kwargs", "create_pool", "ssl_context"]
+
+logger = logging.getLogger("iampg.integrations.asyncpg")
+
+# libpq parameters asyncpg has no use for when they hold these values.
+_HARMLESS = {"sslsni": "1"}
+
+
+class _PinnedHostContext(ssl.SSLContext):
+    """A client TLS context that sends SNI for, and verifies, one fixed host name.
+
+    asyncpg has no ``hostaddr``: it verifies the certificate against the address it dials.
+    When iampg dials an IP address (``hostaddr``) for a token signed for a host name, this
+    context makes the handshake use the signed name, as libpq does with ``host`` +
+    ``hostaddr``. asyncio (and uvloop) make their TLS objects with :meth:`wrap_bio`.
+    """
+
+    server_name: str
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,  # noqa: FBT001, FBT002 -- the stdlib's signature
+        server_hostname: str | bytes | None = None,  # noqa: ARG002
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        return super().wrap_bio(incoming, outgoing, server_side, self.server_name, session)
+
+
+def ssl_context(endpoint: Endpoint, params: dict[str, str] | None = None) -> ssl.SSLContext | None:
+    """Return the TLS context asyncpg should use for ``endpoint``, as libpq would set it up.
+
+    ``sslmode`` maps as in libpq: ``verify-full`` checks the chain and the host name,
+    ``verify-ca`` the chain only, ``require`` encrypts without checking (unless
+    ``sslrootcert`` is given, which makes it ``verify-ca``, as in libpq). ``sslrootcert``
+    is a PEM file, or ``system`` (the default for the ``verify-*`` modes when absent) for the
+    system's roots. SNI and the host-name check always use the signed host name, even when
+    ``hostaddr`` is dialled. ``disable``, ``allow`` and ``prefer`` return ``None``.
+
+    Args:
+        endpoint: The endpoint.
+        params: Its libpq parameters (default: :func:`iampg._dsn.connect_params`).
+
+    Raises:
+        ConfigurationError: An unknown ``sslmode``.
+    """
+    params = connect_params(endpoint) if params is None else params
+    mode = params.get("sslmode", "require")
+    if mode in {"disable", "allow", "prefer"}:
+        return None
+    if mode not in {"require", "verify-ca", "verify-full"}:
+        raise ConfigurationError(f"unknown sslmode {mode!r}: use require, verify-ca or verify-full")
+    root = params.get("sslrootcert")
+    if mode == "require" and root and root != "system":
+        mode = "verify-ca"
+    context = _PinnedHostContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.server_name = endpoint.host
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if mode == "require":
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        if root and root != "system":
+            context.load_verify_locations(cafile=root)
+        else:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        context.check_hostname = mode == "verify-full"
+        context.verify_mode = ssl.CERT_REQUIRED
+    if params.get("sslcert"):
+        context.load_cert_chain(params["sslcert"], params.get("sslkey"))
+    return context
+
+
+def connect_kwargs(
+    target: EndpointOrProvider,
+    *,
+    allow_insecure: bool = False,
+) -> dict[str, Any]:
+    """Return keyword arguments for :func:`asyncpg.connect` or :func:`asyncpg.create_pool`.
+
+    ``password`` is :meth:`iampg.TokenProvider.atoken` itself: asyncpg calls it (and awaits
+    the result) for every new connection, so a pool keeps authenticating after the first
+    token expired, and signing never blocks the event loop. TLS comes from
+    :func:`ssl_context`; ``hostaddr``, when given, is dialled while TLS verifies the signed
+    host name. ``connect_timeout`` becomes ``timeout`` (seconds), ``application_name`` and
+    ``options`` (``-c name=value``) become ``server_settings``, ``sslnegotiation=direct``
+    becomes ``direct_tls``.
+
+    Args:
+        target: The endpoint (a provider is made for it) or the :class:`iampg.TokenProvider`
+            to share.
+        allow_insecure: Allow an ``sslmode`` that may send the token in plaintext to a
+            non-loopback host.
+
+    Raises:
+        ConfigurationError: Bad endpoint, or a libpq parameter asyncpg cannot honour.
+    """
+    endpoint, provider = _resolve(target)
+    return _kwargs(endpoint, provider, allow_insecure=allow_insecure)
+
+
+def _kwargs(endpoint: Endpoint, provider: TokenProvider, *, allow_insecure: bool) -> dict[str, Any]:
+    params = connect_params(endpoint, allow_insecure=allow_insecure)
+    kwargs: dict[str, Any] = {
+        "host": endpoint.dialled,
+        "port": endpoint.port,
+        "user": endpoint.user,
+        "database": endpoint.dbname,
+        "password": provider.atoken,
+    }
+    context = ssl_context(endpoint, params)
+    kwargs["ssl"] = context if context is not None else params.get("sslmode", "disable")
+    _translate(params, kwargs)
+    return kwargs
+
+
+def _translate(params: dict[str, str], kwargs: dict[str, Any]) -> None:
+    """Add asyncpg's equivalents of the other libpq parameters to ``kwargs``."""
+    settings: dict[str, str] = {}
+    unsupported: list[str] = []
+    others = {k: v for k, v in params.items() if k not in _HANDLED}
+    for key, value in others.items():
+        if key == "connect_timeout":
+            kwargs["timeout"] = float(value)
+        elif key == "application_name":
+            settings["application_name"] = value
+        elif key == "options":
+            settings.update(_options(value))
+        elif key == "sslnegotiation":
+            kwargs["direct_tls"] = value == "direct"
+        elif key == "target_session_attrs":
+            kwargs["target_session_attrs"] = value
+        elif _HARMLESS.get(key) != value:
+            unsupported.append(key)
+    if unsupported:
+        raise ConfigurationError(
+            f"asyncpg has no equivalent of {', '.join(sorted(unsupported))}: "
+            "remove it from the endpoint"
+        )
+    if settings:
+        kwargs["server_settings"] = settings
+
+
+# Parameters already turned into asyncpg's arguments or the TLS context.
+_HANDLED = frozenset(
+    {"host", "hostaddr", "port", "user", "dbname", "sslmode", "sslrootcert", "sslcert", "sslkey"}
+)
+
+
+def _options(value: str) -> dict[str, str]:
+    """Parse libpq's ``options`` (``-c name=value`` …) into server settings."""
+    words = shlex.split(value)
+    settings: dict[str, str] = {}
+    for index, word in enumerate(words):
+        if word == "-c" and index + 1 < len(words):
+            setting = words[index + 1]
+        elif word.startswith(("-c", "--")) and "=" in word:
+            setting = word[2:]
+        else:
+            continue
+        name, sep, val = setting.partition("=")
+        if not sep:
+            raise ConfigurationError(f"cannot read options {value!r}: use -c name=value")
+        settings[name.replace("-", "_")] = val
+    return settings
+
+
+async def connect(
+    target: EndpointOrProvider,
+    *,
+    allow_insecure: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """Open an :class:`asyncpg.Connection` authenticated with a current token.
+
+    A token the server refuses is forgotten, so the next connection signs a new one.
+
+    Args:
+        target: The endpoint or the provider to share.
+        allow_insecure: See :func:`connect_kwargs`.
+        **kwargs: Passed to :func:`asyncpg.connect`; they win over :func:`connect_kwargs`.
+
+    Raises:
+        ConfigurationError: See :func:`connect_kwargs`.
+        TokenError: No token could be signed.
+        asyncpg.InvalidAuthorizationSpecificationError: The server refused the token.
+    """
+    import asyncpg  # noqa: PLC0415
+
+    endpoint, provider = _resolve(target)
+    return await _connect(
+        asyncpg.connect,
+        provider,
+        **{**_kwargs(endpoint, provider, allow_insecure=allow_insecure), **kwargs},
+    )
+
+
+async def _connect(open_connection: Any, provider: TokenProvider, *args: Any, **kwargs: Any) -> Any:
+    """Connect with a token, forgetting it if the server refuses it."""
+    import asyncpg  # noqa: PLC0415
+
+    token = kwargs.get("password")
+    if callable(token):
+        token = token()
+    if inspect.isawaitable(token):
+        token = await token
+    kwargs["password"] = token
+    try:
+        return await open_connection(*args, **kwargs)
+    except (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidPasswordError):
+        if isinstance(token, str):
+            provider.invalidate(token)
+            logger.info(
+                "token refused by %s; the next connection signs a new one", provider.endpoint.host
+            )
+        raise
+
+
+def create_pool(
+    target: EndpointOrProvider,
+    *,
+    allow_insecure: bool = False,
+    **pool_kwargs: Any,
+) -> Any:
+    """Return an :class:`asyncpg.Pool` whose new connections each use a current token.
+
+    Use it as asyncpg's own: ``async with create_pool(...) as pool`` or
+    ``pool = await create_pool(...)``. Each new connection awaits
+    :meth:`iampg.TokenProvider.atoken`; a refused token is forgotten.
+
+    Args:
+        target: The endpoint or the provider to share.
+        allow_insecure: See :func:`connect_kwargs`.
+        **pool_kwargs: Passed to :func:`asyncpg.create_pool` (``min_size``, ``max_size``,
+            ``max_inactive_connection_lifetime`` in seconds …); they win over
+            :func:`connect_kwargs`.
+
+    Raises:
+        ConfigurationError: See :func:`connect_kwargs`.
+    """
+    import asyncpg  # noqa: PLC0415
+
+    endpoint, provider = _resolve(target)
+    kwargs = {**_kwargs(endpoint, provider, allow_insecure=allow_insecure), **pool_kwargs}
+    user_connect = kwargs.pop("connect", None) or asyncpg.connect
+
+    async def connect_with_feedback(*args: Any, **connect_kwargs: Any) -> Any:
+        return await _connect(user_connect, provider, *args, **connect_kwargs)
+
+    return asyncpg.create_pool(connect=connect_with_feedback, **kwargs)

@@ -1,0 +1,70 @@
+"""Django's PostgreSQL backend with a current IAM token for every new connection."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import psycopg
+from django.core.exceptions import ImproperlyConfigured
+from django.db.backends.postgresql import base
+
+from iampg._pool import _feedback
+from iampg._tokens import TokenProvider
+from iampg.integrations.django import PROVIDER_OPTION, ProviderRef
+
+__all__ = ["DatabaseWrapper"]
+
+logger = logging.getLogger("iampg.integrations.django")
+
+
+class _TokenKwargs(dict[str, Any]):
+    """Connection arguments that are also a callable giving them with a current token.
+
+    Django builds its pool with ``ConnectionPool(kwargs=<these>)``; psycopg_pool calls a
+    callable ``kwargs`` at every connection attempt, so each new pooled connection signs
+    (or reuses a cached) token instead of the one current when the pool was made.
+    """
+
+    def __init__(self, params: dict[str, Any], provider: TokenProvider) -> None:
+        super().__init__(params)
+        self.provider = provider
+
+    def __call__(self) -> dict[str, Any]:
+        return {**self, "password": self.provider.token()}
+
+
+class DatabaseWrapper(base.DatabaseWrapper):  # type: ignore[misc]
+    """Django's PostgreSQL ``DatabaseWrapper``, authenticating with IAM tokens.
+
+    Use it through :func:`iampg.integrations.django.database`, which sets
+    ``ENGINE = "iampg.integrations.django"`` and puts the provider in ``OPTIONS``.
+    """
+
+    def _provider(self) -> TokenProvider:
+        ref = self.settings_dict["OPTIONS"].get(PROVIDER_OPTION)
+        if not isinstance(ref, ProviderRef):
+            msg = (
+                "this database has no iampg token provider: build its DATABASES entry with "
+                "iampg.integrations.django.database(...)"
+            )
+            raise ImproperlyConfigured(msg)
+        return ref.provider
+
+    def get_connection_params(self) -> dict[str, Any]:
+        """Return Django's connection parameters with a current token as the password."""
+        provider = self._provider()
+        params: dict[str, Any] = super().get_connection_params()
+        params.pop(PROVIDER_OPTION, None)
+        params["password"] = provider.token()
+        return _TokenKwargs(params, provider)
+
+    def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
+        """Connect; a token the server refused is forgotten and the error explained."""
+        try:
+            return super().get_new_connection(conn_params)
+        except psycopg.OperationalError as exc:
+            error = _feedback(exc, self._provider(), conn_params.get("password"))
+            if error is exc:
+                raise
+            raise error from exc

@@ -1,0 +1,169 @@
+"""SQLAlchemy engines, sync and async, that authenticate every new connection with a token."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+import sqlalchemy
+from sqlalchemy import event
+
+from iampg._dsn import connect_params
+from iampg._pool import _feedback
+from iampg.integrations import EndpointOrProvider, _resolve
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from sqlalchemy.engine.interfaces import DBAPIConnection, Dialect
+    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.pool import ConnectionPoolEntry
+
+    from iampg._endpoint import Endpoint
+
+__all__ = ["create_async_engine", "create_engine", "install"]
+
+logger = logging.getLogger("iampg.integrations.sqlalchemy")
+
+
+def _url(endpoint: Endpoint) -> sqlalchemy.URL:
+    """Return a password-less URL naming the endpoint, for the dialect, logs and reprs."""
+    return sqlalchemy.URL.create(
+        "postgresql+psycopg",
+        username=endpoint.user,
+        host=endpoint.host,
+        port=endpoint.port,
+        database=endpoint.dbname,
+    )
+
+
+def _await_function() -> Callable[[Awaitable[str]], str]:
+    """Return SQLAlchemy's bridge from a greenlet to the event loop (renamed in 2.1)."""
+    from sqlalchemy import util  # noqa: PLC0415
+
+    bridge: Callable[[Awaitable[str]], str] | None = getattr(util, "await_", None)
+    return bridge if bridge is not None else util.await_only
+
+
+def install(
+    engine: sqlalchemy.Engine,
+    target: EndpointOrProvider,
+    *,
+    allow_insecure: bool = False,
+) -> None:
+    """Make ``engine`` open every new DBAPI connection to ``target`` with a current token.
+
+    Adds a ``do_connect`` listener that sets the endpoint's connection parameters (host,
+    ``hostaddr``, port, user, database, ``sslmode`` …; ``connect_args`` given to the engine
+    win) and the password, then connects. A refused token is forgotten so the next
+    connection signs a new one; the error raised (wrapped by SQLAlchemy in
+    :class:`sqlalchemy.exc.OperationalError`) is an :class:`iampg.AuthenticationError`
+    listing the likely causes.
+
+    For an async engine pass ``async_engine.sync_engine``. Tokens then come from
+    :meth:`iampg.TokenProvider.atoken`, awaited through SQLAlchemy's greenlet bridge, so
+    signing runs in a worker thread and never blocks the event loop.
+
+    Args:
+        engine: A SQLAlchemy engine using the ``postgresql+psycopg`` dialect.
+        target: The endpoint (a provider is made for it) or the provider to share.
+        allow_insecure: Allow an ``sslmode`` that may send the token in plaintext to a
+            non-loopback host.
+
+    Raises:
+        ConfigurationError: Bad endpoint or options, or not a psycopg engine.
+    """
+    from iampg.errors import ConfigurationError  # noqa: PLC0415
+
+    if engine.dialect.driver != "psycopg":
+        raise ConfigurationError(
+            f"iampg supports SQLAlchemy's psycopg driver, not {engine.dialect.driver!r}: "
+            "use a postgresql+psycopg:// URL"
+        )
+    endpoint, provider = _resolve(target)
+    params = connect_params(endpoint, allow_insecure=allow_insecure)
+    is_async = bool(engine.dialect.is_async)
+    bridge = _await_function() if is_async else None
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(
+        dialect: Dialect,
+        conn_rec: ConnectionPoolEntry,  # noqa: ARG001
+        cargs: list[Any],
+        cparams: dict[str, Any],
+    ) -> DBAPIConnection:
+        merged = {**params, **{k: v for k, v in cparams.items() if k not in _URL_KEYS}}
+        token = bridge(provider.atoken()) if bridge is not None else provider.token()
+        merged["password"] = token
+        try:
+            return dialect.connect(*cargs, **merged)
+        except psycopg.OperationalError as exc:
+            error = _feedback(exc, provider, token)
+            if error is exc:
+                raise
+            raise error from exc
+
+    logger.debug("engine %s authenticates with tokens for %s", engine.url, endpoint.host)
+
+
+# Keys SQLAlchemy derives from the URL, which the endpoint's parameters replace.
+_URL_KEYS = frozenset({"host", "port", "user", "dbname", "password"})
+
+
+def create_engine(
+    target: EndpointOrProvider,
+    *,
+    allow_insecure: bool = False,
+    **engine_kwargs: Any,
+) -> sqlalchemy.Engine:
+    """Return a SQLAlchemy engine whose new connections each authenticate with a current token.
+
+    The engine's pool hands out open connections as usual; only a *new* connection needs a
+    token, and gets one from ``target``'s provider (cached, refreshed before it expires),
+    so an engine keeps working for days. Open connections are not affected by token expiry.
+
+    Example::
+
+        engine = iampg.integrations.sqlalchemy.create_engine(
+            "postgresql://app@mydb.cluster-abc.us-east-1.rds.amazonaws.com/app",
+            pool_pre_ping=True,
+        )
+
+    Args:
+        target: The endpoint (a provider is made for it) or the :class:`iampg.TokenProvider`
+            to share.
+        allow_insecure: See :func:`install`.
+        **engine_kwargs: Passed to :func:`sqlalchemy.create_engine` (``pool_size``,
+            ``pool_recycle`` in seconds, ``pool_pre_ping``, ``connect_args`` …).
+
+    Raises:
+        ConfigurationError: Bad endpoint or options.
+    """
+    endpoint, provider = _resolve(target)
+    engine = sqlalchemy.create_engine(_url(endpoint), **engine_kwargs)
+    install(engine, provider, allow_insecure=allow_insecure)
+    return engine
+
+
+def create_async_engine(
+    target: EndpointOrProvider,
+    *,
+    allow_insecure: bool = False,
+    **engine_kwargs: Any,
+) -> AsyncEngine:
+    """Return an asyncio SQLAlchemy engine (psycopg's async driver) that signs like the sync one.
+
+    The asynchronous twin of :func:`create_engine`: a token cached by the provider is used at
+    once; a new one is signed in a worker thread (:meth:`iampg.TokenProvider.atoken`), so the
+    event loop is never blocked by botocore.
+
+    Raises:
+        ConfigurationError: Bad endpoint or options.
+    """
+    from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine  # noqa: PLC0415
+
+    endpoint, provider = _resolve(target)
+    engine = sa_create_async_engine(_url(endpoint), **engine_kwargs)
+    install(engine.sync_engine, provider, allow_insecure=allow_insecure)
+    return engine
