@@ -123,15 +123,18 @@ def test_pgpass_refuses_line_breaks_without_showing_the_token() -> None:
 
 
 def test_alembic_url_doubles_every_percent() -> None:
-    """alembic_url() is url() with each % doubled, and ConfigParser undoes exactly that."""
+    """alembic_url() is sqlalchemy_url() with each % doubled; ConfigParser undoes exactly that."""
     import configparser
 
+    from sqlalchemy.engine import make_url
+
     p = provider()
-    text = iampg._dsn.alembic_url(provider=p)
-    assert text == iampg.url(provider=p).replace("%", "%%")
+    text = iampg.alembic_url(provider=p)
+    assert text == iampg.sqlalchemy_url(provider=p).replace("%", "%%")
+    assert text.startswith("postgresql+psycopg://")  # not psycopg2, which iampg does not use
     parser = configparser.ConfigParser()
     parser.read_string(f"[alembic]\nsqlalchemy.url = {text}\n")
-    assert conninfo_to_dict(parser["alembic"]["sqlalchemy.url"])["password"] == NASTY
+    assert make_url(parser["alembic"]["sqlalchemy.url"]).password == NASTY
 
 
 def test_sqlalchemy_url_reads_back() -> None:

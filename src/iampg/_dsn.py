@@ -158,20 +158,24 @@ def alembic_url(
     endpoint: Endpoint | str | None = None,
     provider: TokenProvider | None = None,
     *,
+    driver: str | None = "psycopg",
     allow_insecure: bool = False,
 ) -> str:
-    """Return :func:`url` with every ``%`` doubled, for ``alembic.ini`` and ConfigParser.
+    """Return :func:`sqlalchemy_url` with every ``%`` doubled, for ``alembic.ini``.
 
-    ConfigParser's interpolation (used by ``alembic.ini`` and alembic's
+    alembic connects through SQLAlchemy, so the scheme names the driver
+    (``postgresql+psycopg://``; a bare ``postgresql://`` would make SQLAlchemy look for
+    psycopg2). ConfigParser's interpolation (used by ``alembic.ini`` and alembic's
     ``config.set_main_option``) reads ``%%`` as ``%``; a single ``%`` from the encoded token
     would fail with ``InterpolationSyntaxError``. After interpolation the value is exactly
-    :func:`url`. The result is a credential: do not log it.
+    :func:`sqlalchemy_url`. The result is a credential: do not log it.
 
     Raises:
-        ConfigurationError: See :func:`connect_params`.
+        ConfigurationError: See :func:`connect_params`, or a bad driver name.
         TokenError: No token could be signed.
     """
-    return url(endpoint, provider, allow_insecure=allow_insecure).replace("%", "%%")
+    text = sqlalchemy_url(endpoint, provider, driver=driver, allow_insecure=allow_insecure)
+    return text.replace("%", "%%")
 
 
 def sqlalchemy_url(

@@ -128,7 +128,7 @@ def _cmd_url(args: argparse.Namespace, out: TextIO) -> int:
     provider = _provider(args)
     formats: dict[str, Callable[[], str]] = {
         "url": lambda: url(provider=provider),
-        "alembic": lambda: alembic_url(provider=provider),
+        "alembic": lambda: alembic_url(provider=provider, driver=args.driver),
         "conninfo": lambda: conninfo(provider=provider),
         "sqlalchemy": lambda: sqlalchemy_url(provider=provider, driver=args.driver),
         "pgpass": lambda: pgpass(provider=provider),
@@ -666,9 +666,9 @@ def _parser() -> argparse.ArgumentParser:
         "--format",
         choices=("url", "alembic", "conninfo", "sqlalchemy", "pgpass"),
         default="url",
-        help="url (default): postgresql://, token percent-encoded; alembic: the url with %% "
-        "doubled for alembic.ini/ConfigParser; conninfo: libpq key=value; sqlalchemy: "
-        "postgresql+DRIVER://; pgpass: a host:port:dbname:user:token line for ~/.pgpass",
+        help="url (default): postgresql://, token percent-encoded; alembic: the sqlalchemy "
+        "url with %% doubled for alembic.ini/ConfigParser; conninfo: libpq key=value; "
+        "sqlalchemy: postgresql+DRIVER://; pgpass: a host:port:dbname:user:token line",
     )
     url_parser.add_argument(
         "--driver",
