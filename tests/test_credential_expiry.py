@@ -11,7 +11,6 @@ import pytest
 
 import iampg
 from iampg import TokenProvider
-from iampg._aws import AwsSigner
 from iampg.emulator import Backend, CredentialsServer, CredentialStore, Emulator
 from support import endpoint_for
 
@@ -120,11 +119,14 @@ def test_refreshes_before_expiry_and_keeps_working_across_rotations(
 def test_assumed_role_credentials_refresh_themselves(emu: Emulator) -> None:
     """Role credentials from AssumeRole are renewed by a second call; tokens keep working."""
     with CredentialsServer.for_emulator(emu, external_ids={ROLE: "ext-1"}) as sts:
-        signer = AwsSigner(
-            role_arn=ROLE, external_id="ext-1", role_duration=900, sts_endpoint_url=sts.url
-        )
         provider = TokenProvider(
-            endpoint_for(emu), signer=signer, refresh_buffer=60, clock=emu.clock.monotonic
+            endpoint_for(emu),
+            role_arn=ROLE,
+            external_id="ext-1",
+            role_duration=900,
+            sts_endpoint_url=sts.url,
+            refresh_buffer=60,
+            clock=emu.clock.monotonic,
         )
         first = Token(provider.token())
         stats = provider.stats()

@@ -124,6 +124,7 @@ class TokenProvider:
         external_id: The external id for ``role_arn``.
         role_session_name: The role session name (default ``iampg``).
         role_duration: Seconds per role session, 900 to 43 200 (default 3600).
+        sts_endpoint_url: A custom STS endpoint for ``role_arn`` (a VPC endpoint).
         signer: A custom :class:`Signer` instead of the credential arguments.
         lifetime: Seconds a DSQL token lasts, 1 to 604 800 (default 900). RDS tokens always
             last 900 s.
@@ -149,6 +150,7 @@ class TokenProvider:
         external_id: str | None = None,
         role_session_name: str | None = None,
         role_duration: int | None = None,
+        sts_endpoint_url: str | None = None,
         signer: Signer | None = None,
         lifetime: float | None = None,
         refresh_buffer: float = 300.0,
@@ -166,6 +168,7 @@ class TokenProvider:
             "external_id": external_id,
             "role_session_name": role_session_name,
             "role_duration": role_duration,
+            "sts_endpoint_url": sts_endpoint_url,
         }
         given = sorted(k for k, v in credential_args.items() if v is not None)
         if signer is not None and given:
