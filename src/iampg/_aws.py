@@ -31,9 +31,7 @@ class _DropSigningDetails(logging.Filter):
     signature together are the token: a bearer credential must not reach debug logs.
     """
 
-    _SECRET_MESSAGES = frozenset(
-        {"CanonicalRequest:\n%s", "StringToSign:\n%s", "Signature:\n%s"}
-    )
+    _SECRET_MESSAGES = frozenset({"CanonicalRequest:\n%s", "StringToSign:\n%s", "Signature:\n%s"})
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.msg not in self._SECRET_MESSAGES

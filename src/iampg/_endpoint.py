@@ -207,7 +207,7 @@ class Endpoint:
 
     @property
     def dialled(self) -> str:
-        """The address actually dialled: ``hostaddr`` when given, else ``host``."""
+        """Return the address actually dialled: ``hostaddr`` when given, else ``host``."""
         return self.hostaddr or self.host
 
     @property

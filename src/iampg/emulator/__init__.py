@@ -6,7 +6,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._backend import Backend
+    from ._backend import Backend, BackendConfigError, BackendError
     from ._clock import EmulatorClock
     from ._credentials import FAKE_CREDENTIALS, CredentialLookup, Credentials, CredentialStore
     from ._credserver import AssumeRoleCall, CredentialsServer, CredentialsServerStats, Fault
@@ -19,6 +19,8 @@ __all__ = [
     "PROFILES",
     "AssumeRoleCall",
     "Backend",
+    "BackendConfigError",
+    "BackendError",
     "CredentialLookup",
     "CredentialStore",
     "Credentials",
@@ -35,6 +37,8 @@ __all__ = [
 # pytest plugin, loaded into every pytest run) does not import cryptography and the gateway.
 _SOURCES = {
     "Backend": "._backend",
+    "BackendConfigError": "._backend",
+    "BackendError": "._backend",
     "EmulatorClock": "._clock",
     "FAKE_CREDENTIALS": "._credentials",
     "CredentialLookup": "._credentials",

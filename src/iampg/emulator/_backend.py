@@ -57,9 +57,13 @@ _SERVER_SETTINGS = {
 class BackendError(Error):
     """The backend PostgreSQL server could not be started, reached or used."""
 
+    __module__ = "iampg.emulator"
+
 
 class BackendConfigError(BackendError, ConfigurationError):
     """The backend cannot be set up as configured: no PostgreSQL binaries, or a bad DSN."""
+
+    __module__ = "iampg.emulator"
 
 
 @dataclass(frozen=True)
