@@ -88,15 +88,16 @@ def test_import_iampg_does_not_import_botocore() -> None:
     assert out.strip() == "False"
 
 
-def test_providers_with_the_same_source_share_one_signer() -> None:
+def test_providers_with_the_same_source_share_one_signer(monkeypatch: pytest.MonkeyPatch) -> None:
     """Providers given the same credential source share one signer and so one client."""
     session = CountingSession()
     a = TokenProvider(RDS, session=session)
     b = TokenProvider(RDS.replace(user="other"), session=session)
-    c = TokenProvider(RDS)
-    d = TokenProvider(RDS.replace(port=5432))
     a.token()
     b.token()
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")  # the default chain, not the environment signer
+    c = TokenProvider(RDS)
+    d = TokenProvider(RDS.replace(port=5432))
     assert session.clients == 1
     assert a._signer is b._signer
     assert c._signer is d._signer
@@ -139,7 +140,8 @@ def test_debug_logs_never_carry_the_token(caplog: pytest.LogCaptureFixture) -> N
     import logging
 
     with caplog.at_level(logging.DEBUG):
-        provider = TokenProvider(RDS.replace(user="logcheck"))
+        # botocore signs (a session given), so its own DEBUG records are exercised too.
+        provider = TokenProvider(RDS.replace(user="logcheck"), session=botocore.session.Session())
         token = provider.token()
         provider.invalidate()
         provider.token()
@@ -149,3 +151,22 @@ def test_debug_logs_never_carry_the_token(caplog: pytest.LogCaptureFixture) -> N
         text = record.getMessage()
         assert signature not in text, record.name
         assert token not in text, record.name
+
+
+def test_environment_keys_sign_without_botocore() -> None:
+    """With plain environment keys and no other source, tokens are signed without botocore."""
+    code = (
+        "import sys, iampg\n"
+        "p = iampg.TokenProvider('postgresql://app@mydb.cluster-abc.us-east-1.rds.amazonaws.com')\n"
+        "t = p.token()\n"
+        "print(type(p._signer).__name__, 'botocore' in sys.modules, 'DBUser=app' in t)"
+    )
+    env = {
+        "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        "PATH": "/usr/bin:/bin",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    ).stdout
+    assert out.split() == ["EnvSigner", "False", "True"]

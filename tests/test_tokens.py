@@ -317,3 +317,47 @@ def test_dsql_lifetime_sets_the_validity_and_rds_refuses_it() -> None:
     assert signer.calls == 1
     with pytest.raises(ConfigurationError, match="DSQL only"):
         TokenProvider(EP, signer=CountingSigner(), lifetime=3600)
+
+
+def test_threads_do_not_wait_for_a_refresh_while_the_token_still_works() -> None:
+    """At the refresh point one thread signs; the others get the still-valid token at once."""
+    provider, signer, clock = make(CountingSigner(delay=0.3))
+    provider.token()
+    clock.advance(600.0)  # due, yet valid for 300 s more
+    barrier = threading.Barrier(16)
+    results: list[str] = []
+
+    def ask() -> None:
+        barrier.wait()
+        results.append(provider.token())
+
+    threads = [threading.Thread(target=ask) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert signer.calls == 2
+    assert results.count("token-2-app") >= 1  # the signer's caller
+    assert results.count("token-1-app") >= 1  # nobody else waited 300 ms for it
+    assert set(results) == {"token-1-app", "token-2-app"}
+
+
+def test_tasks_get_the_valid_token_while_it_refreshes_in_a_worker() -> None:
+    """At the refresh point no task waits: all get the current token; one refresh runs."""
+    provider, signer, clock = make(CountingSigner(delay=0.2))
+    provider.token()
+    clock.advance(600.0)
+
+    async def main() -> list[str]:
+        tokens = await asyncio.gather(*(provider.atoken() for _ in range(200)))
+        for _ in range(500):  # the refresh finishes in the background (bounded wait)
+            if provider.stats().refreshes == 2:
+                break
+            await asyncio.sleep(0.01)
+        tokens.append(await provider.atoken())
+        return tokens
+
+    tokens = asyncio.run(main())
+    assert tokens[:200] == ["token-1-app"] * 200
+    assert tokens[200] == "token-2-app"
+    assert signer.calls == 2
