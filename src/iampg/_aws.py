@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import threading
 import weakref
@@ -319,6 +318,8 @@ def _share_key(options: dict[str, Any]) -> tuple[object, ...]:
         if name == "session":
             items.append((name, id(value)))
         elif name == "aws_secret_access_key":
+            import hashlib  # noqa: PLC0415 -- rarely needed; keep `import iampg` lean
+
             items.append((name, hashlib.sha256(str(value).encode()).hexdigest()))
         else:
             items.append((name, value))
