@@ -1,0 +1,1 @@
+"""Benchmarks: iampg side by side with the alternatives, on the emulator (``nox -s bench``)."""

@@ -1,0 +1,221 @@
+"""Pool throughput (8 threads; 64 tasks) and checkout latency across token refreshes."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import psycopg_pool
+from psycopg.conninfo import make_conninfo
+
+import iampg
+from benchmarks._common import EmulatorInfo, Result, Stats, ms
+from iampg import Endpoint, SignedToken, Signer, TokenProvider
+from iampg._aws import AwsSigner
+
+POOL_SIZE = 8
+
+
+def _static_conninfo(emu: EmulatorInfo, token: str) -> str:
+    return make_conninfo(**emu.conninfo("postgres"), password=token)
+
+
+def _threads_throughput(pool: psycopg_pool.ConnectionPool[Any], seconds: float) -> float:
+    """Return checkouts + SELECT 1 per second with 8 threads."""
+    stop = time.perf_counter() + seconds
+    counts = [0] * 8
+
+    def work(i: int) -> None:
+        n = 0
+        while time.perf_counter() < stop:
+            with pool.connection() as conn:
+                conn.execute("SELECT 1").fetchone()
+            n += 1
+        counts[i] = n
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - start)
+
+
+async def _tasks_throughput(pool: psycopg_pool.AsyncConnectionPool[Any], seconds: float) -> float:
+    """Return checkouts + SELECT 1 per second with 64 tasks."""
+    stop = time.perf_counter() + seconds
+    counts = [0] * 64
+
+    async def work(i: int) -> None:
+        n = 0
+        while time.perf_counter() < stop:
+            async with pool.connection() as conn:
+                await (await conn.execute("SELECT 1")).fetchone()
+            n += 1
+        counts[i] = n
+
+    start = time.perf_counter()
+    await asyncio.gather(*(work(i) for i in range(64)))
+    return sum(counts) / (time.perf_counter() - start)
+
+
+def _throughput_row(name: str, what: str, ours: list[float], theirs: list[float]) -> Result:
+    a, b = Stats.of(ours), Stats.of(theirs)
+    ratios = [x / y for x, y in zip(ours, theirs, strict=True)]
+    r = Stats.of(ratios)
+    return Result(
+        id=name,
+        what=what,
+        compared_with="plain psycopg_pool with a static password, same emulator",
+        figures=(
+            f"iampg {a.median:.0f}/s (IQR {a.p25:.0f}-{a.p75:.0f}); "
+            f"psycopg_pool {b.median:.0f}/s (IQR {b.p25:.0f}-{b.p75:.0f})"
+        ),
+        claim=f"ratio {r.median:.3f} (paired runs: {r.minimum:.3f}-{r.maximum:.3f})",
+        bar="ratio ≥ 0.97",
+        passed=r.median >= 0.97,
+        ratio=r.median,
+        details={"unit": "checkouts/s", "iampg": ours, "psycopg_pool": theirs, "ratios": ratios},
+    )
+
+
+def throughput(emu: EmulatorInfo, *, quick: bool = False) -> list[Result]:
+    runs, seconds = (3, 1.0) if quick else (7, 3.0)
+    ep = emu.endpoint("postgres")
+    provider = TokenProvider(ep)
+    static = _static_conninfo(emu, provider.token())
+    sizes: dict[str, Any] = {
+        "min_size": POOL_SIZE,
+        "max_size": POOL_SIZE,
+        "open": True,
+        "timeout": 30,
+    }
+    ours: list[float] = []
+    theirs: list[float] = []
+    with (
+        iampg.ConnectionPool(ep, provider=provider, **sizes) as mine,
+        psycopg_pool.ConnectionPool(static, **sizes) as plain,
+    ):
+        mine.wait(30)
+        plain.wait(30)
+        _threads_throughput(mine, 0.3)
+        _threads_throughput(plain, 0.3)
+        for i in range(runs):  # alternate which goes first
+            order = [(mine, ours), (plain, theirs)]
+            for pool, sink in order if i % 2 == 0 else order[::-1]:
+                sink.append(_threads_throughput(pool, seconds))
+    rows = [_throughput_row("pool_threads", "pool throughput, 8 threads", ours, theirs)]
+
+    async def async_runs() -> tuple[list[float], list[float]]:
+        a_ours: list[float] = []
+        a_theirs: list[float] = []
+        async with (
+            iampg.AsyncConnectionPool(ep, provider=provider, **sizes) as mine,
+            psycopg_pool.AsyncConnectionPool(static, **sizes) as plain,
+        ):
+            await mine.wait(30)
+            await plain.wait(30)
+            await _tasks_throughput(mine, 0.3)
+            await _tasks_throughput(plain, 0.3)
+            for i in range(runs):
+                order = [(mine, a_ours), (plain, a_theirs)]
+                for pool, sink in order if i % 2 == 0 else order[::-1]:
+                    sink.append(await _tasks_throughput(pool, seconds))
+        return a_ours, a_theirs
+
+    a_ours, a_theirs = asyncio.run(async_runs())
+    rows.append(_throughput_row("pool_async", "async pool throughput, 64 tasks", a_ours, a_theirs))
+    return rows
+
+
+class ShortLivedCredentials:
+    """Wrap a signer as if its credentials had ``ttl`` seconds left at every signing.
+
+    A provider then refreshes every ``ttl / 2`` seconds of real time: how a token engine
+    behaves when the credentials are about to expire, compressed.
+    """
+
+    def __init__(self, inner: Signer, ttl: float) -> None:
+        self._inner = inner
+        self._ttl = ttl
+        self.signings = 0
+
+    def sign(self, endpoint: Endpoint, lifetime: float) -> SignedToken:
+        self.signings += 1
+        signed = self._inner.sign(endpoint, lifetime)
+        return SignedToken(signed.token, signed.lifetime, self._ttl)
+
+
+def _checkout_latencies(provider: TokenProvider, seconds: float) -> tuple[list[float], int]:
+    """Return checkout latencies with 8 threads on a pool that recycles connections."""
+    before = provider.stats().refreshes
+    latencies: list[list[float]] = [[] for _ in range(8)]
+    stop = time.perf_counter() + seconds
+    # max_lifetime recycles connections continuously, so new ones need tokens all along.
+    with iampg.ConnectionPool(
+        provider=provider, min_size=POOL_SIZE, max_size=POOL_SIZE, max_lifetime=0.25, timeout=30
+    ) as pool:
+        pool.wait(30)
+
+        def work(i: int) -> None:
+            while time.perf_counter() < stop:
+                start = time.perf_counter()
+                with pool.connection() as conn:
+                    latencies[i].append(time.perf_counter() - start)
+                    conn.execute("SELECT 1").fetchone()
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return [x for lat in latencies for x in lat], provider.stats().refreshes - before
+
+
+def refresh_latency(emu: EmulatorInfo, *, quick: bool = False) -> list[Result]:
+    seconds, runs = (2.0, 2) if quick else (4.0, 5)
+    ep = emu.endpoint("postgres")
+    rows = []
+    for strategy in ("lazy", "ahead"):
+        steady: list[float] = []
+        refreshing: list[float] = []
+        refreshes = 0
+        for _ in range(runs):  # interleave the two conditions
+            with TokenProvider(ep, refresh=strategy) as quiet:
+                quiet.token()
+                lat, _ = _checkout_latencies(quiet, seconds)
+                steady += lat
+            # A new token every 0.2 s (botocore signing), while connections are recycled.
+            signer = ShortLivedCredentials(AwsSigner.shared(), ttl=0.4)
+            with TokenProvider(ep, refresh=strategy, signer=signer) as busy:
+                busy.token()
+                lat, n = _checkout_latencies(busy, seconds)
+                refreshing += lat
+                refreshes += n
+        a, b = Stats.of(refreshing), Stats.of(steady)
+        ratio = a.p99 / b.p99
+        rows.append(
+            Result(
+                id=f"refresh_{strategy}",
+                what=f"checkout latency across token refreshes ({strategy})",
+                compared_with="the same pool between refreshes",
+                figures=(
+                    f"p99 {ms(a.p99)} (median {ms(a.median)}) with {refreshes} refreshes; "
+                    f"p99 {ms(b.p99)} (median {ms(b.median)}) without"
+                ),
+                claim=f"p99 ratio {ratio:.3f}",
+                bar="p99 within 10 %",
+                passed=ratio <= 1.10,
+                ratio=ratio,
+                details={
+                    "unit": "seconds per checkout",
+                    "refreshing": a.__dict__,
+                    "steady": b.__dict__,
+                    "refreshes": refreshes,
+                },
+            )
+        )
+    return rows
