@@ -116,14 +116,14 @@ class _Attempts:
         if self._deadline is None:
             self._deadline = now + self._wait
             logger.info(
-                "%s is not accepting connections yet (%s); retrying for up to %.0f s",
+                "%s is not accepting connections yet (%s); retrying for up to %g s",
                 self._endpoint.host,
                 reason,
                 self._wait,
             )
         if now >= self._deadline:
             raise UnavailableError(
-                f"{self._endpoint.host} did not accept a connection within {self._wait:.0f} s: "
+                f"{self._endpoint.host} did not accept a connection within {self._wait:g} s: "
                 f"{reason}. Retry later, or pass a longer wait="
             ) from exc
         self._failures += 1
