@@ -77,6 +77,14 @@ def bench(session: nox.Session) -> None:
     session.run("python", "-m", "benchmarks", *session.posargs)
 
 
+@nox.session(default=False)
+def soak(session: nox.Session) -> None:
+    """Run the 2-minute soak (pools, key rotation, gateway restarts); not a default session."""
+    session.install("-e", ".[emulator]", *_group("tests"))
+    env = {"IAMPG_SOAK_SECONDS": session.env.get("IAMPG_SOAK_SECONDS", "120")}
+    session.run("pytest", "tests/reliability/test_soak.py", "-p", "no:cacheprovider", env=env)
+
+
 @nox.session
 def build(session: nox.Session) -> None:
     """Build the sdist and wheel and check them as PyPI would."""

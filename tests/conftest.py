@@ -12,6 +12,10 @@ import pytest
 from iampg import _aws
 from iampg.emulator import FAKE_CREDENTIALS, Backend, Emulator
 
+# Every test runs under the secret guard: no minted token, signature or sentinel password in a
+# log record, a repr or an escaping exception (see secret_guard.py).
+pytest_plugins = ["secret_guard"]
+
 LOCAL_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
 
 

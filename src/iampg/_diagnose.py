@@ -67,7 +67,10 @@ def _causes(endpoint: Endpoint, kind: FailureKind) -> list[str]:
             f"user or region than {endpoint.host}:{endpoint.port}, user {user!r}, {region}"
         ),
         "the temporary AWS credentials that signed it expired or were rotated",
-        "the local clock is off: SigV4 checks the signing time; synchronise it (NTP)",
+        (
+            "clock skew: the local clock is more than a few minutes off, and SigV4 checks "
+            "the signing time; synchronise it (NTP)"
+        ),
     ]
     if endpoint.kind == "dsql":
         action = "dsql:DbConnectAdmin" if user == "admin" else "dsql:DbConnect"
