@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from iampg.emulator import Backend
 
 PAM = 'PAM authentication failed for user "postgres"'
-OTHER = Credentials("AKIAOTHEROTHEROTHER0", "other-secret-key")
+OTHER = Credentials("AKIAOTHEREXAMPLE0000", "other-secret-key")
 
 
 def mint(
@@ -103,7 +103,7 @@ def test_botocore_token_connects_with_verify_full(emu: Emulator) -> None:
 
 def test_session_credentials_and_aws_env(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     """Temporary keys from aws_env() sign tokens botocore-by-environment gets accepted."""
-    creds = Credentials("ASIAEMULATORTEST0000", "temporary-secret", "session/token+=")
+    creds = Credentials("ASIAEMULATOREXAMPLE0", "temporary-secret", "session/token+=")
     with Emulator(backend.dsn, credentials=[creds], region="eu-west-3") as emu:
         env = emu.aws_env()
         assert env == {
@@ -141,7 +141,7 @@ def test_session_credentials_and_aws_env(backend: Backend, monkeypatch: pytest.M
         pytest.param(lambda e: mint(e, port=e.port + 1), "wrong port", id="wrong-port"),
         pytest.param(lambda e: mint(e, region="eu-west-1"), "wrong region", id="wrong-region"),
         pytest.param(
-            lambda e: mint(e, creds=Credentials("AKIAUNKNOWN000000000", "x")),
+            lambda e: mint(e, creds=Credentials("AKIAUNKNOWNEXAMPLE00", "x")),
             "unknown access key",
             id="unknown-key",
         ),
@@ -175,7 +175,7 @@ def test_expired_token_is_refused_after_clock_advance(emu: Emulator) -> None:
 def test_expired_credentials_are_refused(backend: Backend) -> None:
     """Tokens signed with temporary keys stop working when the keys expire."""
     clock = EmulatorClock()
-    creds = Credentials("ASIAEXPIRING00000000", "secret", "session", expiration=time.time() + 60)
+    creds = Credentials("ASIAEXPIRINGEXAMPLE0", "secret", "session", expiration=time.time() + 60)
     with Emulator(backend.dsn, credentials=[creds], clock=clock) as emu:
         token = mint(emu)
         with connect(emu, token):

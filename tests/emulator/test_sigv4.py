@@ -327,7 +327,7 @@ def test_expired_credentials_invalidate_their_tokens() -> None:
     now = float(int(time.time()))
     wall = FakeWall(now)
     clock = EmulatorClock(10.0, wall=wall)
-    creds = Credentials("ASIATEMPORARY0000000", "secret", "session", expiration=now + 100)
+    creds = Credentials("ASIATEMPEXAMPLE00000", "secret", "session", expiration=now + 100)
     token = presign(
         host=HOST, port=PORT, credentials=creds, region=REGION, signed_at=now, user=USER
     )
