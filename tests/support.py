@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from iampg import Endpoint
-from iampg.emulator import Emulator
+from iampg.emulator import CredentialsServer, Emulator
 
 
 def endpoint_for(emu: Emulator, user: str = "postgres", **params: Any) -> Endpoint:
@@ -21,3 +23,11 @@ def endpoint_for(emu: Emulator, user: str = "postgres", **params: Any) -> Endpoi
     }
     fields.update(params)
     return Endpoint(emu.host, **fields)
+
+
+def use_credentials_server(monkeypatch: pytest.MonkeyPatch, server: CredentialsServer) -> None:
+    """Point botocore's default chain at ``server`` instead of the static fake keys."""
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)

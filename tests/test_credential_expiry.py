@@ -12,7 +12,7 @@ import pytest
 import iampg
 from iampg import TokenProvider
 from iampg.emulator import Backend, CredentialsServer, CredentialStore, Emulator
-from support import endpoint_for
+from support import endpoint_for, use_credentials_server
 
 ROLE = "arn:aws:iam::123456789012:role/app"
 LIFETIME = 120.0  # emulated seconds the container credentials live: well under 15 minutes
@@ -36,10 +36,7 @@ def emu(backend: Backend) -> Iterator[Emulator]:
 def container(emu: Emulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[CredentialsServer]:
     """Serve 120-second keys and point botocore's default chain at them (no static keys)."""
     with CredentialsServer.for_emulator(emu, lifetime=LIFETIME) as server:
-        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
-        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-        for name, value in server.env().items():
-            monkeypatch.setenv(name, value)
+        use_credentials_server(monkeypatch, server)
         yield server
 
 

@@ -13,7 +13,7 @@ import pytest
 import iampg
 from iampg import Endpoint, TokenProvider
 from iampg.emulator import Backend, CredentialsServer, CredentialStore, Emulator, EmulatorClock
-from support import endpoint_for
+from support import endpoint_for, use_credentials_server
 
 SKEW = 600.0  # seconds: the local clock is ten minutes off
 HANG_BOUND = 30.0  # real seconds a hung credentials server may hold a caller, at most
@@ -36,10 +36,7 @@ def emu(backend: Backend) -> Iterator[Emulator]:
 def container(emu: Emulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[CredentialsServer]:
     """Point botocore's default chain at a credentials server (no static keys)."""
     with CredentialsServer.for_emulator(emu, hang_seconds=HANG_BOUND) as server:
-        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
-        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-        for name, value in server.env().items():
-            monkeypatch.setenv(name, value)
+        use_credentials_server(monkeypatch, server)
         yield server
 
 
