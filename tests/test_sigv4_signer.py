@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from iampg import Endpoint, TokenError
+from iampg._aws import AwsSigner
 from iampg._sigv4 import EnvSigner, presign
 from iampg.emulator import FAKE_CREDENTIALS
 
@@ -159,6 +160,56 @@ def test_dsql_tokens_are_byte_identical_to_botocore(
     signed = signer.sign(ep, float(lifetime))
     assert signed.token == expected
     assert signed.lifetime == float(lifetime)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    host=hosts,
+    user=st.one_of(st.just("admin"), users),
+    port=ports,
+    region=regions,
+    session_token=session_tokens,
+    moment=moments,
+    lifetime=lifetimes,
+    cluster=st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_size=20, max_size=40),
+    dsql=st.booleans(),
+)
+def test_aws_signer_tokens_are_byte_identical_to_botocore_clients(
+    *,
+    host: str,
+    user: str,
+    port: int,
+    region: str,
+    session_token: str | None,
+    moment: dt.datetime,
+    lifetime: int,
+    cluster: str,
+    dsql: bool,
+) -> None:
+    """AwsSigner signs with botocore.auth and no client: its tokens equal the clients' tokens."""
+    signer = AwsSigner.shared(
+        aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET, aws_session_token=session_token
+    )
+    boto = clients(session_token)
+    if dsql:
+        ep = Endpoint(f"{cluster}.dsql.{region}.on.aws", user=user)
+        generate = (
+            boto.dsql.generate_db_connect_admin_auth_token
+            if user == "admin"
+            else boto.dsql.generate_db_connect_auth_token
+        )
+        with boto.frozen(moment):
+            expected = generate(Hostname=ep.host, Region=ep.region, ExpiresIn=lifetime)
+            signed = signer.sign(ep, float(lifetime))
+    else:
+        aws_name = host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
+        ep = Endpoint(host, user=user, port=port, region=None if aws_name else region)
+        with boto.frozen(moment):
+            expected = boto.rds.generate_db_auth_token(
+                DBHostname=ep.host, Port=ep.port, DBUsername=ep.user, Region=ep.region
+            )
+            signed = signer.sign(ep, float(lifetime))
+    assert signed.token == expected
 
 
 @settings(max_examples=200, deadline=None)

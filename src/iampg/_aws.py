@@ -48,12 +48,15 @@ _shared_lock = threading.Lock()
 
 
 class AwsSigner:
-    """Sign IAM tokens with botocore: one credential source, one client per service and region.
+    """Sign IAM tokens with botocore: one credential source, resolved once, for every token.
 
-    Clients are made on first use and reused for every later token (making one costs
-    milliseconds; signing with it ~0.1 ms, with no network call unless the credentials need
-    refreshing). botocore logs the parts of each signature at DEBUG, which for an IAM token
-    amounts to the token: an ``AwsSigner`` adds a filter to the ``botocore.auth`` logger that
+    The credentials are resolved on first use and reused for every later token; botocore's
+    SigV4 query signer signs each one (~0.1 ms, with no network call unless temporary
+    credentials need refreshing). No RDS or DSQL client is made: a client loads its service
+    model, which costs as much as importing botocore, and a token needs none of it.
+
+    botocore logs the parts of each signature at DEBUG, which for an IAM token amounts to
+    the token: an ``AwsSigner`` adds a filter to the ``botocore.auth`` logger that
     drops those three records, and nothing else.
 
     An ``AwsSigner`` is thread-safe and may serve any number of providers: providers made
@@ -154,7 +157,7 @@ class AwsSigner:
         self._sts = (sts_region, sts_endpoint_url)
         _redact_botocore_signing_logs()
         self._signing_session: Any = None
-        self._clients: dict[tuple[str, str], Any] = {}
+        self._credentials_source: Any = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -162,7 +165,7 @@ class AwsSigner:
         """Return the signer for these options, shared by every provider in the process.
 
         Providers made with equal arguments (the same session object, profile, keys or role)
-        then share one credential source and one client instead of each making its own.
+        then share one credential source instead of each resolving its own.
         """
         key = _share_key(options)
         with _shared_lock:
@@ -184,7 +187,7 @@ class AwsSigner:
         role = f", role_arn={self._role['RoleArn']!r}" if self._role else ""
         return f"AwsSigner({source}{role})"
 
-    # -- credentials and clients ----------------------------------------------------------
+    # -- credentials ----------------------------------------------------------------------
 
     def _base_session(self) -> Any:
         if self._session is not None:
@@ -233,21 +236,22 @@ class AwsSigner:
         )
         return session
 
-    def _client(self, service: str, region: str) -> Any:
-        key = (service, region)
-        client = self._clients.get(key)
-        if client is not None:
-            return client
+    def _credentials(self, region: str) -> Any:
+        """Return the botocore credentials object that signs (made once; it refreshes itself)."""
+        credentials = self._credentials_source
+        if credentials is not None:
+            return credentials
         with self._lock:
-            client = self._clients.get(key)
-            if client is None:
+            if self._credentials_source is None:
                 if self._signing_session is None:
                     self._signing_session = self._make_signing_session(region)
-                session = self._signing_session
-                make = getattr(session, "create_client", None) or session.client
-                client = make(service, region_name=region)
-                self._clients[key] = client
-        return client
+                credentials = self._signing_session.get_credentials()
+                if credentials is None:
+                    import botocore.exceptions  # noqa: PLC0415
+
+                    raise botocore.exceptions.NoCredentialsError
+                self._credentials_source = credentials
+            return self._credentials_source
 
     def _credentials_ttl(self) -> float | None:
         """Return the seconds the signing credentials have left, or None if they don't expire."""
@@ -269,32 +273,63 @@ class AwsSigner:
             endpoint: What to sign for.
             lifetime: Seconds a DSQL token lasts (1 to 604 800). RDS tokens last 900 s.
         """
+        credentials = self._credentials(endpoint.region)
+        ttl = self._credentials_ttl()
         if endpoint.kind == "dsql":
-            client = self._client("dsql", endpoint.region)
-            generate = (
-                client.generate_db_connect_admin_auth_token
-                if endpoint.user == "admin"
-                else client.generate_db_connect_auth_token
-            )
-            ttl = self._credentials_ttl()
-            token = generate(
-                Hostname=endpoint.host, Region=endpoint.region, ExpiresIn=int(lifetime)
+            action = "DbConnectAdmin" if endpoint.user == "admin" else "DbConnect"
+            token = _presign(
+                credentials,
+                f"https://{endpoint.host}",
+                {"Action": action},
+                service="dsql",
+                region=endpoint.region,
+                expires=int(lifetime),
             )
         else:
-            client = self._client("rds", endpoint.region)
             lifetime = RDS_TOKEN_LIFETIME
-            ttl = self._credentials_ttl()
-            token = client.generate_db_auth_token(
-                DBHostname=endpoint.host,
-                Port=endpoint.port,
-                DBUsername=endpoint.user,
-                Region=endpoint.region,
+            token = _presign(
+                credentials,
+                f"https://{endpoint.host}:{endpoint.port}",
+                {"Action": "connect", "DBUser": endpoint.user},
+                service="rds-db",
+                region=endpoint.region,
+                expires=int(RDS_TOKEN_LIFETIME),
             )
         # Read again: signing may have refreshed the credentials (a later expiry).
         after = self._credentials_ttl()
         if ttl is None or (after is not None and after > ttl):
             ttl = after
         return SignedToken(token, lifetime, ttl)
+
+
+def _presign(
+    credentials: Any, url: str, params: dict[str, str], *, service: str, region: str, expires: int
+) -> str:
+    """Presign a GET of ``url`` with botocore's SigV4 query signer; return it without scheme.
+
+    This is what ``generate_db_auth_token`` and ``generate_db_connect_auth_token`` do inside
+    a botocore client, minus the client: making an RDS or DSQL client loads its service model,
+    which costs as much as importing botocore, and the token needs none of it. The result is
+    byte-identical to the clients' tokens (tests/test_aws.py proves it with frozen time).
+    """
+    import botocore.auth  # noqa: PLC0415
+    import botocore.awsrequest  # noqa: PLC0415
+
+    request_dict: dict[str, Any] = {
+        "url_path": "/",
+        "query_string": "",
+        "headers": {},
+        "body": params,
+        "method": "GET",
+    }
+    botocore.awsrequest.prepare_request_dict(request_dict, url)
+    request = botocore.awsrequest.create_request_object(request_dict)
+    # get_frozen_credentials() refreshes temporary credentials that are about to expire.
+    frozen = credentials.get_frozen_credentials()
+    botocore.auth.SigV4QueryAuth(frozen, service, region, expires=expires).add_auth(request)
+    request.prepare()
+    url_out: str = request.url
+    return url_out[len("https://") :]
 
 
 class _Fixed:

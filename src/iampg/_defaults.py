@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from types import MappingProxyType
+from typing import Any, Literal, NamedTuple
 
 from iampg._endpoint import Endpoint
 from iampg.errors import ConfigurationError
@@ -16,8 +16,7 @@ Profile = Literal["rds", "aurora-serverless", "aurora-express", "dsql"]
 (Aurora Serverless v2, which can pause; ``aurora-express`` is the same), ``dsql``."""
 
 
-@dataclass(frozen=True)
-class ServiceDefaults:
+class ServiceDefaults(NamedTuple):
     """What iampg sets when the caller does not.
 
     Attributes:
@@ -32,7 +31,7 @@ class ServiceDefaults:
     """
 
     connect_timeout: int
-    pool: Mapping[str, Any] = field(default_factory=dict)
+    pool: Mapping[str, Any] = MappingProxyType({})
     wait: float = 30.0
     retry_timeouts: bool = False
 

@@ -7,8 +7,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 from iampg import _refresh
 from iampg._endpoint import Endpoint
@@ -40,9 +39,10 @@ class Clock(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class SignedToken:
-    """A freshly signed token and how long it is good for.
+# SignedToken and TokenStats are named tuples, not dataclasses: making a dataclass at import
+# costs ~1 ms each, and `import iampg` is on every cold start (benchmarks/cold.py).
+class SignedToken(NamedTuple):
+    """A freshly signed token and how long it is good for (an immutable named tuple).
 
     Attributes:
         token: The token; a bearer credential, kept out of ``repr``.
@@ -51,9 +51,12 @@ class SignedToken:
             not expire.
     """
 
-    token: str = field(repr=False)
+    token: str
     lifetime: float
     credentials_ttl: float | None = None
+
+    def __repr__(self) -> str:
+        return f"SignedToken(lifetime={self.lifetime!r}, credentials_ttl={self.credentials_ttl!r})"
 
 
 class Signer(Protocol):
@@ -64,9 +67,8 @@ class Signer(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class TokenStats:
-    """What a provider has done so far.
+class TokenStats(NamedTuple):
+    """What a provider has done so far (an immutable named tuple).
 
     Attributes:
         hits: Tokens served from the cache (counted without a lock: may under-count).
@@ -88,11 +90,15 @@ class TokenStats:
     refresh_in: float | None
 
 
-@dataclass(frozen=True, slots=True)
 class _Cached:
-    token: str = field(repr=False)
-    refresh_at: float
-    valid_until: float
+    """The cached token (never in a repr) and when it is due and when it stops working."""
+
+    __slots__ = ("refresh_at", "token", "valid_until")
+
+    def __init__(self, token: str, refresh_at: float, valid_until: float) -> None:
+        self.token = token
+        self.refresh_at = refresh_at
+        self.valid_until = valid_until
 
 
 class TokenProvider:

@@ -9,11 +9,11 @@ import time
 
 import psycopg
 import pytest
-from secret_guard import SENTINEL_PASSWORD, SecretGuard, secrets_of
 
 import iampg
 from iampg import TokenProvider, cli
 from iampg.emulator import Backend, Emulator, EmulatorClock
+from secret_guard import SENTINEL_PASSWORD, SecretGuard, secrets_of
 from support import endpoint_for
 
 
