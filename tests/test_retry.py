@@ -1,4 +1,4 @@
-"""retry_transaction: conflicts are retried with backoff, other errors are not."""
+"""retry_transaction: conflicts and lost pooled connections run again; other errors do not."""
 
 from __future__ import annotations
 
@@ -114,3 +114,93 @@ def test_bad_retry_settings_are_refused(emulator: Emulator) -> None:
             iampg.retry_transaction(conn, lambda c: None, attempts=0)
         with pytest.raises(iampg.ConfigurationError, match="base"):
             iampg.retry_transaction(conn, lambda c: None, base=1.0, cap=0.5)
+
+
+def _terminate(ep: iampg.Endpoint, pid: int) -> None:
+    """End backend ``pid`` from another session and wait until it is gone."""
+    with iampg.connect(ep, autocommit=True) as admin:
+        row = admin.execute("select pg_terminate_backend(%s, 5000)", (pid,)).fetchone()
+    assert row == (True,)
+
+
+def test_lost_pooled_connection_runs_again_on_another(emulator: Emulator) -> None:
+    """A pooled connection that breaks before COMMIT is replaced and the work runs again."""
+    ep = endpoint_for(emulator)
+    pids: list[int] = []
+
+    def work(c: psycopg.Connection[Any]) -> int:
+        pids.append(c.info.backend_pid)
+        if len(pids) == 1:
+            _terminate(ep, c.info.backend_pid)  # the server goes away mid-transaction
+        row = c.execute("select 7").fetchone()
+        assert row is not None
+        return int(row[0])
+
+    with iampg.ConnectionPool(ep, min_size=1, max_size=1, open=True) as pool:
+        assert iampg.retry_transaction(pool, work, base=0.001, cap=0.01) == 7
+    assert len(pids) == 2
+    assert pids[0] != pids[1]
+
+
+@pytest.mark.parametrize("idempotent", [False, True])
+def test_connection_lost_during_commit_runs_again_only_if_idempotent(
+    emulator: Emulator, *, idempotent: bool
+) -> None:
+    """A break during COMMIT leaves the outcome unknown: raised unless the work is idempotent."""
+    ep = endpoint_for(emulator)
+    calls = 0
+
+    def work(c: psycopg.Connection[Any]) -> None:
+        nonlocal calls
+        calls += 1
+        c.execute("select 1")
+        if calls == 1:  # gone before the COMMIT that ends this transaction is sent
+            _terminate(ep, c.info.backend_pid)
+
+    with iampg.ConnectionPool(ep, min_size=1, max_size=1, open=True) as pool:
+        if idempotent:
+            iampg.retry_transaction(pool, work, base=0.001, cap=0.01, idempotent=True)
+            assert calls == 2
+        else:
+            with pytest.raises(psycopg.OperationalError):
+                iampg.retry_transaction(pool, work, base=0.001, cap=0.01)
+            assert calls == 1
+        with pool.connection() as conn:  # the broken connection was not put back
+            assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_lost_own_connection_is_raised(emulator: Emulator) -> None:
+    """A caller's own connection cannot be replaced: its loss surfaces at once."""
+    ep = endpoint_for(emulator)
+    calls = 0
+
+    def work(c: psycopg.Connection[Any]) -> None:
+        nonlocal calls
+        calls += 1
+        _terminate(ep, c.info.backend_pid)
+        c.execute("select 1")
+
+    with iampg.connect(ep) as conn, pytest.raises(psycopg.OperationalError):
+        iampg.retry_transaction(conn, work, base=0.001)
+    assert calls == 1
+
+
+def test_async_lost_pooled_connection_runs_again(emulator: Emulator) -> None:
+    """The async twin also replaces a connection that broke before COMMIT."""
+    ep = endpoint_for(emulator)
+    pids: list[int] = []
+
+    async def work(c: psycopg.AsyncConnection[Any]) -> int:
+        pids.append(c.info.backend_pid)
+        if len(pids) == 1:
+            await asyncio.to_thread(_terminate, ep, c.info.backend_pid)
+        row = await (await c.execute("select 8")).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def main() -> int:
+        async with iampg.AsyncConnectionPool(ep, min_size=1, max_size=1, open=False) as pool:
+            return await iampg.aretry_transaction(pool, work, base=0.001, cap=0.01)
+
+    assert asyncio.run(main()) == 8
+    assert len(pids) == 2

@@ -391,8 +391,9 @@ def AsyncConnectionPool(  # noqa: N802
     """Return a stock :class:`psycopg_pool.AsyncConnectionPool` whose connections use tokens.
 
     The asynchronous twin of :func:`ConnectionPool`: tokens come from
-    :meth:`TokenProvider.atoken`, so signing never blocks the event loop. Open it with
-    ``await pool.open()`` or ``async with``, as psycopg_pool asks.
+    :meth:`TokenProvider.atoken`, so signing never blocks the event loop. It is made closed
+    (``open=False``, where psycopg_pool's own default of opening in the constructor is
+    deprecated): open it with ``await pool.open()`` or ``async with``.
     """
     info, prov, options = _pool_setup(
         endpoint, provider, profile, pool_kwargs, allow_insecure=allow_insecure
@@ -407,6 +408,7 @@ def AsyncConnectionPool(  # noqa: N802
     if "check" in options and "check" not in pool_kwargs:
         options["check"] = psycopg_pool.AsyncConnectionPool.check_connection
     base = options.pop("connection_class", psycopg.AsyncConnection)
+    options.setdefault("open", False)
     return psycopg_pool.AsyncConnectionPool(
         info,
         kwargs=connection_kwargs,

@@ -1,4 +1,4 @@
-"""Retry transactions that lost an optimistic-concurrency race (Aurora DSQL), sync and async."""
+"""Retry transactions that lost a concurrency race (Aurora DSQL) or their connection."""
 
 from __future__ import annotations
 
@@ -25,8 +25,28 @@ RETRYABLE_SQLSTATES = frozenset({"40001", "OC000", "OC001"})
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """Tell whether running the transaction again may succeed."""
+    """Tell whether the error is a concurrency conflict, after which a rerun may succeed."""
     return isinstance(exc, psycopg.Error) and exc.sqlstate in RETRYABLE_SQLSTATES
+
+
+def _retry_reason(
+    exc: psycopg.Error,
+    conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any] | None,
+    *,
+    committing: bool,
+    idempotent: bool,
+) -> str | None:
+    """Say why the transaction may run again, or None if it must not.
+
+    ``conn`` is the pooled connection the attempt used (None for a caller's own connection,
+    which cannot be replaced); ``committing`` tells that ``fn`` had returned, so the break
+    may have come after the server committed.
+    """
+    if is_retryable(exc):
+        return f"conflict ({exc.sqlstate})"
+    if conn is not None and conn.broken and (idempotent or not committing):
+        return "connection lost" + (" during COMMIT" if committing else "")
+    return None
 
 
 def _check(attempts: int, base: float, cap: float) -> None:
@@ -43,14 +63,22 @@ def retry_transaction(
     attempts: int = 5,
     base: float = 0.02,
     cap: float = 1.0,
+    idempotent: bool = False,
 ) -> T:
-    """Run ``fn(conn)`` in a transaction, again if it lost a concurrency race.
+    """Run ``fn(conn)`` in a transaction, again if it lost a concurrency race or its connection.
 
     Aurora DSQL checks conflicts at commit (SQLSTATE ``OC000`` for data, ``OC001`` for
     schema; PostgreSQL says ``40001``): the transaction is rolled back and may simply be run
-    again. ``fn`` runs inside ``conn.transaction()`` and must be safe to repeat: no side
-    effects outside the database. Between attempts, waits with exponential backoff and
-    jitter (``base`` doubling up to ``cap`` seconds).
+    again. With a pool, a transaction whose connection broke (an idle cut, DSQL's one-hour
+    cap, a failover, a restart) before its ``COMMIT`` was sent was rolled back too, and runs
+    again on another connection. A connection that broke *during* ``COMMIT`` leaves the outcome
+    unknown: the error is raised, unless ``idempotent=True`` says running ``fn`` twice is
+    harmless (reads, upserts). A caller's own connection cannot be replaced, so its loss is
+    raised.
+
+    ``fn`` runs inside ``conn.transaction()`` and must be safe to repeat: no side effects
+    outside the database. Between attempts, waits with exponential backoff and jitter
+    (``base`` doubling up to ``cap`` seconds).
 
     Args:
         target: A connection, or a pool to take one from for each attempt.
@@ -58,6 +86,7 @@ def retry_transaction(
         attempts: How many times to try at most.
         base: First backoff step in seconds.
         cap: Largest backoff step in seconds.
+        idempotent: Also run again when the connection broke during ``COMMIT``.
 
     Raises:
         psycopg.Error: The last attempt's error, or any error that is not retryable.
@@ -65,24 +94,24 @@ def retry_transaction(
     """
     _check(attempts, base, cap)
     for attempt in range(1, attempts + 1):
+        conn: psycopg.Connection[Any] | None = None
+        committing = False
         try:
             if isinstance(target, psycopg_pool.ConnectionPool):
                 with target.connection() as conn, conn.transaction():
-                    return fn(conn)
-            with target.transaction():
-                return fn(target)
-        except psycopg.Error as exc:  # noqa: PERF203 -- retrying is the point
-            if not is_retryable(exc) or attempt == attempts:
+                    result = fn(conn)
+                    committing = True
+            else:
+                with target.transaction():
+                    result = fn(target)
+                    committing = True
+        except psycopg.Error as exc:
+            reason = _retry_reason(exc, conn, committing=committing, idempotent=idempotent)
+            if reason is None or attempt == attempts:
                 raise
-            delay = _refresh.backoff(attempt, base=base, cap=cap)
-            logger.debug(
-                "transaction conflict (%s), attempt %d of %d; retrying in %.3f s",
-                exc.sqlstate,
-                attempt,
-                attempts,
-                delay,
-            )
-            time.sleep(delay)
+            time.sleep(_next_delay(reason, attempt, attempts, base, cap))
+        else:
+            return result
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -93,29 +122,38 @@ async def aretry_transaction(
     attempts: int = 5,
     base: float = 0.02,
     cap: float = 1.0,
+    idempotent: bool = False,
 ) -> T:
-    """Run ``await fn(conn)`` in a transaction, again if it lost a concurrency race.
+    """Run ``await fn(conn)`` in a transaction, again if it lost a race or its connection.
 
     The asynchronous twin of :func:`retry_transaction`.
     """
     _check(attempts, base, cap)
     for attempt in range(1, attempts + 1):
+        conn: psycopg.AsyncConnection[Any] | None = None
+        committing = False
         try:
             if isinstance(target, psycopg_pool.AsyncConnectionPool):
                 async with target.connection() as conn, conn.transaction():
-                    return await fn(conn)
-            async with target.transaction():
-                return await fn(target)
-        except psycopg.Error as exc:  # noqa: PERF203 -- retrying is the point
-            if not is_retryable(exc) or attempt == attempts:
+                    result = await fn(conn)
+                    committing = True
+            else:
+                async with target.transaction():
+                    result = await fn(target)
+                    committing = True
+        except psycopg.Error as exc:
+            reason = _retry_reason(exc, conn, committing=committing, idempotent=idempotent)
+            if reason is None or attempt == attempts:
                 raise
-            delay = _refresh.backoff(attempt, base=base, cap=cap)
-            logger.debug(
-                "transaction conflict (%s), attempt %d of %d; retrying in %.3f s",
-                exc.sqlstate,
-                attempt,
-                attempts,
-                delay,
-            )
-            await asyncio.sleep(delay)
+            await asyncio.sleep(_next_delay(reason, attempt, attempts, base, cap))
+        else:
+            return result
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _next_delay(reason: str, attempt: int, attempts: int, base: float, cap: float) -> float:
+    delay = _refresh.backoff(attempt, base=base, cap=cap)
+    logger.debug(
+        "transaction %s, attempt %d of %d; retrying in %.3f s", reason, attempt, attempts, delay
+    )
+    return delay
