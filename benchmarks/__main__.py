@@ -105,7 +105,7 @@ def _plot(results: list[Result], path: Any) -> bool:
         return False
     rows = [r for r in results if r.ratio is not None]
     labels = [r.what.replace("`", "") for r in rows]
-    values = [r.ratio for r in rows]
+    values = [r.ratio for r in rows if r.ratio is not None]
     colours = ["#2a7" if r.passed else ("#c33" if r.passed is False else "#888") for r in rows]
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
     ax.barh(labels, values, color=colours)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,20 +15,29 @@ from benchmarks._common import EmulatorInfo, Result, Stats, ms
 from iampg import TokenProvider
 
 
-def _measure(
-    variants: dict[str, Callable[[], Any]], rounds: int, per_round: int
-) -> dict[str, Stats]:
-    """Time each variant's connect+close, interleaving the variants round by round."""
+def _measure(variants: dict[str, Callable[[], Any]], rounds: int) -> dict[str, Stats]:
+    """Time each variant's connect, one connect per variant per round, in shuffled order.
+
+    What one connect leaves behind (garbage to collect, a backend still exiting, a busy
+    emulator) must not fall on the next variant more than on the others: the order is
+    shuffled every round (seeded) and the garbage collector runs, untimed, before each
+    connect. Runs of consecutive connects per variant showed a +10 % order effect, and a
+    fixed alternating order left iampg next to the DSQL connector (a boto3 session per
+    connect) and +5 % slower.
+    """
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for fn in variants.values():  # warm caches, clients and TLS session state
         fn().close()
+    order = list(variants.items())
+    rng = random.Random(20261123)
     for _ in range(rounds):
-        for name, fn in variants.items():
-            for _ in range(per_round):
-                start = time.perf_counter()
-                conn = fn()
-                samples[name].append(time.perf_counter() - start)
-                conn.close()
+        rng.shuffle(order)
+        for name, fn in order:
+            gc.collect()
+            start = time.perf_counter()
+            conn = fn()
+            samples[name].append(time.perf_counter() - start)
+            conn.close()
     return {name: Stats.of(values) for name, values in samples.items()}
 
 
@@ -40,7 +51,7 @@ def _rds_variants(emu: EmulatorInfo) -> dict[str, Callable[[], Any]]:
         "iampg": lambda: iampg.connect(ep, provider=provider),
     }
     try:
-        from aws_advanced_python_wrapper import (  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
+        from aws_advanced_python_wrapper import (  # type: ignore[import-not-found,import-untyped,unused-ignore]  # noqa: PLC0415
             AwsWrapperConnection,
         )
     except ImportError:
@@ -63,7 +74,7 @@ def _dsql_variants(emu: EmulatorInfo) -> dict[str, Callable[[], Any]]:
         "iampg": lambda: iampg.connect(ep, provider=provider),
     }
     try:
-        from aurora_dsql_psycopg import (  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
+        from aurora_dsql_psycopg import (  # type: ignore[import-not-found,import-untyped,unused-ignore]  # noqa: PLC0415
             DSQLConnection,
         )
     except ImportError:
@@ -101,8 +112,8 @@ def _row(mode: str, stats: dict[str, Stats], *, bar_checked: bool) -> Result:
 
 
 def run(rds: EmulatorInfo, dsql: EmulatorInfo | None, *, quick: bool = False) -> list[Result]:
-    rounds, per_round = (3, 10) if quick else (8, 25)
-    results = [_row("rds", _measure(_rds_variants(rds), rounds, per_round), bar_checked=True)]
+    rounds = 30 if quick else 200
+    results = [_row("rds", _measure(_rds_variants(rds), rounds), bar_checked=True)]
     if dsql is None:
         results.append(
             Result(
@@ -116,7 +127,5 @@ def run(rds: EmulatorInfo, dsql: EmulatorInfo | None, *, quick: bool = False) ->
             )
         )
     else:
-        results.append(
-            _row("dsql", _measure(_dsql_variants(dsql), rounds, per_round), bar_checked=True)
-        )
+        results.append(_row("dsql", _measure(_dsql_variants(dsql), rounds), bar_checked=True))
     return results

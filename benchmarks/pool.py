@@ -176,27 +176,31 @@ def _checkout_latencies(provider: TokenProvider, seconds: float) -> tuple[list[f
 
 
 def refresh_latency(emu: EmulatorInfo, *, quick: bool = False) -> list[Result]:
-    seconds, runs = (2.0, 2) if quick else (4.0, 5)
+    seconds, runs = (2.0, 3) if quick else (3.0, 9)
     ep = emu.endpoint("postgres")
     rows = []
     for strategy in ("lazy", "ahead"):
         steady: list[float] = []
         refreshing: list[float] = []
+        paired: list[float] = []
         refreshes = 0
         for _ in range(runs):  # interleave the two conditions
             with TokenProvider(ep, refresh=strategy) as quiet:
                 quiet.token()
-                lat, _ = _checkout_latencies(quiet, seconds)
-                steady += lat
+                lat_steady, _ = _checkout_latencies(quiet, seconds)
             # A new token every 0.2 s (botocore signing), while connections are recycled.
             signer = ShortLivedCredentials(AwsSigner.shared(), ttl=0.4)
             with TokenProvider(ep, refresh=strategy, signer=signer) as busy:
                 busy.token()
-                lat, n = _checkout_latencies(busy, seconds)
-                refreshing += lat
-                refreshes += n
+                lat_busy, n = _checkout_latencies(busy, seconds)
+            steady += lat_steady
+            refreshing += lat_busy
+            refreshes += n
+            paired.append(Stats.of(lat_busy).p99 / Stats.of(lat_steady).p99)
         a, b = Stats.of(refreshing), Stats.of(steady)
-        ratio = a.p99 / b.p99
+        # The judged figure: the median of per-run p99 ratios. A p99 of checkouts on a pool
+        # that recycles its connections every 0.25 s swings by +-20 % from run to run.
+        ratio = Stats.of(paired).median
         rows.append(
             Result(
                 id=f"refresh_{strategy}",
@@ -206,7 +210,10 @@ def refresh_latency(emu: EmulatorInfo, *, quick: bool = False) -> list[Result]:
                     f"p99 {ms(a.p99)} (median {ms(a.median)}) with {refreshes} refreshes; "
                     f"p99 {ms(b.p99)} (median {ms(b.median)}) without"
                 ),
-                claim=f"p99 ratio {ratio:.3f}",
+                claim=(
+                    f"p99 ratio {ratio:.3f} (median of {runs} paired runs, "
+                    f"{min(paired):.2f}-{max(paired):.2f}; pooled {a.p99 / b.p99:.3f})"
+                ),
                 bar="p99 within 10 %",
                 passed=ratio <= 1.10,
                 ratio=ratio,
@@ -215,6 +222,7 @@ def refresh_latency(emu: EmulatorInfo, *, quick: bool = False) -> list[Result]:
                     "refreshing": a.__dict__,
                     "steady": b.__dict__,
                     "refreshes": refreshes,
+                    "paired_p99_ratios": paired,
                 },
             )
         )

@@ -181,8 +181,8 @@ def connects_at_expiry(
 
     out["iampg"] = asyncio.run(ours())
     try:
-        from aurora_dsql_psycopg import DSQLAsyncConnection  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
-        from dsql_core import token_manager  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
+        from aurora_dsql_psycopg import DSQLAsyncConnection  # type: ignore[import-not-found,import-untyped,unused-ignore]  # noqa: PLC0415
+        from dsql_core import token_manager  # type: ignore[import-not-found,import-untyped,unused-ignore]  # noqa: PLC0415
     except ImportError:
         return out
     calls = [0]
