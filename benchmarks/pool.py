@@ -114,7 +114,7 @@ def throughput(emu: EmulatorInfo, *, quick: bool = False) -> list[Result]:
         a_theirs: list[float] = []
         async with (
             iampg.AsyncConnectionPool(ep, provider=provider, **sizes) as mine,
-            psycopg_pool.AsyncConnectionPool(static, open=False, **sizes) as plain,
+            psycopg_pool.AsyncConnectionPool(static, **sizes) as plain,
         ):
             await mine.wait(30)
             await plain.wait(30)
