@@ -71,6 +71,12 @@ class Botocore:
         self.rds = session.create_client("rds", region_name="us-east-1")
         self.dsql = session.create_client("dsql", region_name="us-east-1")
 
+    def dsql_generator(self, user: str) -> Any:
+        """botocore's DSQL token function for ``user``: admin signs DbConnectAdmin."""
+        if user == "admin":
+            return self.dsql.generate_db_connect_admin_auth_token
+        return self.dsql.generate_db_connect_auth_token
+
     @staticmethod
     def frozen(moment: dt.datetime) -> Any:
         # botocore dates a signature with get_current_datetime(): naive UTC.
@@ -150,11 +156,7 @@ def test_dsql_tokens_are_byte_identical_to_botocore(
     ep = Endpoint(f"{cluster}.dsql{suffix}.{region}.on.aws", user=user)
     signer = EnvSigner(KEY_ID, SECRET, session_token, wall=wall_at(moment))
     boto = clients(session_token)
-    generate = (
-        boto.dsql.generate_db_connect_admin_auth_token
-        if user == "admin"
-        else boto.dsql.generate_db_connect_auth_token
-    )
+    generate = boto.dsql_generator(user)
     with boto.frozen(moment):
         expected = generate(Hostname=ep.host, Region=ep.region, ExpiresIn=lifetime)
     signed = signer.sign(ep, float(lifetime))
@@ -193,11 +195,7 @@ def test_aws_signer_tokens_are_byte_identical_to_botocore_clients(
     boto = clients(session_token)
     if dsql:
         ep = Endpoint(f"{cluster}.dsql.{region}.on.aws", user=user)
-        generate = (
-            boto.dsql.generate_db_connect_admin_auth_token
-            if user == "admin"
-            else boto.dsql.generate_db_connect_auth_token
-        )
+        generate = boto.dsql_generator(user)
         with boto.frozen(moment):
             expected = generate(Hostname=ep.host, Region=ep.region, ExpiresIn=lifetime)
             signed = signer.sign(ep, float(lifetime))
