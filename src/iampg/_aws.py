@@ -255,7 +255,7 @@ class AwsSigner:
 
     def _credentials_ttl(self) -> float | None:
         """Return the seconds the signing credentials have left, or None if they don't expire."""
-        credentials = self._signing_session.get_credentials()
+        credentials = self._credentials_source
         # botocore keeps the expiry of refreshable credentials here; static ones have none.
         expiry = getattr(credentials, "_expiry_time", None)
         if not isinstance(expiry, dt.datetime):
