@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import socket
 from typing import Any
 
 import pytest
@@ -31,3 +33,23 @@ def use_credentials_server(monkeypatch: pytest.MonkeyPatch, server: CredentialsS
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     for name, value in server.env().items():
         monkeypatch.setenv(name, value)
+
+
+def open_sockets(port: int, *, side: str) -> list[socket.socket]:
+    """Return this process's open TCP sockets whose ``side`` ("local" or "peer") uses ``port``.
+
+    Found among live objects, so a socket left for the garbage collector to close shows up
+    here before any ResourceWarning does.
+    """
+    found = []
+    for obj in gc.get_objects():
+        # type(), not isinstance(): lazy proxies (Django's settings) resolve on __class__
+        if not issubclass(type(obj), socket.socket) or obj.fileno() == -1:
+            continue
+        try:
+            address = obj.getsockname() if side == "local" else obj.getpeername()
+        except OSError:  # not connected
+            continue
+        if isinstance(address, tuple) and address[1] == port:
+            found.append(obj)
+    return found

@@ -25,6 +25,7 @@ from psycopg import errors as pg_errors
 from iampg.emulator import FAKE_CREDENTIALS, Credentials, Emulator, EmulatorClock, Event
 from iampg.emulator._gateway import _ProtocolViolationError, _startup_parameters
 from iampg.errors import ConfigurationError
+from support import open_sockets
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -560,3 +561,43 @@ def test_stop_closes_open_sessions(backend: Backend) -> None:
         emu.stop()
     with conn, pytest.raises(psycopg.OperationalError):
         conn.execute("SELECT 1")
+
+
+def _tls_client(emu: Emulator) -> ssl.SSLSocket:
+    """Return a socket that asked for TLS and finished the handshake, nothing more."""
+    raw = socket.create_connection(("127.0.0.1", emu.port), timeout=5)
+    raw.sendall(struct.pack("!II", 8, 80877103))  # SSLRequest
+    assert raw.recv(1) == b"S"
+    context = ssl.create_default_context(cafile=str(emu.ca_file))
+    return context.wrap_socket(raw, server_hostname=emu.host)
+
+
+def test_stop_leaves_no_socket_open(backend: Backend) -> None:
+    """stop() closes every connection whatever its state, instead of leaving it to the GC."""
+    emu = Emulator(backend.dsn)
+    emu.start()
+    port = emu.port
+    clients: list[socket.socket] = []
+    relaying = None
+    try:
+        clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))  # silent
+        mid_tls = socket.create_connection(("127.0.0.1", port), timeout=5)
+        clients.append(mid_tls)
+        mid_tls.sendall(struct.pack("!II", 8, 80877103))  # then no ClientHello
+        assert mid_tls.recv(1) == b"S"
+        clients.append(_tls_client(emu))  # no StartupMessage
+        asked = _tls_client(emu)
+        clients.append(asked)
+        body = b"user\x00postgres\x00\x00"
+        asked.sendall(struct.pack("!II", 8 + len(body), 196608) + body)
+        assert asked.recv(1) == b"R"  # asked for the password, which never comes
+        relaying = connect(emu, mint(emu))
+        assert emu.connection_count == 2
+    finally:
+        emu.stop()
+        leftover = open_sockets(port, side="local")
+        if relaying is not None:
+            relaying.close()
+        for client in clients:
+            client.close()
+    assert not leftover, f"sockets stop() left open: {leftover}"

@@ -233,8 +233,9 @@ class _RawChannel(_Channel):
 class _Stream(asyncio.Protocol, _Channel):
     """A buffered connection that can be switched to piping into another one."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, live: set[_Stream]) -> None:
         self._loop = loop
+        self._live = live  # the emulator's connected streams, which stop() aborts
         self.transport: asyncio.Transport | None = None
         self.closed: asyncio.Future[None] = loop.create_future()
         self._buffer = bytearray()
@@ -249,6 +250,7 @@ class _Stream(asyncio.Protocol, _Channel):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast("asyncio.Transport", transport)
+        self._live.add(self)
 
     def data_received(self, data: bytes) -> None:
         if self._partner is not None:
@@ -269,6 +271,7 @@ class _Stream(asyncio.Protocol, _Channel):
 
     def connection_lost(self, exc: Exception | None) -> None:
         del exc  # a lost connection ends the session whatever the cause
+        self._live.discard(self)
         self._eof = True
         self._wake()
         if not self.closed.done():
@@ -583,6 +586,12 @@ class _Session:
     capped: bool = False  # past the session cap, waiting for its transaction to end
     cut: bool = False
 
+    def close_socket(self, _: object = None) -> None:
+        """Close the accepted socket if no transport took it over (a task's done callback)."""
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.close()
+
 
 class Emulator:
     """A local stand-in for an IAM-only RDS or Aurora PostgreSQL endpoint.
@@ -697,6 +706,7 @@ class Emulator:
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._sessions: set[asyncio.Task[None]] = set()
+        self._streams: set[_Stream] = set()  # connected, not yet lost
         self._thread: threading.Thread | None = None
         self._thread_stop: asyncio.Event | None = None
         # Serverless and DSQL behaviour (touched on the loop's thread only, but for state):
@@ -934,6 +944,11 @@ class Emulator:
         for task in sessions:
             task.cancel()
         await asyncio.gather(*sessions, return_exceptions=True)
+        # A connection can outlive its session: one whose TLS handshake finished just as the
+        # session was cancelled, or one closing politely. Drop them all now, or their sockets
+        # stay open until garbage collection after the loop is gone.
+        for stream in list(self._streams):
+            stream.abort()
         for _ in range(3):  # let transports run their connection_lost callbacks
             await asyncio.sleep(0)
         if tmpdir is not None:
@@ -1301,9 +1316,12 @@ class Emulator:
             sock.setblocking(False)  # noqa: FBT003
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = loop.create_task(self._serve(_Session(sock, str(address[0]))))
+            session = _Session(sock, str(address[0]))
+            task = loop.create_task(self._serve(session))
             self._sessions.add(task)
             task.add_done_callback(self._sessions.discard)
+            # a task cancelled before it ran never closes the socket it was given
+            task.add_done_callback(session.close_socket)
 
     async def _serve(self, session: _Session) -> None:
         try:
@@ -1358,7 +1376,7 @@ class Emulator:
         assert session.sock is not None
         assert self._ssl is not None
         loop = asyncio.get_running_loop()
-        stream = _Stream(loop)
+        stream = _Stream(loop, self._streams)
         sock, session.sock = session.sock, None  # the transport owns it from here on
         await loop.connect_accepted_socket(
             lambda: stream, sock, ssl=self._ssl, ssl_handshake_timeout=_HANDSHAKE_TIMEOUT
@@ -1513,7 +1531,7 @@ class Emulator:
 
     async def _open_backend(self) -> _Stream:
         loop = asyncio.get_running_loop()
-        stream = _Stream(loop)
+        stream = _Stream(loop, self._streams)
         target = self._backend
         if target.unix_path is not None:
             connect = loop.create_unix_connection(lambda: stream, target.unix_path)
