@@ -13,7 +13,20 @@ from iampg import TokenProvider
 from iampg.emulator import Emulator
 from iampg.errors import ConfigurationError
 from iampg.integrations import asyncpg as iampg_asyncpg
-from support import endpoint_for
+from support import endpoint_for, open_sockets
+
+
+async def _until_sockets_closed(emu: Emulator) -> None:
+    """Keep the loop running until no connection of ours to ``emu`` is left open.
+
+    asyncpg closes a refused connection's TLS politely and raises before the close has
+    finished; ending the loop right then would leave the socket for the garbage collector.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while open_sockets(emu.port, side="peer"):
+        assert loop.time() < deadline, "a connection to the emulator did not close"
+        await asyncio.sleep(0.01)
 
 
 def test_connect_kwargs_dial_the_address_and_verify_the_signed_name(emulator: Emulator) -> None:
@@ -51,7 +64,7 @@ def test_pool_across_token_expiry(emulator: Emulator, frozen: bool) -> None:
     """A new pooled connection after the token expired works; a frozen password fails."""
     provider = TokenProvider(endpoint_for(emulator), clock=emulator.clock.monotonic)
 
-    async def main() -> tuple[int, int]:
+    async def run() -> tuple[int, int]:
         if frozen:
             kwargs = {**iampg_asyncpg.connect_kwargs(provider), "password": provider.token()}
             pool = asyncpg.create_pool(min_size=1, max_size=1, **kwargs)
@@ -63,6 +76,12 @@ def test_pool_across_token_expiry(emulator: Emulator, frozen: bool) -> None:
             await pool.expire_connections()  # the next acquire opens a new connection
             second: int = await pool.fetchval("select pg_backend_pid()")
         return first, second
+
+    async def main() -> tuple[int, int]:
+        try:
+            return await run()
+        finally:
+            await _until_sockets_closed(emulator)
 
     if frozen:
         with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError, match="PAM"):
@@ -82,6 +101,7 @@ def test_refused_token_is_forgotten(emulator: Emulator) -> None:
     async def main() -> str:
         with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):
             await iampg_asyncpg.connect(provider)
+        await _until_sockets_closed(emulator)
         conn = await iampg_asyncpg.connect(provider)
         try:
             user: str = await conn.fetchval("select current_user")
