@@ -350,14 +350,6 @@ class _Stream(asyncio.Protocol, _Channel):
                 await asyncio.wait_for(asyncio.shield(self.closed), timeout)
 
 
-def _abort_all(session: _Session, sock: socket.socket | None) -> None:
-    for stream in (session.client, session.backend):
-        if stream is not None:
-            stream.abort()
-    if sock is not None:
-        sock.close()
-
-
 async def _read_startup_packet(channel: _Channel) -> tuple[int, bytes]:
     header = await channel.read_exactly(4)
     (length,) = struct.unpack("!I", header)
@@ -1356,21 +1348,14 @@ class Emulator:
         for stream in (session.client, session.backend):
             if stream is not None:
                 stream.abort() if abort else stream.close()
-        sock, session.sock = session.sock, None
-        try:
-            if sock is not None:
-                if not abort:
-                    await _drain_and_shutdown(sock)
-                sock.close()
-            for stream in (session.client, session.backend):
-                if stream is not None:
-                    await stream.wait_closed(_CLOSE_TIMEOUT)
-        except asyncio.CancelledError:
-            # Stopped while closing politely (a TLS close waits for the client's answer): drop
-            # the connections now, or their sockets outlive the loop until garbage collection
-            # and the clients hang on them.
-            _abort_all(session, sock)
-            raise
+        # Stopped while closing politely (a TLS close waits for the client's answer)? stop()
+        # aborts the streams, and the session task's done callback closes the socket.
+        if session.sock is not None and not abort:
+            await _drain_and_shutdown(session.sock)
+        session.close_socket()
+        for stream in (session.client, session.backend):
+            if stream is not None:
+                await stream.wait_closed(_CLOSE_TIMEOUT)
 
     async def _start_tls(self, session: _Session) -> _Stream:
         assert session.sock is not None
