@@ -36,16 +36,20 @@ class CountingSigner:
         self.delay = delay
         self.calls = 0
         self.threads: list[int] = []
+        self.spans: list[tuple[float, float]] = []  # time.monotonic() at start and end of each
         self.fail_with: Exception | None = None
         self._lock = threading.Lock()
 
     def sign(self, endpoint: Endpoint, lifetime: float = 900.0) -> SignedToken:
+        started = time.monotonic()
         with self._lock:
             self.calls += 1
             n = self.calls
             self.threads.append(threading.get_ident())
         if self.delay:
             time.sleep(self.delay)
+        with self._lock:
+            self.spans.append((started, time.monotonic()))
         if self.fail_with is not None:
             raise self.fail_with
         return SignedToken(f"token-{n}-{endpoint.user}", self.lifetime, self.credentials_ttl)

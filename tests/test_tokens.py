@@ -194,22 +194,20 @@ def test_bad_arguments_are_configuration_errors() -> None:
 
 
 def test_loop_never_stalls_while_tasks_and_threads_wait_for_a_slow_signer() -> None:
-    """200 tasks and 32 threads at expiry, 200 ms signer: one signing, the loop never waits."""
+    """200 tasks and 32 threads at expiry, 200 ms signer: one signing, off the loop, which runs on."""
     provider, signer, clock = make(CountingSigner(delay=0.2))
     provider.token()
     clock.advance(900.0)
-    gaps: list[float] = []
+    ticks: list[float] = []
+    loop_thread: list[int] = []
 
     async def ticker(stop: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
-        last = loop.time()
         while not stop.is_set():
             await asyncio.sleep(0.001)
-            now = loop.time()
-            gaps.append(now - last)
-            last = now
+            ticks.append(time.monotonic())  # the loop's clock is time.monotonic too
 
     async def main() -> set[str]:
+        loop_thread.append(threading.get_ident())
         stop = asyncio.Event()
         tick = asyncio.create_task(ticker(stop))
         await asyncio.sleep(0.01)
@@ -228,9 +226,11 @@ def test_loop_never_stalls_while_tasks_and_threads_wait_for_a_slow_signer() -> N
 
     assert asyncio.run(main()) == {"token-2-app"}
     assert signer.calls == 2
-    # Blocked, the loop would stall for the whole 200 ms signing; idle machines show under
-    # 20 ms (see benchmarks/), busy CI machines more, so the bound here is the blocking one.
-    assert max(gaps) < 0.100, f"largest event-loop gap {max(gaps) * 1000:.1f} ms"
+    assert signer.threads[1] != loop_thread[0]  # the refresh ran off the loop
+    # The loop kept turning while the refresh slept its 200 ms: a blocked loop ticks 0 times
+    # in that span (how regularly it ticks is a figure for benchmarks/, not an assertion).
+    start, end = signer.spans[1]
+    assert sum(start < t < end for t in ticks) >= 10
 
 
 def test_a_cancelled_waiter_does_not_cancel_the_refresh_for_others() -> None:
