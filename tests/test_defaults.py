@@ -9,6 +9,7 @@ from psycopg.conninfo import conninfo_to_dict
 import iampg
 from fakes import CountingSigner
 from iampg import Endpoint, TokenProvider
+from iampg._lost import AsyncPurgingCheck, PurgingCheck
 
 RDS = Endpoint("mydb.cluster-abc.us-east-1.rds.amazonaws.com", user="app")
 DSQL = Endpoint("abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws")
@@ -41,10 +42,12 @@ def test_dsql_pool_recycles_under_the_hour_and_checks_at_checkout() -> None:
     pool = iampg.ConnectionPool(provider=provider(DSQL), open=False)
     params = conninfo_to_dict(str(pool.conninfo))
     assert pool.max_lifetime == 3300.0
-    assert pool._check == psycopg_pool.ConnectionPool.check_connection
+    assert isinstance(pool._check, PurgingCheck)  # a loss found also sweeps the idle ones
+    assert pool._check.check == psycopg_pool.ConnectionPool.check_connection
     assert (params["sslmode"], params["sslrootcert"]) == ("verify-full", "system")
     apool = iampg.AsyncConnectionPool(provider=provider(DSQL), open=False)
-    assert apool._check == psycopg_pool.AsyncConnectionPool.check_connection
+    assert isinstance(apool._check, AsyncPurgingCheck)
+    assert apool._check.check == psycopg_pool.AsyncConnectionPool.check_connection
 
 
 def test_callers_override_every_default() -> None:

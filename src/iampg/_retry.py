@@ -12,6 +12,7 @@ import psycopg
 import psycopg_pool
 
 from iampg import _refresh
+from iampg._lost import apurge, purge
 from iampg.errors import ConfigurationError
 
 __all__ = ["RETRYABLE_SQLSTATES", "aretry_transaction", "is_retryable", "retry_transaction"]
@@ -74,7 +75,9 @@ def retry_transaction(
     again on another connection. A connection that broke *during* ``COMMIT`` leaves the outcome
     unknown: the error is raised, unless ``idempotent=True`` says running ``fn`` twice is
     harmless (reads, upserts). A caller's own connection cannot be replaced, so its loss is
-    raised.
+    raised. What broke one pooled connection (a restart, a failover) often broke its idle
+    siblings too: before the next attempt the pool checks its idle connections once
+    (psycopg_pool's ``check()``), so the rerun does not meet them one by one.
 
     ``fn`` runs inside ``conn.transaction()`` and must be safe to repeat: no side effects
     outside the database. Between attempts, waits with exponential backoff and jitter
@@ -109,6 +112,8 @@ def retry_transaction(
             reason = _retry_reason(exc, conn, committing=committing, idempotent=idempotent)
             if reason is None or attempt == attempts:
                 raise
+            if conn is not None and conn.broken and isinstance(target, psycopg_pool.ConnectionPool):
+                purge(target)  # what killed this connection may have killed its idle siblings
             time.sleep(_next_delay(reason, attempt, attempts, base, cap))
         else:
             return result
@@ -145,6 +150,12 @@ async def aretry_transaction(
             reason = _retry_reason(exc, conn, committing=committing, idempotent=idempotent)
             if reason is None or attempt == attempts:
                 raise
+            if (
+                conn is not None
+                and conn.broken
+                and isinstance(target, psycopg_pool.AsyncConnectionPool)
+            ):
+                await apurge(target)
             await asyncio.sleep(_next_delay(reason, attempt, attempts, base, cap))
         else:
             return result

@@ -1,0 +1,173 @@
+"""Pools whose idle connections all died at once (restart, failover) recover in one step."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import psycopg
+import psycopg_pool
+import pytest
+
+import iampg
+from iampg import _lost
+from iampg.emulator import Emulator
+from support import endpoint_for
+
+POOL_SIZE = 4
+APP = "iampg-lost-test"
+
+
+def _cut_every_session(ep: iampg.Endpoint) -> int:
+    """End every backend session of the pool under test, as a restart would; return how many."""
+    with iampg.connect(ep, autocommit=True) as admin:
+        rows = admin.execute(
+            "select pg_terminate_backend(pid, 5000) from pg_stat_activity "
+            "where application_name = %s",
+            (APP,),
+        ).fetchall()
+    assert all(row == (True,) for row in rows)
+    return len(rows)
+
+
+class CountingCheck:
+    """psycopg_pool's own check, counting how often it refused a connection."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+
+    def __call__(self, conn: psycopg.Connection[Any]) -> None:
+        try:
+            psycopg_pool.ConnectionPool.check_connection(conn)
+        except psycopg.Error:
+            self.failures += 1
+            raise
+
+
+class AsyncCountingCheck:
+    """The asynchronous twin of :class:`CountingCheck`."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+
+    async def __call__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        try:
+            await psycopg_pool.AsyncConnectionPool.check_connection(conn)
+        except psycopg.Error:
+            self.failures += 1
+            raise
+
+
+def test_one_failed_check_sweeps_every_dead_idle_connection(emulator: Emulator) -> None:
+    """After all sessions die, checkout meets one dead connection, not four (0+1+2 s backoff)."""
+    ep = endpoint_for(emulator)
+    check = CountingCheck()
+    with iampg.ConnectionPool(
+        ep, min_size=POOL_SIZE, check=check, kwargs={"application_name": APP}, open=True
+    ) as pool:
+        pool.wait()
+        assert _cut_every_session(ep) == POOL_SIZE
+        with pool.connection() as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+        assert check.failures == 1
+        assert pool.get_stats()["connections_lost"] == POOL_SIZE  # 1 at checkout, 3 by the sweep
+
+
+def test_async_one_failed_check_sweeps_every_dead_idle_connection(emulator: Emulator) -> None:
+    """The async pool's check sweeps the dead idle connections too."""
+    ep = endpoint_for(emulator)
+    check = AsyncCountingCheck()
+
+    async def main() -> dict[str, int]:
+        async with iampg.AsyncConnectionPool(
+            ep, min_size=POOL_SIZE, check=check, kwargs={"application_name": APP}
+        ) as pool:
+            await pool.wait()
+            assert await asyncio.to_thread(_cut_every_session, ep) == POOL_SIZE
+            async with pool.connection() as conn:
+                assert await (await conn.execute("select 1")).fetchone() == (1,)
+            return pool.get_stats()
+
+    stats = asyncio.run(main())
+    assert check.failures == 1
+    assert stats["connections_lost"] == POOL_SIZE
+
+
+def _lost_retries(caplog: pytest.LogCaptureFixture) -> int:
+    return sum(
+        "connection lost" in r.getMessage() for r in caplog.records if r.name == "iampg.retry"
+    )
+
+
+def test_retry_transaction_sweeps_a_pool_without_check(
+    emulator: Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pool with no check: the first lost connection sweeps the rest; one retry, not four."""
+    ep = endpoint_for(emulator)
+    caplog.set_level(logging.DEBUG, logger="iampg.retry")
+    with iampg.ConnectionPool(
+        ep, min_size=POOL_SIZE, kwargs={"application_name": APP}, open=True
+    ) as pool:
+        pool.wait()
+        assert _cut_every_session(ep) == POOL_SIZE
+        value = iampg.retry_transaction(
+            pool, lambda c: c.execute("select 2").fetchone(), base=0.001, cap=0.01
+        )
+    assert value == (2,)
+    assert _lost_retries(caplog) == 1
+
+
+def test_async_retry_transaction_sweeps_a_pool_without_check(
+    emulator: Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The async twin sweeps too."""
+    ep = endpoint_for(emulator)
+    caplog.set_level(logging.DEBUG, logger="iampg.retry")
+
+    async def work(c: psycopg.AsyncConnection[Any]) -> object:
+        return await (await c.execute("select 3")).fetchone()
+
+    async def main() -> object:
+        async with iampg.AsyncConnectionPool(
+            ep, min_size=POOL_SIZE, kwargs={"application_name": APP}
+        ) as pool:
+            await pool.wait()
+            assert await asyncio.to_thread(_cut_every_session, ep) == POOL_SIZE
+            return await iampg.aretry_transaction(pool, work, base=0.001, cap=0.01)
+
+    assert asyncio.run(main()) == (3,)
+    assert _lost_retries(caplog) == 1
+
+
+def test_a_pool_already_being_swept_is_not_swept_again(emulator: Emulator) -> None:
+    """While one caller sweeps a pool, another caller's sweep of it is skipped."""
+    ep = endpoint_for(emulator)
+    with iampg.ConnectionPool(ep, min_size=2, kwargs={"application_name": APP}, open=True) as pool:
+        pool.wait()
+        _cut_every_session(ep)
+        assert _lost._claim(pool)  # as if another thread were sweeping it now
+        _lost.purge(pool)
+        assert pool.get_stats().get("connections_lost", 0) == 0
+        _lost._release(pool)
+        _lost.purge(pool)
+        assert pool.get_stats()["connections_lost"] == 2
+
+
+def test_a_check_failing_on_a_live_connection_does_not_sweep(emulator: Emulator) -> None:
+    """A custom check refusing a working connection is not a lost connection: no sweep."""
+    ep = endpoint_for(emulator)
+    refused: list[int] = []
+
+    def picky(conn: psycopg.Connection[Any]) -> None:
+        if not refused:
+            refused.append(conn.info.backend_pid)
+            raise psycopg.OperationalError("refused by the application's own check")
+
+    with iampg.ConnectionPool(
+        ep, min_size=2, check=picky, kwargs={"application_name": APP}, open=True
+    ) as pool:
+        pool.wait()
+        with pool.connection() as conn:
+            assert conn.info.backend_pid not in refused
+        assert pool.get_stats().get("connections_lost", 0) == 0
