@@ -601,3 +601,34 @@ def test_stop_leaves_no_socket_open(backend: Backend) -> None:
         for client in clients:
             client.close()
     assert not leftover, f"sockets stop() left open: {leftover}"
+
+
+def test_stop_as_a_connection_arrives_leaves_no_socket_open(backend: Backend) -> None:
+    """A connection that arrives in the loop turn that stops the gateway is not left open.
+
+    asyncio's own sock_accept(), cancelled in that turn, accepts the connection anyway and
+    drops it open ("InvalidStateError"); its client then waits for an answer that never comes.
+    """
+
+    async def main() -> tuple[list[socket.socket], bytes | None]:
+        emu = Emulator(backend.dsn)
+        await emu.astart()
+        port = emu.port
+        await asyncio.sleep(0.05)  # the gateway now waits for a connection
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        # The stop's first step and the listener's readiness land in the same loop turn.
+        stopping = asyncio.create_task(emu.astop())
+        await asyncio.sleep(0)
+        await stopping
+        leftover = open_sockets(port, side="local")
+        try:
+            answer: bytes | None = client.recv(1)  # b"" (closed) once nothing holds it
+        except ConnectionResetError:
+            answer = None  # reset from the backlog: as good
+        finally:
+            client.close()
+        return leftover, answer
+
+    leftover, answer = asyncio.run(main())
+    assert not leftover, f"sockets stop() left open: {leftover}"
+    assert answer in (b"", None)

@@ -216,18 +216,23 @@ class _RawChannel(_Channel):
             return False
 
     async def _readable(self) -> None:
-        fd = self._sock.fileno()
-        waiter: asyncio.Future[None] = self._loop.create_future()
+        await _readable(self._loop, self._sock)
 
-        def wake() -> None:
-            if not waiter.done():
-                waiter.set_result(None)
 
-        self._loop.add_reader(fd, wake)
-        try:
-            await waiter
-        finally:
-            self._loop.remove_reader(fd)
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Wait until ``sock`` is readable (or, for a listener, has a connection to accept)."""
+    fd = sock.fileno()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await waiter
+    finally:
+        loop.remove_reader(fd)
 
 
 class _Stream(asyncio.Protocol, _Channel):
@@ -1299,8 +1304,14 @@ class Emulator:
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            # Not loop.sock_accept(): cancelled (by stop()) just as a connection arrived, it
+            # accepts the socket anyway and drops it with "InvalidStateError", open. Accepting
+            # in this task's own step, the socket is ours before any cancellation can land.
             try:
-                sock, address = await loop.sock_accept(listener)
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                await _readable(loop, listener)
+                continue
             except OSError as exc:  # e.g. out of file descriptors: do not spin
                 logger.warning("emulator cannot accept a connection: %s", exc)
                 await asyncio.sleep(0.1)
