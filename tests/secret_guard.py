@@ -1,21 +1,36 @@
-"""A pytest guard failing any test whose logs, reprs or errors show a minted token or secret."""
+"""A pytest guard failing any test whose logs, reprs, errors or output show a minted token.
+
+Checked for every test: log records at DEBUG and above (message and exception), the repr and
+str of every provider that minted a token and of its endpoint, the text of an exception that
+escapes the test, what ``iampg`` commands write to stdout and stderr (stdout may carry the
+token only for the commands asked to print it: ``token``, ``url``, ``env``), and any output the
+test left captured (a child process's included).
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import logging
+import sys
 from collections.abc import Generator, Iterator
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from iampg import TokenProvider
+from iampg import TokenProvider, cli
 
-__all__ = ["SENTINEL_PASSWORD", "SecretGuard", "secret_guard"]
+__all__ = ["PRINTS_TOKEN", "SENTINEL_PASSWORD", "SecretGuard", "secret_guard"]
 
 #: A password tests may use; it must never show up in a log record, repr or error.
 SENTINEL_PASSWORD = "sentinel-pw-7c1e9d"
 
 _GUARD_KEY = pytest.StashKey["SecretGuard"]()
+
+#: The commands whose standard output is the credential itself.
+PRINTS_TOKEN = frozenset({"token", "url", "env"})
 
 
 # Tests with made-up signers hand out short stand-ins ("token-1-app", hypothesis text): only
@@ -51,6 +66,7 @@ class SecretGuard:
         self.secrets: set[str] = {SENTINEL_PASSWORD}
         self.recorder = _Recorder()
         self._objects: dict[int, object] = {}  # strong refs, for this test only
+        self.output_leaks: list[str] = []
 
     def saw_token(self, token: str, provider: TokenProvider) -> None:
         """Remember a token the code under test minted, and the provider that minted it."""
@@ -84,7 +100,15 @@ class SecretGuard:
             for obj in self._objects.values()
             if self.leaks_in(repr(obj)) or self.leaks_in(str(obj))
         )
+        found.extend(self.output_leaks)
         return found
+
+    def check_command(self, command: str, stdout: str, stderr: str) -> None:
+        """Remember a leak in what ``iampg <command>`` printed."""
+        if self.leaks_in(stderr):
+            self.output_leaks.append(f"stderr of iampg {command}")
+        if command not in PRINTS_TOKEN and self.leaks_in(stdout):
+            self.output_leaks.append(f"stdout of iampg {command}")
 
 
 def exception_texts(exc: BaseException) -> list[str]:
@@ -114,6 +138,19 @@ def secret_guard(
         return token
 
     monkeypatch.setattr(TokenProvider, "_refresh", recording)
+    run = cli._run
+
+    def watched(func: Any, args: argparse.Namespace) -> int:
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                return run(func, args)
+        finally:
+            guard.check_command(str(args.command), out.getvalue(), err.getvalue())
+            sys.stdout.write(out.getvalue())  # pass it on, for the test to read
+            sys.stderr.write(err.getvalue())
+
+    monkeypatch.setattr(cli, "_run", watched)
     root = logging.getLogger()
     level = root.level
     root.addHandler(guard.recorder)
@@ -135,9 +172,18 @@ def pytest_runtest_makereport(
     """Fail a test whose raised exception (expected or not) carries a secret in its text."""
     report = yield
     guard = item.stash.get(_GUARD_KEY, None)
-    if guard is None or call.excinfo is None:
+    if guard is None:
         return report
-    if any(guard.leaks_in(text) for text in exception_texts(call.excinfo.value)):
+    for title, content in report.sections:
+        if guard.leaks_in(content):
+            report.outcome = "failed"
+            report.longrepr = f"a secret leaked into {title.lower()} (not shown)"
+            # the report would print the section: blank it
+            report.sections = [(t, c) for t, c in report.sections if t != title]
+            return report
+    if call.excinfo is not None and any(
+        guard.leaks_in(text) for text in exception_texts(call.excinfo.value)
+    ):
         report.outcome = "failed"
         report.longrepr = f"a secret leaked into a {call.excinfo.typename} message (not shown)"
     return report

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import logging
+import sys
 import time
 
 import psycopg
@@ -13,7 +15,7 @@ import pytest
 import iampg
 from iampg import TokenProvider, cli
 from iampg.emulator import Backend, Emulator, EmulatorClock
-from secret_guard import SENTINEL_PASSWORD, SecretGuard, secrets_of
+from secret_guard import PRINTS_TOKEN, SENTINEL_PASSWORD, SecretGuard, secrets_of
 from support import endpoint_for
 
 
@@ -79,16 +81,73 @@ def test_pool_lifecycle_leaks_nothing(emulator: Emulator, secret_guard: SecretGu
     assert not secret_guard.leaks()
 
 
-def test_cli_errors_do_not_show_the_token(emulator: Emulator, secret_guard: SecretGuard) -> None:
-    """`iampg token` prints the token on stdout only; stderr and the logs do not carry it."""
-    out, err = io.StringIO(), io.StringIO()
-    argv = ["token", emulator.host, "--port", str(emulator.port), "--user", "postgres"]
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        assert cli.main([*argv, "--region", emulator.region]) == 0
-    token = out.getvalue().strip()
-    assert token
-    secret_guard.secrets.update(secrets_of(token))
-    assert not secret_guard.leaks_in(err.getvalue())
+def test_guard_catches_a_token_printed_by_a_command() -> None:
+    """Command output is checked: stderr never, stdout only for token, url and env."""
+    guard = SecretGuard()
+    token = "host:5432/?Action=connect&X-Amz-Signature=" + "cd" * 32
+    guard.secrets.update(secrets_of(token))
+    for command in PRINTS_TOKEN:
+        guard.check_command(command, stdout=token, stderr="")
+    assert guard.leaks() == []
+    guard.check_command("token", stdout="", stderr="cd" * 32)
+    guard.check_command("doctor", stdout=token, stderr="")
+    assert guard.leaks() == ["stderr of iampg token", "stdout of iampg doctor"]
+
+
+def test_guard_watches_the_real_command_runner(
+    emulator: Emulator, secret_guard: SecretGuard
+) -> None:
+    """A command that wrote a minted token to stderr is reported by the suite's guard."""
+    provider = TokenProvider(endpoint_for(emulator))
+
+    def leaky(args: argparse.Namespace, out: object) -> int:
+        del args, out
+        sys.stderr.write(provider.token() + "\n")
+        return 0
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert cli._run(leaky, argparse.Namespace(command="leaky")) == 0
+    assert secret_guard.leaks_in(err.getvalue())  # passed on to the test, as written
+    assert secret_guard.output_leaks == ["stderr of iampg leaky"]
+    secret_guard.output_leaks.clear()  # planted: don't fail this test for it
+
+
+def _common(emu: Emulator) -> list[str]:
+    return [emu.host, "--port", str(emu.port), "--user", "postgres", "--region", emu.region]
+
+
+def test_commands_keep_the_token_to_their_own_stdout(
+    emulator: Emulator, secret_guard: SecretGuard
+) -> None:
+    """token, url and env print the token on stdout; doctor and errors print it nowhere."""
+    printed: dict[str, str] = {}
+    for command in ("token", "url", "env"):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            assert cli.main([command, *_common(emulator)]) == 0
+        printed[command] = out.getvalue()
+        assert err.getvalue() == ""
+    assert secret_guard.leaks_in(printed["token"])
+    assert secret_guard.leaks_in(printed["env"])  # PGPASSWORD=<token>
+    assert "X-Amz-Signature%3D" in printed["url"]  # the token, percent-encoded
+    doctor = [
+        "doctor",
+        *_common(emulator),
+        "--hostaddr",
+        emulator.listen_host,
+        "--sslrootcert",
+        str(emulator.ca_file),
+        "--sslmode",
+        "verify-full",
+    ]
+    for argv in (doctor, [*doctor[:-1], "disable"]):  # passing, then refused without TLS
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli.main(argv)
+        assert out.getvalue()
+        assert not secret_guard.leaks_in(out.getvalue() + err.getvalue())
+    assert len(secret_guard.secrets) >= 3
     assert not secret_guard.leaks()
 
 
