@@ -8,6 +8,7 @@ import logging
 import random
 import socket
 import struct
+import threading
 from collections.abc import Iterator
 
 import psycopg
@@ -88,6 +89,37 @@ def test_random_startup_bursts_leave_the_gateway_serving(gateway: Emulator, seed
     rng = random.Random(seed)
     for _ in range(50):
         send_raw(gateway, startup_like(rng), read=rng.random() < 0.5)
+    assert serves(gateway)
+
+
+def test_sessions_keep_working_while_the_gateway_is_fuzzed(gateway: Emulator) -> None:
+    """Two open sessions query on while four threads throw 100 bad packets each at the gateway."""
+    errors: list[BaseException] = []
+
+    def fuzz(seed: int) -> None:
+        rng = random.Random(1000 + seed)
+        try:
+            for _ in range(100):
+                send_raw(gateway, startup_like(rng), read=rng.random() < 0.5)
+        except BaseException as exc:
+            errors.append(exc)
+
+    answered = 0
+    with (
+        iampg.connect(endpoint_for(gateway), wait=0) as first,
+        iampg.connect(endpoint_for(gateway), wait=0) as second,
+    ):
+        fuzzers = [threading.Thread(target=fuzz, args=(i,)) for i in range(4)]
+        for t in fuzzers:
+            t.start()
+        while any(t.is_alive() for t in fuzzers):
+            for n, conn in enumerate((first, second)):
+                assert conn.execute("SELECT %s::int", (n,)).fetchone() == (n,)
+                answered += 1
+        for t in fuzzers:
+            t.join()
+    assert not errors
+    assert answered >= 2
     assert serves(gateway)
 
 
