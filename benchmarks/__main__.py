@@ -21,7 +21,7 @@ from typing import Any
 
 from benchmarks._common import RESULTS, Result, emulator_process, isolate_aws_env
 
-GROUPS = ("token", "connect", "pool", "refresh", "stampede", "cold", "memory")
+GROUPS = ("token", "connect", "pool", "refresh", "stampede", "lost", "cold", "memory")
 PACKAGES = (
     "iampg",
     "psycopg",
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     groups = set(args.only or GROUPS)
     isolate_aws_env()
 
-    from benchmarks import cold, connect, memory, pool, stampede, token_hit  # noqa: PLC0415
+    from benchmarks import cold, connect, lost, memory, pool, stampede, token_hit  # noqa: PLC0415
     from iampg.emulator import Backend  # noqa: PLC0415
 
     started = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             ("pool", lambda: pool.throughput(rds, quick=args.quick)),
             ("refresh", lambda: pool.refresh_latency(rds, quick=args.quick)),
             ("stampede", lambda: stampede.run(rds, dsql, quick=args.quick)),
+            ("lost", lambda: lost.run(rds, backend, quick=args.quick)),
             ("cold", lambda: cold.run(quick=args.quick)),
             ("memory", lambda: memory.run(rds, quick=args.quick)),
         ]

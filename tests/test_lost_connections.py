@@ -12,23 +12,11 @@ import pytest
 
 import iampg
 from iampg import _lost
-from iampg.emulator import Emulator
+from iampg.emulator import Backend, Emulator
 from support import endpoint_for
 
 POOL_SIZE = 4
 APP = "iampg-lost-test"
-
-
-def _cut_every_session(ep: iampg.Endpoint) -> int:
-    """End every backend session of the pool under test, as a restart would; return how many."""
-    with iampg.connect(ep, autocommit=True) as admin:
-        rows = admin.execute(
-            "select pg_terminate_backend(pid, 5000) from pg_stat_activity "
-            "where application_name = %s",
-            (APP,),
-        ).fetchall()
-    assert all(row == (True,) for row in rows)
-    return len(rows)
 
 
 class CountingCheck:
@@ -59,7 +47,9 @@ class AsyncCountingCheck:
             raise
 
 
-def test_one_failed_check_sweeps_every_dead_idle_connection(emulator: Emulator) -> None:
+def test_one_failed_check_sweeps_every_dead_idle_connection(
+    emulator: Emulator, backend: Backend
+) -> None:
     """After all sessions die, checkout meets one dead connection, not four (0+1+2 s backoff)."""
     ep = endpoint_for(emulator)
     check = CountingCheck()
@@ -67,14 +57,16 @@ def test_one_failed_check_sweeps_every_dead_idle_connection(emulator: Emulator) 
         ep, min_size=POOL_SIZE, check=check, kwargs={"application_name": APP}, open=True
     ) as pool:
         pool.wait()
-        assert _cut_every_session(ep) == POOL_SIZE
+        assert backend.terminate_sessions(APP) == POOL_SIZE
         with pool.connection() as conn:
             assert conn.execute("select 1").fetchone() == (1,)
         assert check.failures == 1
         assert pool.get_stats()["connections_lost"] == POOL_SIZE  # 1 at checkout, 3 by the sweep
 
 
-def test_async_one_failed_check_sweeps_every_dead_idle_connection(emulator: Emulator) -> None:
+def test_async_one_failed_check_sweeps_every_dead_idle_connection(
+    emulator: Emulator, backend: Backend
+) -> None:
     """The async pool's check sweeps the dead idle connections too."""
     ep = endpoint_for(emulator)
     check = AsyncCountingCheck()
@@ -84,7 +76,7 @@ def test_async_one_failed_check_sweeps_every_dead_idle_connection(emulator: Emul
             ep, min_size=POOL_SIZE, check=check, kwargs={"application_name": APP}
         ) as pool:
             await pool.wait()
-            assert await asyncio.to_thread(_cut_every_session, ep) == POOL_SIZE
+            assert await asyncio.to_thread(backend.terminate_sessions, APP) == POOL_SIZE
             async with pool.connection() as conn:
                 assert await (await conn.execute("select 1")).fetchone() == (1,)
             return pool.get_stats()
@@ -101,7 +93,7 @@ def _lost_retries(caplog: pytest.LogCaptureFixture) -> int:
 
 
 def test_retry_transaction_sweeps_a_pool_without_check(
-    emulator: Emulator, caplog: pytest.LogCaptureFixture
+    emulator: Emulator, backend: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A pool with no check: the first lost connection sweeps the rest; one retry, not four."""
     ep = endpoint_for(emulator)
@@ -110,7 +102,7 @@ def test_retry_transaction_sweeps_a_pool_without_check(
         ep, min_size=POOL_SIZE, kwargs={"application_name": APP}, open=True
     ) as pool:
         pool.wait()
-        assert _cut_every_session(ep) == POOL_SIZE
+        assert backend.terminate_sessions(APP) == POOL_SIZE
         value = iampg.retry_transaction(
             pool, lambda c: c.execute("select 2").fetchone(), base=0.001, cap=0.01
         )
@@ -119,7 +111,7 @@ def test_retry_transaction_sweeps_a_pool_without_check(
 
 
 def test_async_retry_transaction_sweeps_a_pool_without_check(
-    emulator: Emulator, caplog: pytest.LogCaptureFixture
+    emulator: Emulator, backend: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The async twin sweeps too."""
     ep = endpoint_for(emulator)
@@ -133,19 +125,21 @@ def test_async_retry_transaction_sweeps_a_pool_without_check(
             ep, min_size=POOL_SIZE, kwargs={"application_name": APP}
         ) as pool:
             await pool.wait()
-            assert await asyncio.to_thread(_cut_every_session, ep) == POOL_SIZE
+            assert await asyncio.to_thread(backend.terminate_sessions, APP) == POOL_SIZE
             return await iampg.aretry_transaction(pool, work, base=0.001, cap=0.01)
 
     assert asyncio.run(main()) == (3,)
     assert _lost_retries(caplog) == 1
 
 
-def test_a_pool_already_being_swept_is_not_swept_again(emulator: Emulator) -> None:
+def test_a_pool_already_being_swept_is_not_swept_again(
+    emulator: Emulator, backend: Backend
+) -> None:
     """While one caller sweeps a pool, another caller's sweep of it is skipped."""
     ep = endpoint_for(emulator)
     with iampg.ConnectionPool(ep, min_size=2, kwargs={"application_name": APP}, open=True) as pool:
         pool.wait()
-        _cut_every_session(ep)
+        backend.terminate_sessions(APP)
         assert _lost._claim(pool)  # as if another thread were sweeping it now
         _lost.purge(pool)
         assert pool.get_stats().get("connections_lost", 0) == 0

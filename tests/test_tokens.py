@@ -194,7 +194,7 @@ def test_bad_arguments_are_configuration_errors() -> None:
 
 
 def test_loop_never_stalls_while_tasks_and_threads_wait_for_a_slow_signer() -> None:
-    """200 tasks and 32 threads at expiry, 200 ms signer: one signing, off the loop, which runs on."""
+    """200 tasks and 32 threads at expiry, 200 ms signer: one signing, off the turning loop."""
     provider, signer, clock = make(CountingSigner(delay=0.2))
     provider.token()
     clock.advance(900.0)

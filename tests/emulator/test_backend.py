@@ -268,3 +268,26 @@ def test_ensure_role_on_an_unreachable_server_raises_backend_error() -> None:
     backend = Backend.from_dsn(f"host=127.0.0.1 port={port} user=postgres connect_timeout=2")
     with pytest.raises(BackendError, match="alice"):
         backend.ensure_role("alice")
+
+
+def test_terminate_sessions_ends_only_that_application(cluster: Backend) -> None:
+    """terminate_sessions ends the named application's sessions and leaves the others."""
+    with (
+        psycopg.connect(cluster.conninfo(application_name="doomed")) as doomed,
+        psycopg.connect(cluster.conninfo(application_name="spared")) as spared,
+    ):
+        assert cluster.terminate_sessions("doomed") == 1
+        with pytest.raises(psycopg.OperationalError):
+            doomed.execute("SELECT 1")
+        assert spared.execute("SELECT 1").fetchone() == (1,)
+        assert cluster.terminate_sessions("nobody") == 0
+
+
+def test_terminate_sessions_on_an_unreachable_server_raises_backend_error() -> None:
+    """A connection failure in terminate_sessions is a BackendError naming the application."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    backend = Backend.from_dsn(f"host=127.0.0.1 port={port} user=postgres connect_timeout=2")
+    with pytest.raises(BackendError, match="worker"):
+        backend.terminate_sessions("worker")

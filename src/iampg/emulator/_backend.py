@@ -618,6 +618,35 @@ class Backend:
                 f"could not ensure role {name!r} on {self!r}: {_one_line(exc)}"
             ) from exc
 
+    def terminate_sessions(self, application_name: str) -> int:
+        """End every client session of ``application_name``, as a restart or failover would.
+
+        The gateway relays the close, so the clients' connections break: a way to test that
+        an application survives losing its pooled connections. Waits (up to 5 s each) until
+        the sessions are gone.
+
+        Args:
+            application_name: The libpq ``application_name`` the sessions were opened with.
+
+        Returns:
+            How many sessions were ended.
+
+        Raises:
+            BackendError: The server could not be reached or refused.
+        """
+        try:
+            with psycopg.connect(self.dsn, connect_timeout=10, autocommit=True) as conn:
+                rows = conn.execute(
+                    "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+                    "WHERE application_name = %s AND pid <> pg_backend_pid()",
+                    (application_name,),
+                ).fetchall()
+        except psycopg.Error as exc:
+            raise BackendError(
+                f"could not end the sessions of {application_name!r} on {self!r}: {_one_line(exc)}"
+            ) from exc
+        return sum(1 for (ended,) in rows if ended)
+
     def __repr__(self) -> str:
         state = ""
         if self.kind == "temporary":
