@@ -22,10 +22,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from psycopg import errors as pg_errors
 
+import iampg
+from iampg import TokenProvider
 from iampg.emulator import FAKE_CREDENTIALS, Credentials, Emulator, EmulatorClock, Event
 from iampg.emulator._gateway import _ProtocolViolationError, _startup_parameters
 from iampg.errors import ConfigurationError
-from support import open_sockets
+from support import endpoint_for, open_sockets
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -601,6 +603,65 @@ def test_stop_leaves_no_socket_open(backend: Backend) -> None:
         for client in clients:
             client.close()
     assert not leftover, f"sockets stop() left open: {leftover}"
+
+
+def test_stop_under_connection_churn_is_clean(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stopped while 12 threads connect and disconnect, eight times over: no session fails
+    with an error of the gateway's own, no socket stays open, no backend session is left."""
+    caplog.set_level(logging.WARNING, logger="iampg.emulator")
+    app = "iampg-churn-test"
+    for _ in range(8):
+        emu = Emulator(backend.dsn)
+        emu.start()
+        port = emu.port
+        ep = endpoint_for(emu, application_name=app, connect_timeout="2")
+        provider = TokenProvider(ep)
+        stop = threading.Event()
+        threads = [threading.Thread(target=_churn, args=(provider, stop)) for _ in range(12)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        emu.stop()
+        leftover = open_sockets(port, side="local")
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        assert not leftover, f"sockets stop() left open: {leftover}"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert _sessions_of(backend, app) == 0
+
+
+def _churn(provider: TokenProvider, stop: threading.Event) -> None:
+    """Connect, query and disconnect until told to stop."""
+    while not stop.is_set():
+        if not _connect_once(provider):
+            time.sleep(0.01)
+
+
+def _connect_once(provider: TokenProvider) -> bool:
+    """Connect and query once; False if refused or cut (by the stop: expected here)."""
+    try:
+        with iampg.connect(provider=provider, wait=0) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.OperationalError:
+        return False
+    return True
+
+
+def _sessions_of(backend: Backend, app: str) -> int:
+    """Count the backend sessions of ``app``, letting ended ones finish leaving (up to 5 s)."""
+    query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+    with psycopg.connect(backend.dsn, autocommit=True) as conn:
+        for _ in range(50):
+            row = conn.execute(query, (app,)).fetchone()
+            if row == (0,):
+                return 0
+            time.sleep(0.1)
+        row = conn.execute(query, (app,)).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def test_stop_as_a_connection_arrives_leaves_no_socket_open(backend: Backend) -> None:

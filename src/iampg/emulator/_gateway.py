@@ -921,7 +921,7 @@ class Emulator:
             tmpdir = self._tmpdir
             self._listener = self._accept_task = None
             self._tmpdir = self._ca_file = None
-            self._ssl = None
+            # self._ssl stays until the sessions are gone: one may be starting TLS right now.
         if listener is None:
             return
         background = [accept_task, self._monitor_task, self._resume_task]
@@ -937,22 +937,44 @@ class Emulator:
         if self._state == "resuming":
             self._state = "paused"
         listener.close()
-        sessions = list(self._sessions)
-        for task in sessions:
-            task.cancel()
-        await asyncio.gather(*sessions, return_exceptions=True)
-        # A connection can outlive its session: one whose TLS handshake finished just as the
-        # session was cancelled, or one closing politely. Drop them all now, or their sockets
-        # stay open until garbage collection after the loop is gone.
-        for stream in list(self._streams):
-            stream.abort()
-        for _ in range(3):  # let transports run their connection_lost callbacks
-            await asyncio.sleep(0)
+        await self._end_sessions()
+        self._ssl = None
+        await self._drop_streams()
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
         self._port = 0
         self._loop = None
         logger.info("emulator stopped")
+
+    async def _end_sessions(self) -> None:
+        """Cancel the session tasks until every one is done.
+
+        On Python 3.10 and 3.11, asyncio.wait_for() swallows a cancellation that lands as the
+        awaited task finishes, and the session would go on (relaying, as long as its client
+        stays): so cancel again whatever is still running.
+        """
+        pending = set(self._sessions)
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=_CLOSE_TIMEOUT)
+
+    async def _drop_streams(self) -> None:
+        """Abort every connection still open and wait until their sockets are closed.
+
+        A connection can outlive its session: one whose TLS handshake finished just as the
+        session was cancelled, or one closing politely. Unclosed, its socket would stay open
+        until garbage collection after the loop is gone. A stream leaves the registry when its
+        transport has closed the socket (``connection_lost``).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _CLOSE_TIMEOUT
+        while self._streams and loop.time() < deadline:
+            for stream in list(self._streams):
+                stream.abort()
+            await asyncio.sleep(0)
+        if self._streams:
+            logger.warning("emulator stopped with %d connections not closed", len(self._streams))
 
     # --- lifecycle in a background thread ---
 
