@@ -82,7 +82,9 @@ def soak(session: nox.Session) -> None:
     """Run the 2-minute soak (pools, key rotation, gateway restarts); not a default session."""
     session.install("-e", ".[emulator]", *_group("tests"))
     env = {"IAMPG_SOAK_SECONDS": session.env.get("IAMPG_SOAK_SECONDS", "120")}
-    session.run("pytest", "tests/reliability/test_soak.py", "-p", "no:cacheprovider", env=env)
+    # -s: the run ends by printing its figures (queries, retries, signings, service events).
+    args = ["tests/reliability/test_soak.py", "-p", "no:cacheprovider", "-s", *session.posargs]
+    session.run("pytest", *args, env=env)
 
 
 @nox.session

@@ -41,11 +41,6 @@ RARE_EVERY = 6.5
 # DSQL closes sessions after an hour; shortened so that the cap strikes several times even in
 # the CI-length run (the pool's max_lifetime, 3300 s, is left as documented, in real seconds).
 DSQL_CAP = TIME_SCALE * max(3.0, SECONDS / 8)
-# Restarting the DSQL gateway is left to long runs (nox -s soak): in about one CI-length run in
-# four, pooled DSQL connections cut by a restart hung their check for 7-14 s before failing,
-# enough to exhaust the checkout timeout. Not the gateway: the stopped gateway leaves no socket
-# open (checked at every restart). Under investigation (docs/reliability.md).
-RESTART_DSQL = SECONDS >= 60
 
 
 class Gateway:
@@ -133,6 +128,16 @@ def client_backends(backend: Backend) -> int:
         ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def sessions_left(backend: Backend) -> list[tuple[Any, ...]]:
+    """Describe the backend's client sessions besides this one (for a failure message)."""
+    with psycopg.connect(backend.dsn, connect_timeout=3) as conn:
+        return conn.execute(
+            "SELECT usename, application_name, state, backend_start, state_change, query "
+            "FROM pg_stat_activity "
+            "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        ).fetchall()
 
 
 def select_one(conn: psycopg.Connection[Any]) -> object:
@@ -236,8 +241,7 @@ def test_soak(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:  # noq
         for _ in range(RESTARTS):
             time.sleep(SECONDS / (RESTARTS + 1))
             aurora.restart()
-            if RESTART_DSQL:
-                dsql.restart()
+            dsql.restart()
         time.sleep(max(0.0, SECONDS - (time.monotonic() - started)))
     finally:
         stop.set()
@@ -277,7 +281,7 @@ def test_soak(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:  # noq
     deadline = time.monotonic() + 10
     while client_backends(backend) > baseline and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert client_backends(backend) <= baseline
+    assert client_backends(backend) <= baseline, sessions_left(backend)
     summary = (
         f"soak {elapsed:.0f} s ({elapsed * TIME_SCALE / 60:.0f} emulated min): "
         f"queries ok {dict(tally.ok)}, failed {len(tally.failed)}; "
