@@ -260,14 +260,18 @@ def test_auto_uses_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (backend.host, backend.port, backend.user) == ("db.example", 5439, "bob")
 
 
-def test_ensure_role_on_an_unreachable_server_raises_backend_error() -> None:
-    """A connection failure in ensure_role is a BackendError naming the role."""
+@pytest.mark.parametrize(
+    ("operation", "name"), [("ensure_role", "alice"), ("terminate_sessions", "worker")]
+)
+def test_an_unreachable_server_raises_backend_error(operation: str, name: str) -> None:
+    """A connection failure in ensure_role or terminate_sessions is a BackendError naming
+    the role or application."""
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
     backend = Backend.from_dsn(f"host=127.0.0.1 port={port} user=postgres connect_timeout=2")
-    with pytest.raises(BackendError, match="alice"):
-        backend.ensure_role("alice")
+    with pytest.raises(BackendError, match=name):
+        getattr(backend, operation)(name)
 
 
 def test_terminate_sessions_ends_only_that_application(cluster: Backend) -> None:
@@ -281,13 +285,3 @@ def test_terminate_sessions_ends_only_that_application(cluster: Backend) -> None
             doomed.execute("SELECT 1")
         assert spared.execute("SELECT 1").fetchone() == (1,)
         assert cluster.terminate_sessions("nobody") == 0
-
-
-def test_terminate_sessions_on_an_unreachable_server_raises_backend_error() -> None:
-    """A connection failure in terminate_sessions is a BackendError naming the application."""
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]
-    backend = Backend.from_dsn(f"host=127.0.0.1 port={port} user=postgres connect_timeout=2")
-    with pytest.raises(BackendError, match="worker"):
-        backend.terminate_sessions("worker")
