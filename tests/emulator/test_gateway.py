@@ -29,6 +29,8 @@ from iampg.emulator._gateway import _ProtocolViolationError, _startup_parameters
 from iampg.errors import ConfigurationError
 from support import endpoint_for, open_sockets
 
+LIBPQ = psycopg.pq.version()  # the libpq psycopg runs on, e.g. 170005 or 180001
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -214,12 +216,14 @@ def test_error_sqlstates_on_the_wire(emu: Emulator) -> None:
     assert fields["M"].endswith("no encryption")
 
 
+@pytest.mark.skipif(LIBPQ < 170000, reason="sslnegotiation needs libpq 17")
 def test_direct_tls_negotiation(emu: Emulator) -> None:
     """libpq's sslnegotiation=direct (TLS first, ALPN postgresql) is served."""
     with connect(emu, mint(emu), sslnegotiation="direct") as conn:
         assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
 
 
+@pytest.mark.skipif(LIBPQ < 180000, reason="max_protocol_version needs libpq 18")
 def test_protocol_32_request_is_relayed(emu: Emulator) -> None:
     """A protocol 3.2 request reaches the backend; its NegotiateProtocolVersion is relayed."""
     with connect(emu, mint(emu), max_protocol_version="3.2") as conn:
@@ -612,6 +616,7 @@ def test_stop_under_connection_churn_is_clean(
     with an error of the gateway's own, no socket stays open, no backend session is left."""
     caplog.set_level(logging.WARNING, logger="iampg.emulator")
     app = "iampg-churn-test"
+    live = 0  # the churn's sessions, seen on the backend at least once: the check can fail
     for _ in range(8):
         emu = Emulator(backend.dsn)
         emu.start()
@@ -623,6 +628,7 @@ def test_stop_under_connection_churn_is_clean(
         for t in threads:
             t.start()
         time.sleep(0.3)
+        live = max(live, _sessions_of(backend, app, wait=False))
         emu.stop()
         leftover = open_sockets(port, side="local")
         stop.set()
@@ -630,6 +636,7 @@ def test_stop_under_connection_churn_is_clean(
             t.join(timeout=30)
         assert not leftover, f"sockets stop() left open: {leftover}"
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert live > 0
     assert _sessions_of(backend, app) == 0
 
 
@@ -650,11 +657,11 @@ def _connect_once(provider: TokenProvider) -> bool:
     return True
 
 
-def _sessions_of(backend: Backend, app: str) -> int:
+def _sessions_of(backend: Backend, app: str, *, wait: bool = True) -> int:
     """Count the backend sessions of ``app``, letting ended ones finish leaving (up to 5 s)."""
     query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
     with psycopg.connect(backend.dsn, autocommit=True) as conn:
-        for _ in range(50):
+        for _ in range(50 if wait else 0):
             row = conn.execute(query, (app,)).fetchone()
             if row == (0,):
                 return 0
