@@ -87,6 +87,12 @@ def soak(session: nox.Session) -> None:
     session.run("pytest", *args, env=env)
 
 
+@nox.session(default=False, venv_backend="none")
+def freethreaded(session: nox.Session) -> None:
+    """Run tests on a free-threaded CPython 3.13t built in a Debian root (root; not default)."""
+    session.run("bash", "tools/free_threaded.sh", *session.posargs, external=True)
+
+
 @nox.session
 def build(session: nox.Session) -> None:
     """Build the sdist and wheel and check them as PyPI would."""
