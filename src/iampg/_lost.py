@@ -21,8 +21,8 @@ ACT = TypeVar("ACT", bound="psycopg.AsyncConnection[Any]")
 # A restart, a failover or an idle cut kills idle connections in bunches. psycopg_pool's
 # getconn() backs off 0, 1, 2, 4, 8 ... seconds between failed checks, one connection at a
 # time: four dead connections cost a caller 6.8 s, six 28.9 s (nox -s bench -- --only lost);
-# eight ended in PoolTimeout even with a 60 s timeout. One
-# pool.check() (psycopg_pool's public sweep) after the first loss drops them all at once.
+# eight ended in PoolTimeout even with a 60 s timeout. One pool.check() (psycopg_pool's public
+# sweep) after the first loss drops them all at once.
 # Pools being swept now: a second caller that finds a loss meanwhile does not sweep again.
 _sweeping: weakref.WeakSet[Any] = weakref.WeakSet()
 _sweeping_lock = threading.Lock()

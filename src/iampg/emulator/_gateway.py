@@ -204,7 +204,7 @@ class _RawChannel(_Channel):
             try:
                 data = self._sock.recv(1, socket.MSG_PEEK)
             except (BlockingIOError, InterruptedError):
-                await self._readable()
+                await _readable(self._loop, self._sock)
                 continue
             return data[0] if data else None
 
@@ -214,9 +214,6 @@ class _RawChannel(_Channel):
             return bool(self._sock.recv(1, socket.MSG_PEEK))
         except (BlockingIOError, InterruptedError):
             return False
-
-    async def _readable(self) -> None:
-        await _readable(self._loop, self._sock)
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
@@ -969,10 +966,12 @@ class Emulator:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _CLOSE_TIMEOUT
+        # Again while new ones appear: a transport may still be running connection_made.
         while self._streams and loop.time() < deadline:
-            for stream in list(self._streams):
+            streams = list(self._streams)
+            for stream in streams:
                 stream.abort()
-            await asyncio.sleep(0)
+            await asyncio.wait([s.closed for s in streams], timeout=deadline - loop.time())
         if self._streams:
             logger.warning("emulator stopped with %d connections not closed", len(self._streams))
 
