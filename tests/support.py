@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gc
 import socket
+import time
 from typing import Any
 
+import psycopg
 import pytest
 
 from iampg import Endpoint
-from iampg.emulator import CredentialsServer, Emulator
+from iampg.emulator import Backend, CredentialsServer, Emulator
 
 
 def endpoint_for(emu: Emulator, user: str = "postgres", **params: Any) -> Endpoint:
@@ -53,3 +55,29 @@ def open_sockets(port: int, *, side: str) -> list[socket.socket]:
         if isinstance(address, tuple) and address[1] == port:
             found.append(obj)
     return found
+
+
+def sessions_of(backend: Backend, application_name: str) -> list[tuple[Any, ...]]:
+    """Return the backend's sessions of ``application_name``: user, state, start, last query.
+
+    Tests give their connections an application_name so that other clients of a shared
+    server do not count.
+    """
+    with psycopg.connect(backend.dsn, connect_timeout=3) as conn:
+        return conn.execute(
+            "SELECT usename, state, backend_start, query FROM pg_stat_activity "
+            "WHERE application_name = %s",
+            (application_name,),
+        ).fetchall()
+
+
+def sessions_left(
+    backend: Backend, application_name: str, *, within: float = 10.0
+) -> list[tuple[Any, ...]]:
+    """Give ended sessions ``within`` seconds to leave; return those of the name still there."""
+    deadline = time.monotonic() + within
+    left = sessions_of(backend, application_name)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = sessions_of(backend, application_name)
+    return left

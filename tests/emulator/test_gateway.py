@@ -27,7 +27,7 @@ from iampg import TokenProvider
 from iampg.emulator import FAKE_CREDENTIALS, Credentials, Emulator, EmulatorClock, Event
 from iampg.emulator._gateway import _ProtocolViolationError, _startup_parameters
 from iampg.errors import ConfigurationError
-from support import endpoint_for, open_sockets
+from support import endpoint_for, open_sockets, sessions_left, sessions_of
 
 LIBPQ = psycopg.pq.version()  # the libpq psycopg runs on, e.g. 170005 or 180001
 
@@ -628,7 +628,7 @@ def test_stop_under_connection_churn_is_clean(
         for t in threads:
             t.start()
         time.sleep(0.3)
-        live = max(live, _sessions_of(backend, app, wait=False))
+        live = max(live, len(sessions_of(backend, app)))
         emu.stop()
         leftover = open_sockets(port, side="local")
         stop.set()
@@ -637,7 +637,7 @@ def test_stop_under_connection_churn_is_clean(
         assert not leftover, f"sockets stop() left open: {leftover}"
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert live > 0
-    assert _sessions_of(backend, app) == 0
+    assert sessions_left(backend, app, within=5.0) == []
 
 
 def _churn(provider: TokenProvider, stop: threading.Event) -> None:
@@ -655,20 +655,6 @@ def _connect_once(provider: TokenProvider) -> bool:
     except psycopg.OperationalError:
         return False
     return True
-
-
-def _sessions_of(backend: Backend, app: str, *, wait: bool = True) -> int:
-    """Count the backend sessions of ``app``, letting ended ones finish leaving (up to 5 s)."""
-    query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
-    with psycopg.connect(backend.dsn, autocommit=True) as conn:
-        for _ in range(50 if wait else 0):
-            row = conn.execute(query, (app,)).fetchone()
-            if row == (0,):
-                return 0
-            time.sleep(0.1)
-        row = conn.execute(query, (app,)).fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 def test_stop_as_a_connection_arrives_leaves_no_socket_open(backend: Backend) -> None:

@@ -23,7 +23,7 @@ from iampg.emulator import (
     EmulatorClock,
     Event,
 )
-from support import open_sockets
+from support import open_sockets, sessions_left, sessions_of
 
 SECONDS = float(os.environ.get("IAMPG_SOAK_SECONDS", "20"))  # real seconds of load
 TIME_SCALE = 60.0  # emulated seconds per real second: a 15-minute token lasts 15 s
@@ -120,19 +120,6 @@ class RetryCounter(logging.Handler):
         reason = str(record.args[0]) if isinstance(record.args, tuple) and record.args else "?"
         with self.tally.lock:
             self.tally.retries[reason] += 1
-
-
-def sessions_left(backend: Backend) -> list[tuple[Any, ...]]:
-    """Describe the soak's sessions still open on the backend (user, state, start, query).
-
-    Only the soak's own (by application_name): other clients of a shared server don't count.
-    """
-    with psycopg.connect(backend.dsn, connect_timeout=3) as conn:
-        return conn.execute(
-            "SELECT usename, state, backend_start, state_change, query FROM pg_stat_activity "
-            "WHERE application_name = %s",
-            (APPLICATION,),
-        ).fetchall()
 
 
 def select_one(conn: psycopg.Connection[Any]) -> object:
@@ -235,7 +222,7 @@ def test_soak(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:  # noq
     try:
         for _ in range(RESTARTS):
             time.sleep(SECONDS / (RESTARTS + 1))
-            live = live or sessions_left(backend)  # the leak check below can see them
+            live = live or sessions_of(backend, APPLICATION)  # the leak check can see them
             aurora.restart()
             dsql.restart()
         time.sleep(max(0.0, SECONDS - (time.monotonic() - started)))
@@ -274,11 +261,8 @@ def test_soak(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:  # noq
     assert aurora_tokens.stats().refreshes <= elapsed / shortest + 2
     assert dsql_tokens.stats().refreshes <= elapsed / shortest + 2
     # Nothing leaked: none of the soak's sessions is left on the backend.
-    deadline = time.monotonic() + 10
-    while sessions_left(backend) and time.monotonic() < deadline:
-        time.sleep(0.2)
     assert live, "the soak's sessions were not found on the backend by their application_name"
-    assert sessions_left(backend) == []
+    assert sessions_left(backend, APPLICATION) == []
     summary = (
         f"soak {elapsed:.0f} s ({elapsed * TIME_SCALE / 60:.0f} emulated min): "
         f"queries ok {dict(tally.ok)}, failed {len(tally.failed)}; "
