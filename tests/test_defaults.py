@@ -8,7 +8,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 import iampg
 from fakes import CountingSigner
-from iampg import Endpoint, TokenProvider
+from iampg import Endpoint, TokenProvider, _defaults
 from iampg._lost import AsyncPurgingCheck, PurgingCheck
 
 RDS = Endpoint("mydb.cluster-abc.us-east-1.rds.amazonaws.com", user="app")
@@ -62,7 +62,25 @@ def test_callers_override_every_default() -> None:
 
 def test_unknown_or_mismatched_profile_is_a_configuration_error() -> None:
     """A typo in the profile, or dsql for an RDS host, fails early."""
-    with pytest.raises(iampg.ConfigurationError, match="profile must be one of"):
+    with pytest.raises(
+        iampg.ConfigurationError,
+        match=r"unknown preset 'aurora': use one of rds, aurora-serverless, dsql, aurora-express",
+    ):
         iampg.ConnectionPool(provider=provider(RDS), profile="aurora", open=False)
     with pytest.raises(iampg.ConfigurationError, match="does not fit"):
         iampg.ConnectionPool(provider=provider(RDS), profile="dsql", open=False)
+
+
+@pytest.mark.parametrize(
+    ("given", "canonical"),
+    [
+        ("rds", "rds"),
+        ("dsql", "dsql"),
+        ("aurora-serverless", "aurora-serverless"),
+        ("aurora-express", "aurora-serverless"),
+        (" Aurora_Express ", "aurora-serverless"),
+    ],
+)
+def test_every_preset_spelling_has_one_canonical_name(given: str, canonical: str) -> None:
+    """Each spelling a user meets names one preset; the same function serves every entry point."""
+    assert _defaults.canonical_preset(given) == canonical

@@ -9,11 +9,52 @@ from typing import Any, Literal, NamedTuple
 from iampg._endpoint import Endpoint
 from iampg.errors import ConfigurationError
 
-__all__ = ["PROFILES", "Profile", "ServiceDefaults", "defaults_for", "pool_options"]
+__all__ = [
+    "PRESETS",
+    "PRESET_ALIASES",
+    "PROFILES",
+    "Preset",
+    "Profile",
+    "ServiceDefaults",
+    "canonical_preset",
+    "defaults_for",
+    "pool_options",
+]
 
-Profile = Literal["rds", "aurora-serverless", "aurora-express", "dsql"]
-"""How the service behaves: ``rds`` (RDS, provisioned Aurora, RDS Proxy), ``aurora-serverless``
-(Aurora Serverless v2, which can pause; ``aurora-express`` is the same), ``dsql``."""
+Preset = Literal["rds", "aurora-serverless", "aurora-express", "dsql"]
+"""A service preset: how the service behaves and which defaults fit it. ``rds`` (RDS,
+provisioned Aurora, RDS Proxy), ``aurora-serverless`` (Aurora Serverless v2, which can pause;
+``aurora-express`` is another spelling of it: the express configuration is Aurora Serverless),
+``dsql``. The same names are accepted by every entry point: the ``preset=`` keyword, the CLI's
+``--preset``, ``iampg emulate --preset`` and the pytest plugin's ``iampg_preset``."""
+
+Profile = Preset
+"""Deprecated name of :data:`Preset` ("profile" means an AWS config profile in iampg)."""
+
+PRESETS: tuple[str, ...] = ("rds", "aurora-serverless", "dsql")
+"""The canonical preset names."""
+
+PRESET_ALIASES: Mapping[str, str] = MappingProxyType({"aurora-express": "aurora-serverless"})
+"""Other spellings a user meets, and the preset each means."""
+
+
+def canonical_preset(name: str) -> str:
+    """Return the canonical name of a preset given in any accepted spelling.
+
+    Case and surrounding blanks are ignored, and ``_`` may stand for ``-``
+    (``Aurora_Express`` is ``aurora-serverless``).
+
+    Raises:
+        ConfigurationError: No preset has that name; the message lists the accepted ones.
+    """
+    if not isinstance(name, str):
+        raise ConfigurationError(f"a preset name is a string, not {type(name).__name__}")
+    key = name.strip().lower().replace("_", "-")
+    key = PRESET_ALIASES.get(key, key)
+    if key not in PRESETS:
+        accepted = ", ".join([*PRESETS, *PRESET_ALIASES])
+        raise ConfigurationError(f"unknown preset {name!r}: use one of {accepted}")
+    return key
 
 
 class ServiceDefaults(NamedTuple):
@@ -74,12 +115,7 @@ def defaults_for(endpoint: Endpoint, profile: str | None) -> ServiceDefaults:
     """
     if profile is None:
         profile = "dsql" if endpoint.kind == "dsql" else "rds"
-    if profile == "aurora-express":
-        profile = "aurora-serverless"
-    if profile not in PROFILES:
-        raise ConfigurationError(
-            f"profile must be one of rds, aurora-serverless, aurora-express, dsql; not {profile!r}"
-        )
+    profile = canonical_preset(profile)
     if (profile == "dsql") != (endpoint.kind == "dsql"):
         raise ConfigurationError(
             f"profile {profile!r} does not fit a {endpoint.kind} endpoint ({endpoint.host})"
