@@ -19,7 +19,7 @@ from iampg._defaults import ServiceDefaults, defaults_for, pool_options
 from iampg._diagnose import authentication_error, failure_kind, transient_reason
 from iampg._dsn import connect_params, resolve
 from iampg._endpoint import Endpoint
-from iampg._lost import AsyncPurgingCheck, PurgingCheck
+from iampg._lost import AsyncLivenessCheck, AsyncPurgingCheck, PurgingCheck
 from iampg._tokens import TokenProvider
 from iampg.errors import UnavailableError
 
@@ -420,7 +420,7 @@ def AsyncConnectionPool(  # noqa: N802
         return {**(extra or {}), "password": await prov.atoken()}
 
     if "check" in options and "check" not in pool_kwargs:
-        options["check"] = psycopg_pool.AsyncConnectionPool.check_connection
+        options["check"] = AsyncLivenessCheck()
     base = options.pop("connection_class", psycopg.AsyncConnection)
     options.setdefault("open", False)
     check = options.get("check")
