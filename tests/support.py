@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -13,6 +14,9 @@ from hypothesis import settings
 
 from iampg import Endpoint
 from iampg.emulator import Backend, CredentialsServer, Emulator
+
+# tests/conftest.py's start_emulator fixture: start_emulator(**options) -> a running Emulator.
+EmulatorFactory = Callable[..., Emulator]
 
 
 def endpoint_for(emu: Emulator, user: str = "postgres", **params: Any) -> Endpoint:
