@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
 
 import psycopg
 import psycopg_pool
@@ -16,15 +15,14 @@ from fakes import CountingSigner
 from iampg import Endpoint, SignedToken, TokenProvider
 from iampg._aws import AwsSigner
 from iampg._dsn import connect_params
-from iampg.emulator import Backend, Emulator
+from iampg.emulator import Emulator
 from support import endpoint_for
 
 
 @pytest.fixture
-def moved_emulator(backend: Backend) -> Iterator[Emulator]:
+def moved_emulator(emulator: Emulator) -> Emulator:
     """An emulator whose clock the test moves; providers share it as their monotonic clock."""
-    with Emulator(backend.dsn) as emu:
-        yield emu
+    return emulator
 
 
 def test_connect_runs_a_query(emulator: Emulator) -> None:
