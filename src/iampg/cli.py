@@ -36,6 +36,7 @@ from typing import Any, Literal, TextIO
 
 from iampg._dsn import alembic_url, connect_params, conninfo, env, pgpass, sqlalchemy_url, url
 from iampg._endpoint import Endpoint, _infer
+from iampg._options import cli_spelling
 from iampg._tokens import TokenProvider
 from iampg.errors import AuthenticationError, ConfigurationError, Error
 
@@ -757,7 +758,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         args.passthrough = passthrough
         func: Callable[[argparse.Namespace, TextIO], int] = args.func
-        return _run(func, args)
+        with cli_spelling():  # messages name --options and variables, not Python keywords
+            return _run(func, args)
     except KeyboardInterrupt:
         print("iampg: interrupted", file=sys.stderr)  # noqa: T201
         return EXIT_INTERRUPTED
