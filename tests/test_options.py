@@ -16,7 +16,10 @@ def test_python_spelling_by_default() -> None:
     assert option("port", "5432") == "port=5432"
     assert option("allow_insecure") == "allow_insecure=True"
     assert option("session") == "session=..."
-    assert options("session", "profile") == "session=... or profile=..."
+    assert option("profile") == "profile=... (or AWS_PROFILE)"
+    assert options("session", "profile", "aws_access_key_id") == (
+        "session=..., profile=... or aws_access_key_id=..."
+    )
 
 
 def test_cli_spelling_names_flags_and_variables() -> None:
@@ -29,9 +32,8 @@ def test_cli_spelling_names_flags_and_variables() -> None:
         assert option("preset", "dsql") == "--preset dsql"
         assert option("aws_access_key_id") == "AWS_ACCESS_KEY_ID"
         assert option("some_new_thing", "x") == "--some-new-thing x"
-        assert options("session", "profile", "aws_access_key_id") == (
-            "--profile (or AWS_PROFILE) or AWS_ACCESS_KEY_ID"
-        )
+        assert options("session", "profile", "aws_access_key_id") == "--profile (or AWS_PROFILE)"
+        assert options("region", "host") == "--region (or AWS_REGION) or --host (or PGHOST)"
     assert not using_cli()
 
 

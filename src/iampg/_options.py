@@ -28,6 +28,7 @@ class _Setting:
     flag: str | None  # the ``iampg`` option; None when the command has none
     env: str | None = None  # the environment variable that gives it, if any
     kind: Literal["text", "number", "switch"] = "text"
+    always_read: bool = False  # the variable applies from Python too (botocore reads it)
 
 
 # Every setting an ``iampg`` message may name. A name missing here is spelled the usual way
@@ -42,7 +43,7 @@ _SETTINGS: dict[str, _Setting] = {
     "kind": _Setting("--kind"),
     "sslmode": _Setting("--sslmode", "PGSSLMODE"),
     "sslrootcert": _Setting("--sslrootcert", "PGSSLROOTCERT"),
-    "profile": _Setting("--profile", "AWS_PROFILE"),
+    "profile": _Setting("--profile", "AWS_PROFILE", always_read=True),
     "preset": _Setting("--preset"),
     "allow_insecure": _Setting("--allow-insecure", kind="switch"),
     "timeout": _Setting("--timeout", kind="number"),
@@ -74,7 +75,8 @@ def option(name: str, example: str | None = None) -> str:
     """Return setting ``name`` as the current caller writes it, with ``example`` as its value.
 
     From Python: ``region='us-east-1'`` (``region=...`` without an example, ``port=5432``
-    for numbers, ``allow_insecure=True`` for switches). While the ``iampg`` command runs:
+    for numbers, ``allow_insecure=True`` for switches; ``profile=... (or AWS_PROFILE)``
+    where botocore reads the variable anyway). While the ``iampg`` command runs:
     ``--region us-east-1 (or AWS_REGION)`` (``--region (or AWS_REGION)`` without an example,
     ``--allow-insecure`` for switches), or only the environment variable for settings the
     command has no option for (``AWS_ACCESS_KEY_ID``).
@@ -83,13 +85,16 @@ def option(name: str, example: str | None = None) -> str:
         name: The Python keyword (``region``, ``allow_insecure``...).
         example: A value to show, as the user would type it; ``None`` for none.
     """
+    return _render(name, example, variable=True)
+
+
+def _render(name: str, example: str | None, *, variable: bool) -> str:
     setting = _SETTINGS.get(name, _Setting("--" + name.replace("_", "-")))
     if not _CLI.get():
         if setting.kind == "switch":
             return f"{name}=True"
-        if example is None:
-            return f"{name}=..."
-        return f"{name}={example if setting.kind == 'number' else repr(example)}"
+        text = f"{name}=..." if example is None else f"{name}={_literal(setting, example)}"
+        return f"{text} (or {setting.env})" if variable and setting.always_read else text
     if setting.flag is None:
         return setting.env or name
     text = setting.flag
@@ -100,16 +105,21 @@ def option(name: str, example: str | None = None) -> str:
     return text
 
 
-def options(*names: str) -> str:
-    """Return the settings the current caller can give, as "a, b or c".
+def _literal(setting: _Setting, example: str) -> str:
+    return example if setting.kind == "number" else repr(example)
 
-    Settings the ``iampg`` command has neither an option nor a variable for (``session``)
-    are left out when it runs; each is rendered by :func:`option` without an example.
+
+def options(*names: str) -> str:
+    """Return the settings the current caller can pass, as "a, b or c".
+
+    Settings the ``iampg`` command has no option for (``session``, ``aws_access_key_id``)
+    are left out while it runs; each is rendered by :func:`option` without an example (and,
+    from Python, without an environment variable).
     """
     shown = [
-        option(name)
+        _render(name, None, variable=_CLI.get())
         for name in names
-        if not _CLI.get() or name not in _SETTINGS or _SETTINGS[name].flag or _SETTINGS[name].env
+        if not _CLI.get() or _SETTINGS.get(name, _Setting("--")).flag is not None
     ]
     if len(shown) <= 1:
         return "".join(shown)
