@@ -6,6 +6,7 @@ import re
 from urllib.parse import quote
 
 from iampg._endpoint import Endpoint
+from iampg._options import option
 from iampg._tokens import TokenProvider
 from iampg.errors import ConfigurationError
 
@@ -105,7 +106,7 @@ def connect_params(endpoint: Endpoint, *, allow_insecure: bool = False) -> dict[
     elif sslmode in _INSECURE_SSLMODES and not endpoint.is_loopback and not allow_insecure:
         raise ConfigurationError(
             f"sslmode={sslmode} could send the IAM token unencrypted to {endpoint.dialled}: "
-            "use sslmode=require or verify-full (or allow_insecure=True if you really must)"
+            f"use sslmode=require or verify-full (or {option('allow_insecure')} if you must)"
         )
     return params
 
