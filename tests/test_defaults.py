@@ -29,7 +29,7 @@ def test_rds_pool_keeps_psycopg_defaults_with_a_finite_connect_timeout() -> None
 
 def test_aurora_serverless_pool_lets_the_cluster_pause() -> None:
     """Aurora Serverless: min_size 0, idle connections closed before the ~5 min cut."""
-    pool = iampg.ConnectionPool(provider=provider(RDS), profile="aurora-express", open=False)
+    pool = iampg.ConnectionPool(provider=provider(RDS), preset="aurora-express", open=False)
     params = conninfo_to_dict(str(pool.conninfo))
     assert int(str(params["connect_timeout"])) > 16  # above the seed's 16 s resume
     assert pool.min_size == 0
@@ -66,9 +66,9 @@ def test_unknown_or_mismatched_profile_is_a_configuration_error() -> None:
         iampg.ConfigurationError,
         match=r"unknown preset 'aurora': use one of rds, aurora-serverless, dsql, aurora-express",
     ):
-        iampg.ConnectionPool(provider=provider(RDS), profile="aurora", open=False)
+        iampg.ConnectionPool(provider=provider(RDS), preset="aurora", open=False)
     with pytest.raises(iampg.ConfigurationError, match="does not fit"):
-        iampg.ConnectionPool(provider=provider(RDS), profile="dsql", open=False)
+        iampg.ConnectionPool(provider=provider(RDS), preset="dsql", open=False)
 
 
 @pytest.mark.parametrize(

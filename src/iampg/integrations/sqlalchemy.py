@@ -9,8 +9,7 @@ import psycopg
 import sqlalchemy
 from sqlalchemy import event
 
-from iampg._dsn import connect_params
-from iampg._pool import _feedback
+from iampg._connecting import Secret, explain, prepare
 from iampg.integrations import EndpointOrProvider, _resolve
 
 if TYPE_CHECKING:
@@ -81,8 +80,9 @@ def install(
             f"iampg supports SQLAlchemy's psycopg driver, not {engine.dialect.driver!r}: "
             "use a postgresql+psycopg:// URL"
         )
-    endpoint, provider = _resolve(target)
-    params = connect_params(endpoint, allow_insecure=allow_insecure)
+    connecting = prepare(target, None, None, allow_insecure=allow_insecure)
+    endpoint, provider = connecting.endpoint, connecting.provider
+    from_url = {"host": engine.url.host, "port": engine.url.port}
     is_async = bool(engine.dialect.is_async)
     bridge = _await_function() if is_async else None
 
@@ -93,13 +93,13 @@ def install(
         cargs: list[Any],
         cparams: dict[str, Any],
     ) -> DBAPIConnection:
-        merged = {**params, **{k: v for k, v in cparams.items() if k not in _URL_KEYS}}
-        token = bridge(provider.atoken()) if bridge is not None else provider.token()
-        merged["password"] = token
+        given = {k: v for k, v in cparams.items() if not _from_url(k, v, from_url)}
+        merged = connecting.merge(given)
+        token = Secret(bridge(provider.atoken()) if bridge is not None else provider.token())
         try:
-            return dialect.connect(*cargs, **merged)
+            return dialect.connect(*cargs, **merged, password=token.value)
         except psycopg.OperationalError as exc:
-            error = _feedback(exc, provider, token)
+            error = explain(exc, provider, token)
             if error is exc:
                 raise
             raise error from exc
@@ -107,8 +107,11 @@ def install(
     logger.debug("engine %s authenticates with tokens for %s", engine.url, endpoint.host)
 
 
-# Keys SQLAlchemy derives from the URL, which the endpoint's parameters replace.
-_URL_KEYS = frozenset({"host", "port", "user", "dbname", "password"})
+def _from_url(key: str, value: Any, url: dict[str, Any]) -> bool:
+    """Tell whether a DBAPI argument is one SQLAlchemy took from the engine's URL."""
+    if key in {"user", "dbname", "password"}:
+        return True
+    return key in url and value is not None and str(value) == str(url[key])
 
 
 def create_engine(
