@@ -10,6 +10,7 @@ import sqlalchemy
 from sqlalchemy import event
 
 from iampg._connecting import Secret, explain, prepare
+from iampg._defaults import defaults_for
 from iampg.integrations import EndpointOrProvider, _resolve
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ def install(
     engine: sqlalchemy.Engine,
     target: EndpointOrProvider,
     *,
+    preset: str | None = None,
     allow_insecure: bool = False,
 ) -> None:
     """Make ``engine`` open every new DBAPI connection to ``target`` with a current token.
@@ -67,11 +69,15 @@ def install(
     Args:
         engine: A SQLAlchemy engine using the ``postgresql+psycopg`` dialect.
         target: The endpoint (a provider is made for it) or the provider to share.
+        preset: ``rds``, ``aurora-serverless`` (or ``aurora-express``) or ``dsql``: the
+            service's ``connect_timeout``; defaults to the endpoint's service.
         allow_insecure: Allow an ``sslmode`` that may send the token in plaintext to a
             non-loopback host.
 
     Raises:
-        ConfigurationError: Bad endpoint or options, or not a psycopg engine.
+        ConfigurationError: Bad endpoint or options, or not a psycopg engine. Parameters
+            that would send the token elsewhere or unencrypted (``connect_args`` included)
+            are refused when a connection is opened.
     """
     from iampg.errors import ConfigurationError  # noqa: PLC0415
 
@@ -80,7 +86,7 @@ def install(
             f"iampg supports SQLAlchemy's psycopg driver, not {engine.dialect.driver!r}: "
             "use a postgresql+psycopg:// URL"
         )
-    connecting = prepare(target, None, None, allow_insecure=allow_insecure)
+    connecting = prepare(target, None, preset, allow_insecure=allow_insecure)
     endpoint, provider = connecting.endpoint, connecting.provider
     from_url = {"host": engine.url.host, "port": engine.url.port}
     is_async = bool(engine.dialect.is_async)
@@ -117,6 +123,7 @@ def _from_url(key: str, value: Any, url: dict[str, Any]) -> bool:
 def create_engine(
     target: EndpointOrProvider,
     *,
+    preset: str | None = None,
     allow_insecure: bool = False,
     **engine_kwargs: Any,
 ) -> sqlalchemy.Engine:
@@ -136,6 +143,7 @@ def create_engine(
     Args:
         target: The endpoint (a provider is made for it) or the :class:`iampg.TokenProvider`
             to share.
+        preset: See :func:`install`.
         allow_insecure: See :func:`install`.
         **engine_kwargs: Passed to :func:`sqlalchemy.create_engine` (``pool_size``,
             ``pool_recycle`` in seconds, ``pool_pre_ping``, ``connect_args`` …).
@@ -144,14 +152,16 @@ def create_engine(
         ConfigurationError: Bad endpoint or options.
     """
     endpoint, provider = _resolve(target)
+    defaults_for(endpoint, preset)  # an unknown preset fails before the engine is made
     engine = sqlalchemy.create_engine(_url(endpoint), **engine_kwargs)
-    install(engine, provider, allow_insecure=allow_insecure)
+    install(engine, provider, preset=preset, allow_insecure=allow_insecure)
     return engine
 
 
 def create_async_engine(
     target: EndpointOrProvider,
     *,
+    preset: str | None = None,
     allow_insecure: bool = False,
     **engine_kwargs: Any,
 ) -> AsyncEngine:
@@ -167,6 +177,7 @@ def create_async_engine(
     from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine  # noqa: PLC0415
 
     endpoint, provider = _resolve(target)
+    defaults_for(endpoint, preset)
     engine = sa_create_async_engine(_url(endpoint), **engine_kwargs)
-    install(engine.sync_engine, provider, allow_insecure=allow_insecure)
+    install(engine.sync_engine, provider, preset=preset, allow_insecure=allow_insecure)
     return engine
