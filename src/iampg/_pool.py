@@ -80,6 +80,7 @@ def connect(
     profile: str | None = ...,
     wait: float | None = ...,
     allow_insecure: bool = ...,
+    row_factory: None = ...,
     **kwargs: Any,
 ) -> psycopg.Connection[TupleRow]: ...
 def connect(
@@ -180,6 +181,7 @@ async def aconnect(
     profile: str | None = ...,
     wait: float | None = ...,
     allow_insecure: bool = ...,
+    row_factory: None = ...,
     **kwargs: Any,
 ) -> psycopg.AsyncConnection[TupleRow]: ...
 async def aconnect(
