@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import psycopg_pool
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 import iampg
 from fakes import CountingSigner
 from iampg import Endpoint, TokenProvider, _defaults
-from iampg._lost import AsyncPurgingCheck, PurgingCheck
+from iampg._lost import AsyncLivenessCheck, AsyncPurgingCheck, LivenessCheck, PurgingCheck
 
 RDS = Endpoint("mydb.cluster-abc.us-east-1.rds.amazonaws.com", user="app")
 DSQL = Endpoint("abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws")
@@ -45,11 +44,11 @@ def test_dsql_pool_recycles_under_the_hour_and_checks_at_checkout() -> None:
     params = conninfo_to_dict(str(pool.conninfo))
     assert pool.max_lifetime == 3300.0
     assert isinstance(pool._check, PurgingCheck)  # a loss found also sweeps the idle ones
-    assert pool._check.check == psycopg_pool.ConnectionPool.check_connection
+    assert isinstance(pool._check.check, LivenessCheck)  # a round trip only after idling
     assert (params["sslmode"], params["sslrootcert"]) == ("verify-full", "system")
     apool = iampg.AsyncConnectionPool(provider=provider(DSQL), open=False)
     assert isinstance(apool._check, AsyncPurgingCheck)
-    assert apool._check.check == psycopg_pool.AsyncConnectionPool.check_connection
+    assert isinstance(apool._check.check, AsyncLivenessCheck)
 
 
 def test_callers_override_every_default() -> None:

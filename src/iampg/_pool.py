@@ -24,7 +24,7 @@ from iampg._connecting import (
 )
 from iampg._defaults import pool_options
 from iampg._endpoint import Endpoint
-from iampg._lost import AsyncPurgingCheck, PurgingCheck
+from iampg._lost import AsyncLivenessCheck, AsyncPurgingCheck, PurgingCheck
 from iampg._tokens import TokenProvider
 
 __all__ = ["AsyncConnectionPool", "ConnectionPool", "aconnect", "connect"]
@@ -331,7 +331,7 @@ class AsyncConnectionPool(psycopg_pool.AsyncConnectionPool[ACT]):
             return {**(extra or {}), "password": await target.provider.atoken()}
 
         if "check" in options and "check" not in pool_kwargs:
-            options["check"] = psycopg_pool.AsyncConnectionPool.check_connection
+            options["check"] = AsyncLivenessCheck()
         options.setdefault("open", False)
         check = options.get("check")
         if check is not None:
