@@ -253,3 +253,63 @@ def test_cli_refuses_plaintext_to_a_remote_host(
     assert captured.out == ""
     assert captured.err.count("\n") == 1
     assert "unencrypted" in captured.err
+
+
+class _RefusedSigner:
+    """Signs real tokens, damages their signature so the server refuses them, keeps them."""
+
+    def __init__(self) -> None:
+        from iampg._aws import AwsSigner
+
+        self.inner = AwsSigner()
+        self.tokens: list[str] = []
+
+    def sign(self, endpoint: Endpoint, lifetime: float = 900.0) -> iampg.SignedToken:
+        token = self.inner.sign(endpoint, lifetime).token
+        token = token[:-1] + ("0" if token[-1] != "0" else "1")
+        self.tokens.append(token)
+        return iampg.SignedToken(token, 900.0)
+
+
+def _iampg_frame_locals(exc: BaseException) -> list[str]:
+    """Return the repr of every local of iampg's own frames in the error's traceback chain."""
+    import traceback
+    from pathlib import Path
+
+    package = str(Path(iampg.__file__).parent)
+    shown: list[str] = []
+    seen: set[int] = set()
+    todo: list[traceback.TracebackException] = [
+        traceback.TracebackException.from_exception(exc, capture_locals=True)
+    ]
+    while todo:
+        te = todo.pop()
+        if id(te) in seen:
+            continue
+        seen.add(id(te))
+        for frame in te.stack:
+            if frame.filename.startswith(package) and frame.locals:
+                shown.extend(f"{frame.name}: {k}={v}" for k, v in frame.locals.items())
+        todo.extend(t for t in (te.__cause__, te.__context__) if t is not None)
+    return shown
+
+
+@pytest.mark.parametrize("flavour", ["connect", "aconnect"])
+def test_tracebacks_of_a_refused_connect_show_no_token(emulator: Emulator, flavour: str) -> None:
+    """capture_locals of a refused connect shows no token in any of iampg's frames."""
+    signer = _RefusedSigner()
+    provider = TokenProvider(endpoint_for(emulator), signer=signer)
+
+    def attempt() -> object:
+        if flavour == "connect":
+            return iampg.connect(provider=provider)
+        return asyncio.run(iampg.aconnect(provider=provider))
+
+    with pytest.raises(iampg.AuthenticationError) as info:
+        attempt()
+    assert len(signer.tokens) == 2  # refused, retried once with a new token, refused again
+    shown = _iampg_frame_locals(info.value)
+    assert any(line.startswith(f"{flavour}: token=") for line in shown)  # the frame is there
+    for token in signer.tokens:
+        signature = token.rsplit("X-Amz-Signature=", 1)[1]
+        assert not [line for line in shown if token in line or signature in line]

@@ -305,9 +305,10 @@ def explain(error: psycopg.OperationalError, provider: TokenProvider, token: obj
     kind = failure_kind(error)
     if kind is None:
         return error
-    value = token.value if isinstance(token, Secret) else token
-    if kind == "token" and isinstance(value, str):
-        provider.invalidate(value)
+    if kind == "token" and isinstance(token, Secret) and token.value is not None:
+        provider.invalidate(token.value)
+    elif kind == "token" and isinstance(token, str):
+        provider.invalidate(token)
     return authentication_error(error, provider.endpoint, kind)
 
 
