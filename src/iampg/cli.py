@@ -123,7 +123,9 @@ def _endpoint(args: argparse.Namespace) -> Endpoint:
 
 
 def _provider(args: argparse.Namespace) -> TokenProvider:
-    return TokenProvider(_endpoint(args), profile=args.profile)
+    endpoint = _endpoint(args)
+    connect_params(endpoint)  # refuses settings that could send the token unencrypted
+    return TokenProvider(endpoint, profile=args.profile)
 
 
 # -- token, url, env ----------------------------------------------------------------------
