@@ -9,13 +9,10 @@ import weakref
 from typing import Any
 
 from iampg._endpoint import Endpoint
-from iampg._tokens import SignedToken
+from iampg._signer import RDS_TOKEN_LIFETIME, SignedToken, dsql_action
 from iampg.errors import ConfigurationError
 
 __all__ = ["RDS_TOKEN_LIFETIME", "AwsSigner", "describe_signing_error"]
-
-RDS_TOKEN_LIFETIME = 900.0
-"""Seconds an RDS token is valid; fixed by botocore and the service."""
 
 _ROLE_DURATION = (900, 43200)  # STS AssumeRole DurationSeconds bounds
 
@@ -276,11 +273,10 @@ class AwsSigner:
         credentials = self._credentials(endpoint.region)
         ttl = self._credentials_ttl()
         if endpoint.kind == "dsql":
-            action = "DbConnectAdmin" if endpoint.user == "admin" else "DbConnect"
             token = _presign(
                 credentials,
                 f"https://{endpoint.host}",
-                {"Action": action},
+                {"Action": dsql_action(endpoint.user)},
                 service="dsql",
                 region=endpoint.region,
                 expires=int(lifetime),
