@@ -79,6 +79,16 @@ def test_token_core_has_no_import_circle() -> None:
     assert circles == []
 
 
+def test_only_the_aws_module_imports_botocore() -> None:
+    """No module of src/iampg but _aws.py imports botocore (or boto3)."""
+    importers = sorted(
+        str(path.relative_to(SRC))
+        for path in SRC.rglob("*.py")
+        if any(m.split(".")[0] in {"botocore", "boto3"} for m in imports_of(path))
+    )
+    assert importers == ["_aws.py"]
+
+
 def credential_parameters(func: object) -> dict[str, inspect.Parameter]:
     """Return the credential options among ``func``'s parameters, by name."""
     parameters = inspect.signature(func).parameters  # type: ignore[arg-type]
