@@ -140,7 +140,7 @@ def _quiet_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="psycopg")
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 def test_soak(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: C901, PLR0915 -- one scenario, told in order
     """No query lost, no session leaked, signings bounded by token periods, through it all."""
     backend.ensure_role("admin", superuser=True)
