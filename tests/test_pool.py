@@ -52,7 +52,7 @@ def test_pool_keeps_working_across_token_expiry(moved_emulator: Emulator, frozen
     else:
         pool = iampg.ConnectionPool(
             provider=provider, min_size=1, max_size=2, timeout=3.0, open=False
-        )  # type: ignore[assignment]
+        )
     with pool:
         with pool.connection() as conn:
             conn.execute("create temp table t (x int)")

@@ -206,7 +206,7 @@ def test_cold_start_longer_than_connect_timeout_with_wait(backend: Backend) -> N
     ) as emu:
         emu.pause()
         with iampg.connect(
-            endpoint_for(emu, connect_timeout="1"), profile="aurora-serverless", wait=20
+            endpoint_for(emu, connect_timeout="1"), preset="aurora-serverless", wait=20
         ) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
         assert emu.state == "running"
@@ -221,7 +221,7 @@ def test_cold_start_longer_than_wait_says_to_wait_longer(backend: Backend) -> No
         emu.pause()
         with pytest.raises(iampg.UnavailableError) as caught:
             iampg.connect(
-                endpoint_for(emu, connect_timeout="1"), profile="aurora-serverless", wait=2
+                endpoint_for(emu, connect_timeout="1"), preset="aurora-serverless", wait=2
             )
     assert "wait=" in str(caught.value)
     assert isinstance(caught.value.__cause__, psycopg.OperationalError)
