@@ -78,7 +78,7 @@ def test_connect_refuses_a_preset_that_does_not_fit(emulator: Emulator, twin: st
     signer = TamperingSigner("signature")
     provider = TokenProvider(endpoint_for(emulator), signer=signer)
     with pytest.raises(iampg.ConfigurationError, match="dsql"):
-        fetch(twin, OK, provider=provider, profile="dsql")
+        fetch(twin, OK, provider=provider, preset="dsql")
     assert signer.calls == 0
 
 
@@ -148,7 +148,7 @@ def pool_settings(twin: str, endpoint: Endpoint | str, **options: Any) -> dict[s
 def test_pools_apply_the_same_preset_defaults(host: str, preset: str | None) -> None:
     """For every preset both pools get the same conninfo, sizes, timeouts, lifetime and check."""
     endpoint = f"postgresql://admin@{host}/postgres"
-    options: dict[str, Any] = {} if preset is None else {"profile": preset}
+    options: dict[str, Any] = {} if preset is None else {"preset": preset}
     assert pool_settings("sync", endpoint, **options) == pool_settings("async", endpoint, **options)
 
 
@@ -171,7 +171,8 @@ def pooled_across_expiry(twin: str, emulator: Emulator, provider: TokenProvider)
         emulator.clock.advance(901.0)  # the first token has expired
 
     if twin == "sync":
-        with iampg.ConnectionPool(provider=provider, min_size=1, max_size=2, open=True) as pool:
+        with iampg.ConnectionPool(provider=provider, min_size=1, max_size=1, open=True) as pool:
+            pool.wait()  # no connection attempt is still under way when the clock moves
             with pool.connection() as conn:
                 first = conn.execute(OK).fetchone()
             expire()
@@ -181,7 +182,8 @@ def pooled_across_expiry(twin: str, emulator: Emulator, provider: TokenProvider)
             return [first, second, pool.get_stats().get("connections_errors", 0)]
 
     async def main() -> list[Any]:
-        async with iampg.AsyncConnectionPool(provider=provider, min_size=1, max_size=2) as pool:
+        async with iampg.AsyncConnectionPool(provider=provider, min_size=1, max_size=1) as pool:
+            await pool.wait()
             async with pool.connection() as conn:
                 first = await (await conn.execute(OK)).fetchone()
             expire()
