@@ -623,6 +623,35 @@ def _missing_emulator(args: argparse.Namespace, out: TextIO) -> int:  # noqa: AR
     raise ConfigurationError("the emulator needs extra packages: pip install 'iampg[emulator]'")
 
 
+# -- ca -----------------------------------------------------------------------------------
+
+
+def _cmd_ca(args: argparse.Namespace, out: TextIO) -> int:
+    from iampg import _trust  # noqa: PLC0415
+
+    if not (args.endpoint or args.host):
+        override = _trust.override()
+        lines = [str(_trust.directory())] if args.path else _trust.report()
+        if override and not args.path:
+            lines.append(f"{_trust.ENV_VAR}={override}: used instead of the files above")
+        out.write("".join(f"{line}\n" for line in lines))
+        return EXIT_OK
+    if args.user is None:  # the CA file does not depend on the user: do not require one
+        args.user = "postgres"
+    endpoint = _endpoint(args)
+    given = endpoint.params.get("sslrootcert")
+    path = Path(given) if given else _trust.root_file(endpoint)
+    if args.path:
+        out.write(f"{path}\n")
+        return EXIT_OK
+    source = (
+        "sslrootcert given" if given else _trust.ENV_VAR if os.environ.get(_trust.ENV_VAR) else ""
+    )
+    summary = _trust.describe(path) or f"not one of iampg's files ({source})"
+    out.write(f"{path}\n{summary}\n")
+    return EXIT_OK
+
+
 # -- the parser ---------------------------------------------------------------------------
 
 
@@ -735,6 +764,20 @@ def _parser() -> argparse.ArgumentParser:
     else:
         _cli.add_arguments(emulate)
         emulate.set_defaults(func=_cmd_emulate)
+
+    ca = command(
+        "ca",
+        "show the shipped AWS trust store, or the CA file an endpoint uses",
+        "Without an endpoint: print where iampg's AWS trust store is, when it was built and "
+        "what it holds. With one: print the CA file (sslrootcert) its connections verify the "
+        "server with, and what that file is. IAMPG_SSLROOTCERT=FILE replaces the store.",
+        _ENDPOINT_HELP.replace(_EXIT_CODES, "")
+        + "exit codes: 0 printed; 1 the trust store cannot be read; 2 usage error (bad "
+        "arguments or endpoint,\nor IAMPG_SSLROOTCERT names a file that does not exist).",
+    )
+    _add_endpoint_arguments(ca)
+    ca.add_argument("--path", action="store_true", help="print only the file's path")
+    ca.set_defaults(func=_cmd_ca)
     return parser
 
 
