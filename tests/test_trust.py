@@ -49,16 +49,15 @@ def _make_cert(
     key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | None = None,
     not_before: dt.datetime | None = None,
     not_after: dt.datetime | None = None,
-    rds: bool = True,
+    org: str = "Amazon Web Services, Inc.",
 ) -> x509.Certificate:
     """Return a self-signed certificate named like an RDS CA (or just ``cn``)."""
     key = key or ec.generate_private_key(ec.SECP384R1())
     attrs = [x509.NameAttribute(NameOID.COUNTRY_NAME, "US")]
-    if rds:
-        attrs += [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Amazon Web Services, Inc."),
-            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "Amazon RDS"),
-        ]
+    attrs += [
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "Amazon RDS"),
+    ]
     attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
     name = x509.Name(attrs)
     return (
@@ -116,6 +115,8 @@ def test_builder_rejects_a_subject_that_does_not_match_the_role() -> None:
     """A CA given as an RDS CA or as an Amazon root, but named otherwise, is refused."""
     with pytest.raises(builder.TrustStoreError, match="given as an RDS CA"):
         builder.check_certificate(_make_cert("Totally Legit Root CA"), "rds", now=NOW)
+    with pytest.raises(builder.TrustStoreError, match="given as an RDS CA"):
+        builder.check_certificate(_make_cert(GOOD_CN, org="Example Corp"), "rds", now=NOW)
     with pytest.raises(builder.TrustStoreError, match="given as an Amazon public root"):
         builder.check_certificate(_make_cert("Amazon Root CA 1"), "amazon-root", now=NOW)
 
