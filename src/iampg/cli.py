@@ -247,7 +247,7 @@ def _cmd_ca(args: argparse.Namespace, out: TextIO) -> int:
         args.user = "postgres"
     endpoint = _endpoint(args)
     given = endpoint.params.get("sslrootcert")
-    path = Path(given) if given else _trust.root_file(endpoint)
+    path = given or str(_trust.root_file(endpoint))
     if args.path:
         out.write(f"{path}\n")
         return EXIT_OK
