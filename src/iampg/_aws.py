@@ -33,11 +33,79 @@ class _DropSigningDetails(logging.Filter):
         return record.msg not in self._SECRET_MESSAGES
 
 
+# Names whose values are secrets, wherever botocore or urllib3 show them: credentials in STS
+# (XML), container and SSO (JSON) answers, SSO/OIDC tokens, and the session token and
+# signature of the requests botocore sends (headers and query strings).
+_MASKED_FIELDS = (
+    "SecretAccessKey|SessionToken|Token|AccessToken|RefreshToken|IdToken|ClientSecret|"
+    "X-Amz-Security-Token|X-Amz-Signature|Authorization|X-aws-ec2-metadata-token"
+)
+_MASK = "***"
+
+# The loggers of botocore and urllib3 that show requests, answers or credentials at DEBUG
+# (a logger's filters see only the records logged on it, so each one is named).
+_MASKED_LOGGERS = (
+    "botocore.auth",
+    "botocore.awsrequest",
+    "botocore.credentials",
+    "botocore.endpoint",
+    "botocore.httpsession",
+    "botocore.parsers",
+    "botocore.retryhandler",
+    "botocore.tokens",
+    "botocore.utils",
+    "urllib3.connectionpool",
+)
+
+
+class _MaskCredentials(logging.Filter):
+    """Mask secret values in botocore's and urllib3's DEBUG records; let the record through.
+
+    With DEBUG on, botocore logs the body and headers of every answer it parses: for STS
+    ``AssumeRole``, SSO and container credentials that is the role's secret key and session
+    token. It also logs each request it sends, with the session token of the credentials that
+    signed it. A record whose text names one of these secrets gets that value replaced by
+    ``***`` (the rest of the record, useful for debugging, stays).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        import re  # noqa: PLC0415 -- compiled when the first AwsSigner is made
+
+        names = _MASKED_FIELDS
+        self._patterns = (
+            # "Name": "value", 'Name': b'value', Name=value (JSON, dict reprs, query strings)
+            re.compile(rf"""(?i)((?<![\w-])["']?(?:{names})["']?\s*[:=]\s*b?["']?)[^"'&\s,}}]+"""),
+            # <Name>value</Name> (STS's XML)
+            re.compile(rf"(?i)(<(?:{names})>)[^<]+"),
+            # the signature in an Authorization header value
+            re.compile(r"(?i)(Signature=)[0-9a-f]{16,}"),
+        )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 -- a broken record is logging's to report, not ours
+            return True
+        masked = text
+        for pattern in self._patterns:
+            masked = pattern.sub(rf"\g<1>{_MASK}", masked)
+        if masked != text:
+            record.msg, record.args = masked, ()
+        return True
+
+
 def _redact_botocore_signing_logs() -> None:
     auth = logging.getLogger("botocore.auth")
     if not any(isinstance(f, _DropSigningDetails) for f in auth.filters):
         auth.addFilter(_DropSigningDetails())
         _logger.debug("botocore.auth debug records with signing details are dropped")
+    mask: _MaskCredentials | None = None
+    for name in _MASKED_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _MaskCredentials) for f in logger.filters):
+            mask = mask or _MaskCredentials()
+            logger.addFilter(mask)
 
 
 # botocore's name for where credentials came from, and what it means to a reader.
@@ -91,7 +159,9 @@ class AwsSigner:
 
     botocore logs the parts of each signature at DEBUG, which for an IAM token amounts to
     the token: an ``AwsSigner`` adds a filter to the ``botocore.auth`` logger that
-    drops those three records, and nothing else.
+    drops those three records. It also logs the answers it parses (with a role's, SSO's or
+    a container's secret key and session token) and the requests it sends (with their session
+    token): those records are kept with each secret value replaced by ``***``.
 
     An ``AwsSigner`` is thread-safe and may serve any number of providers: providers made
     with the same credential arguments share one automatically.
