@@ -9,6 +9,7 @@ import weakref
 from typing import Any, NamedTuple
 
 from iampg._endpoint import Endpoint
+from iampg._options import option, options
 from iampg._signer import RDS_TOKEN_LIFETIME, SignedToken, dsql_action
 from iampg.errors import ConfigurationError
 
@@ -493,12 +494,12 @@ _EXPLANATIONS: tuple[tuple[frozenset[str], str], ...] = (
         frozenset({"NoCredentialsError"}),
         (
             "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or "
-            "AWS_PROFILE, or pass session=, profile= or static keys"
+            "AWS_PROFILE, or pass {sources}"
         ),
     ),
     (
         frozenset({"ProfileNotFound"}),
-        "AWS profile not found ({text}): check AWS_PROFILE or profile=",
+        "AWS profile not found ({text}): check {profile}",
     ),
     (
         frozenset({"PartialCredentialsError", "InvalidConfigError"}),
@@ -542,5 +543,10 @@ def describe_signing_error(exc: BaseException) -> str:
         return "clock skew: the local clock is too far from AWS time; synchronise it (NTP)"
     for names, explanation in _EXPLANATIONS:
         if name in names or code in names:
-            return explanation.format(text=text, what=code or name)
+            return explanation.format(
+                text=text,
+                what=code or name,
+                sources=options("session", "profile", "aws_access_key_id"),
+                profile=option("profile"),
+            )
     return f"signing failed with {name}: {text}"

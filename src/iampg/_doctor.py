@@ -119,6 +119,8 @@ class Doctor:
         profile: The AWS profile to sign with (default: botocore's default chain).
         timeout: Seconds each network check may take.
         out: Where each check's line is written as soon as it is done, or ``None``.
+        allow_insecure: Allow an ``sslmode`` that may send the token unencrypted to a host
+            other than loopback (as :func:`iampg.connect` does).
 
     Raises:
         ConfigurationError: ``timeout`` is not a positive number of seconds.
@@ -131,6 +133,7 @@ class Doctor:
         profile: str | None = None,
         timeout: float = 10.0,
         out: TextIO | None = None,
+        allow_insecure: bool = False,
     ) -> None:
         if not timeout > 0:
             raise ConfigurationError(f"the timeout must be more than 0 seconds, not {timeout}")
@@ -138,6 +141,7 @@ class Doctor:
         self.profile = profile
         self.timeout = float(timeout)
         self.out = out
+        self.allow_insecure = allow_insecure
         self.endpoint: Endpoint | None = None
         self.params: dict[str, str] = {}
         self.provider: TokenProvider | None = None
@@ -203,7 +207,7 @@ class Doctor:
     def check_endpoint(self) -> str:
         try:
             ep = self._make_endpoint()
-            params = connect_params(ep, allow_insecure=False)
+            params = connect_params(ep, allow_insecure=self.allow_insecure)
         except ConfigurationError as exc:
             raise _CheckFailedError(str(exc), "fix the endpoint (see iampg doctor --help)") from exc
         self.endpoint = ep
@@ -388,6 +392,7 @@ class Doctor:
                 provider=self.provider,
                 connect_timeout=str(max(1, round(self.timeout))),
                 autocommit=True,
+                allow_insecure=self.allow_insecure,
             )
         except AuthenticationError as exc:
             raise _CheckFailedError(

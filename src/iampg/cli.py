@@ -26,8 +26,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from iampg._dsn import alembic_url, conninfo, env, pgpass, sqlalchemy_url, url
+from iampg._dsn import alembic_url, connect_params, conninfo, env, pgpass, sqlalchemy_url, url
 from iampg._endpoint import Endpoint
+from iampg._options import cli_spelling
 from iampg._tokens import TokenProvider
 from iampg.errors import ConfigurationError, Error
 
@@ -89,6 +90,15 @@ def _add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--profile", help="AWS profile to sign with")
 
 
+def _add_insecure_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-insecure",
+        action="store_true",
+        help="allow an sslmode that may send the token unencrypted (disable, allow, prefer) "
+        "to a host other than loopback",
+    )
+
+
 def _endpoint(args: argparse.Namespace) -> Endpoint:
     overrides: dict[str, Any] = {
         "host": args.host,
@@ -106,7 +116,9 @@ def _endpoint(args: argparse.Namespace) -> Endpoint:
 
 
 def _provider(args: argparse.Namespace) -> TokenProvider:
-    return TokenProvider(_endpoint(args), profile=args.profile)
+    endpoint = _endpoint(args)
+    connect_params(endpoint)  # refuses settings that could send the token unencrypted
+    return TokenProvider(endpoint, profile=args.profile)
 
 
 # -- token, url, env ----------------------------------------------------------------------
@@ -119,12 +131,17 @@ def _cmd_token(args: argparse.Namespace, out: TextIO) -> int:
 
 def _cmd_url(args: argparse.Namespace, out: TextIO) -> int:
     provider = _provider(args)
+    insecure: bool = args.allow_insecure
     formats: dict[str, Callable[[], str]] = {
-        "url": lambda: url(provider=provider),
-        "alembic": lambda: alembic_url(provider=provider, driver=args.driver),
-        "conninfo": lambda: conninfo(provider=provider),
-        "sqlalchemy": lambda: sqlalchemy_url(provider=provider, driver=args.driver),
-        "pgpass": lambda: pgpass(provider=provider),
+        "url": lambda: url(provider=provider, allow_insecure=insecure),
+        "alembic": lambda: alembic_url(
+            provider=provider, driver=args.driver, allow_insecure=insecure
+        ),
+        "conninfo": lambda: conninfo(provider=provider, allow_insecure=insecure),
+        "sqlalchemy": lambda: sqlalchemy_url(
+            provider=provider, driver=args.driver, allow_insecure=insecure
+        ),
+        "pgpass": lambda: pgpass(provider=provider, allow_insecure=insecure),
     }
     out.write(formats[args.format]() + "\n")
     return EXIT_OK
@@ -141,7 +158,7 @@ def _dotenv_value(value: str) -> str:
 
 
 def _cmd_env(args: argparse.Namespace, out: TextIO) -> int:
-    variables = env(provider=_provider(args))
+    variables = env(provider=_provider(args), allow_insecure=args.allow_insecure)
     if args.format == "json":
         out.write(json.dumps(variables, indent=2) + "\n")
     elif args.format == "dotenv":
@@ -164,7 +181,7 @@ def _cmd_psql(args: argparse.Namespace, out: TextIO) -> int:  # noqa: ARG001
             file=sys.stderr,
         )
         return EXIT_NOT_FOUND
-    variables = env(provider=_provider(args))
+    variables = env(provider=_provider(args), allow_insecure=args.allow_insecure)
     child_env = {k: v for k, v in os.environ.items() if k not in _PSQL_DROPPED_ENV}
     child_env.update(variables)
     argv = [program, *args.passthrough]
@@ -193,6 +210,7 @@ def _cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
         profile=args.profile,
         timeout=args.timeout,
         out=None if args.json else out,
+        allow_insecure=args.allow_insecure,
     )
     report = doctor.run()
     out.write((report.to_json() if args.json else report.summary()) + "\n")
@@ -251,6 +269,7 @@ def _parser() -> argparse.ArgumentParser:
         _ENDPOINT_HELP,
     )
     _add_endpoint_arguments(url_parser)
+    _add_insecure_argument(url_parser)
     url_parser.add_argument(
         "--format",
         choices=("url", "alembic", "conninfo", "sqlalchemy", "pgpass"),
@@ -274,6 +293,7 @@ def _parser() -> argparse.ArgumentParser:
         _ENDPOINT_HELP,
     )
     _add_endpoint_arguments(env_parser)
+    _add_insecure_argument(env_parser)
     env_parser.add_argument(
         "--format",
         choices=("shell", "dotenv", "json"),
@@ -290,6 +310,7 @@ def _parser() -> argparse.ArgumentParser:
         _PSQL_HELP,
     )
     _add_endpoint_arguments(psql)
+    _add_insecure_argument(psql)
     psql.add_argument("--psql", metavar="PATH", help="the psql program (default: psql on PATH)")
     psql.set_defaults(func=_cmd_psql)
 
@@ -300,6 +321,7 @@ def _parser() -> argparse.ArgumentParser:
         _DOCTOR_HELP,
     )
     _add_endpoint_arguments(doctor)
+    _add_insecure_argument(doctor)
     doctor.add_argument(
         "--timeout",
         type=float,
@@ -346,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         args.passthrough = passthrough
         func: Callable[[argparse.Namespace, TextIO], int] = args.func
-        return _run(func, args)
+        with cli_spelling():  # messages name --options and variables, not Python keywords
+            return _run(func, args)
     except KeyboardInterrupt:
         print("iampg: interrupted", file=sys.stderr)  # noqa: T201
         return EXIT_INTERRUPTED
