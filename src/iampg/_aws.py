@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import threading
 import weakref
 from typing import Any, NamedTuple
@@ -146,6 +147,34 @@ class CredentialsInfo(NamedTuple):
     expires_in: float | None
 
 
+# What botocore's default chain reads from the environment to find credentials: when one of
+# these changes (new keys, a new container credentials endpoint or token), a signer that
+# resolved from the chain resolves again.
+_CHAIN_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_CREDENTIAL_EXPIRATION",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+)
+
+
+def _chain_environment() -> int:
+    """Return a fingerprint of the credential variables (a hash: it holds no secret)."""
+    environ = os.environ
+    return hash(tuple(environ.get(name) for name in _CHAIN_VARIABLES))
+
+
 _shared: weakref.WeakValueDictionary[tuple[object, ...], AwsSigner] = weakref.WeakValueDictionary()
 _shared_lock = threading.Lock()
 
@@ -263,6 +292,9 @@ class AwsSigner:
         _redact_botocore_signing_logs()
         self._signing_session: Any = None
         self._credentials_source: Any = None
+        # Credentials found by botocore's chain follow the environment they came from.
+        self._follows_environment = session is None and self._keys is None
+        self._environment: int | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -342,11 +374,18 @@ class AwsSigner:
         return session
 
     def _credentials(self, region: str | None) -> Any:
-        """Return the botocore credentials object that signs (made once; it refreshes itself)."""
+        """Return the botocore credentials object that signs (made once; it refreshes itself).
+
+        Made again when the environment the default chain read has changed since.
+        """
         credentials = self._credentials_source
-        if credentials is not None:
+        environment = _chain_environment() if self._follows_environment else None
+        if credentials is not None and environment == self._environment:
             return credentials
         with self._lock:
+            if self._credentials_source is not None and environment != self._environment:
+                _logger.info("the AWS credential variables changed: resolving credentials again")
+                self._signing_session = self._credentials_source = None
             if self._credentials_source is None:
                 if self._signing_session is None:
                     self._signing_session = self._make_signing_session(region)
@@ -356,11 +395,34 @@ class AwsSigner:
 
                     raise botocore.exceptions.NoCredentialsError
                 self._credentials_source = credentials
+                self._environment = environment
             return self._credentials_source
 
-    def _credentials_ttl(self) -> float | None:
-        """Return the seconds the signing credentials have left, or None if they don't expire."""
-        credentials = self._credentials_source
+    def refresh_credentials(self) -> None:
+        """Fetch the credentials again before the next token (after a refused token).
+
+        Credentials from the default chain, a profile or a role are resolved anew: the chain
+        runs again (environment, container endpoint, SSO ...) and a role is assumed again.
+        Refreshable credentials of a ``session`` you gave are made to refresh now. Static
+        keys have nothing to fetch.
+        """
+        with self._lock:
+            credentials = self._credentials_source
+            if self._session is None or self._role is not None:
+                self._signing_session = self._credentials_source = None
+                _logger.debug("%r: credentials dropped; the next token resolves them", self)
+                return
+        # A session of the caller's keeps its own credentials object: refresh it in place,
+        # under its own lock, as botocore does when they are about to expire.
+        refresh = getattr(credentials, "_protected_refresh", None)
+        lock = getattr(credentials, "_refresh_lock", None)
+        if callable(refresh) and lock is not None:
+            with lock:
+                refresh(is_mandatory=True)
+
+    @staticmethod
+    def _credentials_ttl(credentials: Any) -> float | None:
+        """Return the seconds ``credentials`` have left, or None if they don't expire."""
         # botocore keeps the expiry of refreshable credentials here; static ones have none.
         expiry = getattr(credentials, "_expiry_time", None)
         if not isinstance(expiry, dt.datetime):
@@ -389,7 +451,7 @@ class AwsSigner:
             source=_SOURCES.get(method, method),
             temporary=bool(frozen.token),
             key_suffix=key[-_SHOWN_KEY:] if len(key) > _SHORT_KEY else "",
-            expires_in=self._credentials_ttl(),
+            expires_in=self._credentials_ttl(credentials),
         )
 
     # -- signing --------------------------------------------------------------------------
@@ -402,7 +464,7 @@ class AwsSigner:
             lifetime: Seconds a DSQL token lasts (1 to 604 800). RDS tokens last 900 s.
         """
         credentials = self._credentials(endpoint.region)
-        ttl = self._credentials_ttl()
+        ttl = self._credentials_ttl(credentials)
         if endpoint.kind == "dsql":
             token = _presign(
                 credentials,
@@ -423,7 +485,7 @@ class AwsSigner:
                 expires=int(RDS_TOKEN_LIFETIME),
             )
         # Read again: signing may have refreshed the credentials (a later expiry).
-        after = self._credentials_ttl()
+        after = self._credentials_ttl(credentials)
         if ttl is None or (after is not None and after > ttl):
             ttl = after
         return SignedToken(token, lifetime, ttl)

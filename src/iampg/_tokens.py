@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from iampg import _refresh
@@ -35,6 +36,7 @@ RefreshStrategy = Literal["lazy", "ahead"]
 other frozen CPUs). ``ahead``: a background thread refreshes it before it is due."""
 
 _AHEAD_MAX_SLEEP = 60.0  # the background refresher re-checks at least this often (seconds)
+_CREDENTIALS_RETRY = 30.0  # a refused token re-fetches credentials at most this often (seconds)
 
 
 # TokenStats is a named tuple, not a dataclass: making a dataclass at import costs ~1 ms,
@@ -178,6 +180,7 @@ class TokenProvider:
         self._refreshes = 0
         self._failed = 0
         self._last_duration: float | None = None
+        self._credentials_refreshed_at: float | None = None
         # One in-flight refresh per event loop, so tasks queue on a future, not on threads.
         self._inflight: dict[asyncio.AbstractEventLoop, asyncio.Future[str]] = {}
         self._strategy: RefreshStrategy = refresh
@@ -262,14 +265,35 @@ class TokenProvider:
         """Forget the cached token so the next caller signs a new one.
 
         Call it after the server refused the token. Pass the refused ``token`` to forget it
-        only if it is still the cached one (a newer token is kept).
+        only if it is still the cached one (a newer token is kept). A refused token that was
+        the current one also makes the signer fetch its credentials again (when it has a
+        ``refresh_credentials()`` method, as :class:`iampg.AwsSigner` does), so keys that were
+        revoked or rotated are not signed with until they expire; at most once every
+        30 seconds, so a refusal for another reason does not hammer the credentials service.
         """
+        refresh: Callable[[], None] | None = None
         with self._lock:
             cached = self._cached
             if cached is not None and (token is None or token == cached.token):
                 logger.debug("token invalidated for %s", self._endpoint.host)
                 self._cached = None
                 self._retry_at = 0.0
+                now = self._clock()
+                if token is not None and (
+                    self._credentials_refreshed_at is None
+                    or now - self._credentials_refreshed_at >= _CREDENTIALS_RETRY
+                ):
+                    refresh = getattr(self._signer, "refresh_credentials", None)
+                    self._credentials_refreshed_at = now
+        if refresh is not None:
+            logger.info(
+                "token refused by %s; fetching the credentials again before the next token",
+                self._endpoint.host,
+            )
+            try:
+                refresh()
+            except Exception as exc:  # noqa: BLE001 -- the next signing reports the failure
+                logger.debug("dropping the signer's credentials failed: %s", type(exc).__name__)
 
     def stats(self) -> TokenStats:
         """Return the provider's counters and the cached token's remaining time."""
