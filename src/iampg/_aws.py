@@ -177,6 +177,7 @@ def _chain_environment() -> int:
 
 _shared: weakref.WeakValueDictionary[tuple[object, ...], AwsSigner] = weakref.WeakValueDictionary()
 _shared_lock = threading.Lock()
+_signers: weakref.WeakSet[AwsSigner] = weakref.WeakSet()  # every signer, for the fork handler
 
 
 class AwsSigner:
@@ -296,6 +297,7 @@ class AwsSigner:
         self._follows_environment = session is None and self._keys is None
         self._environment: int | None = None
         self._lock = threading.Lock()
+        _signers.add(self)
 
     @classmethod
     def shared(cls, **options: Any) -> AwsSigner:
@@ -398,6 +400,20 @@ class AwsSigner:
                 self._environment = environment
             return self._credentials_source
 
+    def _after_fork_in_child(self) -> None:
+        """Make the copy a forked child inherited usable: only the forking thread survived.
+
+        Another thread of the parent may have held this signer's lock, or botocore's refresh
+        lock of the credentials, at the moment of the fork: the child gets a new lock and
+        resolves its own credentials (a session you gave keeps its credentials object, with
+        a new refresh lock).
+        """
+        self._lock = threading.Lock()
+        if self._session is None or self._role is not None:
+            self._signing_session = self._credentials_source = None
+        elif hasattr(self._credentials_source, "_refresh_lock"):
+            self._credentials_source._refresh_lock = threading.Lock()  # noqa: SLF001
+
     def refresh_credentials(self) -> None:
         """Fetch the credentials again before the next token (after a refused token).
 
@@ -489,6 +505,17 @@ class AwsSigner:
         if ttl is None or (after is not None and after > ttl):
             ttl = after
         return SignedToken(token, lifetime, ttl)
+
+
+def _after_fork_in_child() -> None:
+    global _shared_lock  # noqa: PLW0603 -- replaced, as the parent's may be held
+    _shared_lock = threading.Lock()
+    for signer in list(_signers):
+        signer._after_fork_in_child()  # noqa: SLF001 -- the module's own class
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _presign(

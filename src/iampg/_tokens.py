@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -187,12 +188,30 @@ class TokenProvider:
         self._stop = threading.Event()
         self._ahead: threading.Thread | None = None
         if refresh == "ahead":
-            self._ahead = threading.Thread(
-                target=self._refresh_ahead,
-                name=f"iampg-refresh-{self._endpoint.host}",
-                daemon=True,
-            )
-            self._ahead.start()
+            self._start_ahead()
+        _providers.add(self)
+
+    def _start_ahead(self) -> None:
+        self._ahead = threading.Thread(
+            target=self._refresh_ahead,
+            name=f"iampg-refresh-{self._endpoint.host}",
+            daemon=True,
+        )
+        self._ahead.start()
+
+    def _after_fork_in_child(self) -> None:
+        """Make the copy a forked child inherited usable: only the forking thread survived.
+
+        A lock held by another thread of the parent (signing at the moment of the fork)
+        would never be released: the child gets new locks, forgets in-flight refreshes of
+        the parent's event loops, and restarts the ahead refresher that did not survive.
+        The cached token still works (a token is not tied to a process).
+        """
+        self._lock = threading.Lock()
+        self._inflight = {}
+        if self._ahead is not None and not self._stop.is_set():
+            self._stop = threading.Event()
+            self._start_ahead()
 
     @property
     def endpoint(self) -> Endpoint:
@@ -425,6 +444,19 @@ class TokenProvider:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+# Every provider, for the fork handler below (weakly: a provider no one uses may go).
+_providers: weakref.WeakSet[TokenProvider] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for provider in list(_providers):
+        provider._after_fork_in_child()  # noqa: SLF001 -- the module's own class
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _lifetime(endpoint: Endpoint, lifetime: float | None) -> float:
