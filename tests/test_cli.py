@@ -412,3 +412,15 @@ def test_doctor_takes_a_preset_in_any_spelling(
     assert "'dsql' does not fit a rds endpoint" in capsys.readouterr().err
     assert main([*args, "--preset", "serverless"]) == 2
     assert "unknown preset 'serverless'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["token", "url", "env"])
+def test_allow_insecure_lets_a_plaintext_sslmode_through(
+    capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """--sslmode disable is refused towards a remote host unless --allow-insecure is given."""
+    args = [command, HOST, "-U", "app", "--sslmode", "disable"]
+    assert main(args) == 2
+    assert "--allow-insecure" in capsys.readouterr().err
+    assert main([*args, "--allow-insecure"]) == 0
+    assert capsys.readouterr().out
