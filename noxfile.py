@@ -41,7 +41,8 @@ _RUN_WITH_TIMEOUT = (
 @nox.session
 def examples(session: nox.Session) -> None:
     """Run every example against the embedded emulator (the CI check of examples/)."""
-    session.install("-e", ".[emulator,binary,sqlalchemy,asyncpg,django]", *_group("examples"))
+    extras = ".[emulator,binary,sqlalchemy,asyncpg,django,psycopg2]"
+    session.install("-e", extras, *_group("examples"))
     # An empty PGHOST makes each example start the emulator instead of going to AWS.
     env = {"PGHOST": ""}
     for example in EXAMPLES:
