@@ -7,14 +7,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
-
-import psycopg
-import psycopg_pool
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from iampg import _refresh
-from iampg._lost import apurge, purge
 from iampg.errors import ConfigurationError, Error
+
+if TYPE_CHECKING:
+    import psycopg
+    import psycopg_pool
 
 __all__ = [
     "RETRYABLE_SQLSTATES",
@@ -206,6 +206,11 @@ def retry_transaction(
         psycopg.Error: The last attempt's error, or any error that is not retryable.
         ConfigurationError: Bad ``attempts``, ``base`` or ``cap``.
     """
+    import psycopg  # noqa: PLC0415 -- psycopg loads when a psycopg helper is used
+    import psycopg_pool  # noqa: PLC0415
+
+    from iampg._lost import purge  # noqa: PLC0415
+
     check_options(attempts, base, cap)
     for attempt in range(1, attempts + 1):
         conn: psycopg.Connection[Any] | None = None
@@ -244,6 +249,11 @@ async def aretry_transaction(
 
     The asynchronous twin of :func:`retry_transaction`.
     """
+    import psycopg  # noqa: PLC0415 -- psycopg loads when a psycopg helper is used
+    import psycopg_pool  # noqa: PLC0415
+
+    from iampg._lost import apurge  # noqa: PLC0415
+
     check_options(attempts, base, cap)
     for attempt in range(1, attempts + 1):
         conn: psycopg.AsyncConnection[Any] | None = None

@@ -16,7 +16,7 @@ import iampg
 from iampg import Endpoint
 from iampg.emulator import Emulator
 from iampg.integrations import sqlalchemy as iampg_sqlalchemy
-from support import endpoint_for
+from support import ContendedCounter, endpoint_for, terminate_backend
 
 TABLE = "iampg_retry_sa"
 
@@ -30,34 +30,22 @@ FAST: Backoff = {"base": 0.001, "cap": 0.01}
 
 
 @pytest.fixture
-def ep(emulator: Emulator) -> Endpoint:
-    """The emulator's endpoint, with a fresh one-row counter table."""
-    endpoint = endpoint_for(emulator)
-    with iampg.connect(endpoint, autocommit=True) as conn:
-        conn.execute(f"drop table if exists {TABLE}")
-        conn.execute(f"create table {TABLE} (id int primary key, n int not null)")
-        conn.execute(f"insert into {TABLE} values (1, 0)")
-    return endpoint
+def counter(emulator: Emulator) -> ContendedCounter:
+    """A fresh one-row counter table behind the emulator."""
+    return ContendedCounter(endpoint_for(emulator), TABLE)
 
 
-def _bump_elsewhere(ep: Endpoint) -> None:
-    """Commit an update of the counter from another connection."""
-    with iampg.connect(ep, autocommit=True) as other:
-        other.execute(f"update {TABLE} set n = n + 100 where id = 1")
-
-
-def _counter(ep: Endpoint) -> int:
-    with iampg.connect(ep) as conn:
-        row = conn.execute(f"select n from {TABLE} where id = 1").fetchone()
-    assert row is not None
-    return int(row[0])
+@pytest.fixture
+def ep(counter: ContendedCounter) -> Endpoint:
+    """The emulator's endpoint."""
+    return counter.endpoint
 
 
 class Increment:
     """Read the counter and write it back plus one; the first run is raced by a commit."""
 
-    def __init__(self, ep: Endpoint) -> None:
-        self.ep = ep
+    def __init__(self, counter: ContendedCounter) -> None:
+        self.counter = counter
         self.calls = 0
 
     def __call__(self, target: sqlalchemy.Connection | Session) -> int:
@@ -65,16 +53,18 @@ class Increment:
         target.execute(text("set transaction isolation level repeatable read"))
         n = int(target.execute(text(f"select n from {TABLE} where id = 1")).scalar_one())
         if self.calls == 1:  # another transaction commits in between: ours must conflict
-            _bump_elsewhere(self.ep)
+            self.counter.bump_elsewhere()
         target.execute(text(f"update {TABLE} set n = :n where id = 1"), {"n": n + 1})
         return n + 1
 
 
 @pytest.mark.parametrize("kind", ["engine", "connection", "session", "sessionmaker"])
-def test_serialization_failure_runs_again_on_every_bind(ep: Endpoint, kind: str) -> None:
+def test_serialization_failure_runs_again_on_every_bind(
+    counter: ContendedCounter, ep: Endpoint, kind: str
+) -> None:
     """A real 40001 inside SQLAlchemy's OperationalError is found and the work runs again."""
     engine = iampg_sqlalchemy.create_engine(ep)
-    work = Increment(ep)
+    work = Increment(counter)
     try:
         if kind == "engine":
             result = iampg_sqlalchemy.retry_transaction(engine, work, **FAST)
@@ -90,24 +80,26 @@ def test_serialization_failure_runs_again_on_every_bind(ep: Endpoint, kind: str)
         engine.dispose()
     assert result == 101
     assert work.calls == 2
-    assert _counter(ep) == 101
+    assert counter.value() == 101
 
 
-def test_without_retry_the_conflict_surfaces(ep: Endpoint) -> None:
+def test_without_retry_the_conflict_surfaces(counter: ContendedCounter, ep: Endpoint) -> None:
     """Control: the same work in a plain engine.begin() fails with the serialization failure."""
     engine = iampg_sqlalchemy.create_engine(ep)
     try:
         with pytest.raises(sa_exc.OperationalError) as info, engine.begin() as conn:
-            Increment(ep)(conn)
+            Increment(counter)(conn)
     finally:
         engine.dispose()
     assert getattr(info.value.orig, "sqlstate", None) == "40001"
 
 
-def test_decorator_takes_the_session_as_first_argument(ep: Endpoint) -> None:
+def test_decorator_takes_the_session_as_first_argument(
+    counter: ContendedCounter, ep: Endpoint
+) -> None:
     """@retry_transaction(sessionmaker) runs the function with a session the caller omits."""
     engine = iampg_sqlalchemy.create_engine(ep)
-    work = Increment(ep)
+    work = Increment(counter)
 
     @iampg_sqlalchemy.retry_transaction(sessionmaker(engine), **FAST)
     def increment_by(session: Session, extra: int) -> int:
@@ -159,13 +151,6 @@ def test_other_errors_are_not_retried(ep: Endpoint) -> None:
     assert calls == 1
 
 
-def _terminate(ep: Endpoint, pid: int) -> None:
-    """End backend ``pid`` from another session and wait until it is gone."""
-    with iampg.connect(ep, autocommit=True) as admin:
-        row = admin.execute("select pg_terminate_backend(%s, 5000)", (pid,)).fetchone()
-    assert row == (True,)
-
-
 @pytest.mark.parametrize("kind", ["engine", "connection", "sessionmaker"])
 def test_lost_connection_runs_again_on_a_new_one(ep: Endpoint, kind: str) -> None:
     """A connection cut before COMMIT is replaced and the work runs again."""
@@ -176,7 +161,7 @@ def test_lost_connection_runs_again_on_a_new_one(ep: Endpoint, kind: str) -> Non
         pid = int(target.execute(text("select pg_backend_pid()")).scalar_one())
         pids.append(pid)
         if len(pids) == 1:
-            _terminate(ep, pid)  # the server goes away mid-transaction
+            terminate_backend(ep, pid)  # the server goes away mid-transaction
         return int(target.execute(text("select 7")).scalar_one())
 
     try:
@@ -226,7 +211,7 @@ def test_lost_during_commit_runs_again_only_if_idempotent(ep: Endpoint, idempote
         calls += 1
         pid = int(conn.execute(text("select pg_backend_pid()")).scalar_one())
         if calls == 1:  # gone before the COMMIT that ends this transaction is sent
-            _terminate(ep, pid)
+            terminate_backend(ep, pid)
 
     try:
         if idempotent:
@@ -255,7 +240,7 @@ def test_unknown_binds_and_bad_settings_are_refused(ep: Endpoint) -> None:
 
 
 @pytest.mark.parametrize("kind", ["engine", "connection", "session", "sessionmaker", "decorator"])
-def test_async_conflict_runs_again(ep: Endpoint, kind: str) -> None:
+def test_async_conflict_runs_again(counter: ContendedCounter, ep: Endpoint, kind: str) -> None:
     """The async twin finds 40001 inside SQLAlchemy's error on every async bind."""
     calls = 0
 
@@ -265,7 +250,7 @@ def test_async_conflict_runs_again(ep: Endpoint, kind: str) -> None:
         await target.execute(text("set transaction isolation level repeatable read"))
         n = int((await target.execute(text(f"select n from {TABLE} where id = 1"))).scalar_one())
         if calls == 1:
-            await asyncio.to_thread(_bump_elsewhere, ep)
+            await asyncio.to_thread(counter.bump_elsewhere)
         await target.execute(text(f"update {TABLE} set n = :n where id = 1"), {"n": n + 1})
         return n + 1
 
@@ -294,7 +279,7 @@ def test_async_conflict_runs_again(ep: Endpoint, kind: str) -> None:
 
     assert asyncio.run(main()) == 101
     assert calls == 2
-    assert _counter(ep) == 101
+    assert counter.value() == 101
 
 
 def test_async_lost_connection_runs_again(ep: Endpoint) -> None:
@@ -305,7 +290,7 @@ def test_async_lost_connection_runs_again(ep: Endpoint) -> None:
         pid = int((await conn.execute(text("select pg_backend_pid()"))).scalar_one())
         pids.append(pid)
         if len(pids) == 1:
-            await asyncio.to_thread(_terminate, ep, pid)
+            await asyncio.to_thread(terminate_backend, ep, pid)
         return int((await conn.execute(text("select 8"))).scalar_one())
 
     async def main() -> int:
