@@ -9,6 +9,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import settings
 
 import iampg
 from iampg import Endpoint
@@ -118,3 +119,13 @@ def terminate_backend(endpoint: Endpoint, pid: int) -> None:
     with iampg.connect(endpoint, autocommit=True) as admin:
         row = admin.execute("select pg_terminate_backend(%s, 5000)", (pid,)).fetchone()
     assert row == (True,)
+
+
+def examples(full: int) -> int:
+    """Return how many Hypothesis examples to run for a test that CI runs ``full`` times.
+
+    All of them under the ``ci`` profile (100 examples by default, as Hypothesis's own), the
+    same share of them as the loaded profile's ``max_examples`` otherwise, at least ten.
+    """
+    share = settings().max_examples / 100  # settings() holds the loaded profile's values
+    return max(min(full, 10), round(full * share))
