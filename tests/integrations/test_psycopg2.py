@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import psycopg2
@@ -15,7 +14,7 @@ import iampg
 from fakes import CountingSigner
 from iampg import Endpoint, TokenProvider
 from iampg._dsn import connect_params
-from iampg.emulator import Emulator
+from iampg.emulator import Backend, Emulator
 from iampg.integrations import psycopg2 as iampg_psycopg2
 from support import endpoint_for
 
@@ -180,11 +179,17 @@ def test_plaintext_to_a_remote_address_is_refused_before_signing() -> None:
 
 
 def test_another_host_than_the_signed_one_is_refused_before_signing(emulator: Emulator) -> None:
-    """A final host other than the signed one is refused: the token would go elsewhere."""
+    """A final host, port or address other than the signed ones, or a password, is refused."""
     signer = CountingSigner()
     provider = TokenProvider(endpoint_for(emulator), signer=signer)
-    with pytest.raises(iampg.ConfigurationError, match=re.escape(f"{emulator.host!r}")):
+    with pytest.raises(iampg.ConfigurationError, match="signed for"):
         iampg_psycopg2.connect(provider, host="localhost")
+    with pytest.raises(iampg.ConfigurationError, match="port="):
+        iampg_psycopg2.connect(provider, port=5432)
+    with pytest.raises(iampg.ConfigurationError, match="hostaddr="):
+        iampg_psycopg2.connect(provider, hostaddr="127.0.0.2")
+    with pytest.raises(iampg.ConfigurationError, match="password"):
+        iampg_psycopg2.connect(provider, password="sentinel-pw-7c1e9d")
     factory = iampg_psycopg2.connection_factory(provider)
     with pytest.raises(iampg.ConfigurationError, match="signed for"):
         psycopg2.connect("host=db.example.com", connection_factory=factory)
@@ -192,3 +197,35 @@ def test_another_host_than_the_signed_one_is_refused_before_signing(emulator: Em
         iampg_psycopg2.ThreadedConnectionPool(1, 1, provider, host="127.0.0.1")
     assert signer.calls == 0
     assert emulator.events == []
+
+
+@pytest.mark.slow
+def test_connect_waits_out_a_serverless_resume(backend: Backend) -> None:
+    """With the serverless preset, connect() retries past connect timeouts during a resume."""
+    with Emulator(
+        backend.dsn, profile="aurora-express", resume_delay=3.0, connect_latency=0.0
+    ) as emu:
+        emu.pause()
+        conn = iampg_psycopg2.connect(
+            endpoint_for(emu, connect_timeout="1"), preset="aurora-serverless", wait=20
+        )
+        try:
+            assert _who(conn)[0] == "postgres"
+        finally:
+            conn.close()
+        assert emu.state == "running"
+
+
+@pytest.mark.slow
+def test_a_resume_longer_than_wait_is_unavailable_for_both_hierarchies(backend: Backend) -> None:
+    """Past wait=, the error is both psycopg2.OperationalError and iampg.UnavailableError."""
+    with Emulator(
+        backend.dsn, profile="aurora-express", resume_delay=60.0, connect_latency=0.0
+    ) as emu:
+        emu.pause()
+        with pytest.raises(psycopg2.OperationalError) as caught:
+            iampg_psycopg2.connect(
+                endpoint_for(emu, connect_timeout="1"), preset="aurora-serverless", wait=2
+            )
+    assert isinstance(caught.value, iampg.UnavailableError)
+    assert "wait=" in str(caught.value)

@@ -13,28 +13,28 @@ the token is signed for), forgets a token the server refused and raises
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-from typing import Any
+import time
+from typing import Any, cast
 
 import psycopg2
 import psycopg2.extensions
 import psycopg2.pool
 
 import iampg.errors
-from iampg._defaults import defaults_for
-from iampg._diagnose import authentication_error, failure_kind
-from iampg._dsn import connect_params
-from iampg._endpoint import Endpoint
-from iampg._tokens import TokenProvider
-from iampg.errors import ConfigurationError
-from iampg.integrations import EndpointOrProvider, _resolve
+from iampg._connecting import Attempts, Secret, Target, check_extra, explain, prepare
+from iampg._diagnose import failure_kind
+from iampg.integrations import EndpointOrProvider
 
-__all__ = ["AuthenticationError", "ThreadedConnectionPool", "connect", "connection_factory"]
+__all__ = [
+    "AuthenticationError",
+    "ThreadedConnectionPool",
+    "UnavailableError",
+    "connect",
+    "connection_factory",
+]
 
 logger = logging.getLogger("iampg.integrations.psycopg2")
-
-_INSECURE_SSLMODES = frozenset({"disable", "allow", "prefer"})
 
 
 # The two bases type their ``diag`` differently; at runtime each is the driver's own.
@@ -48,63 +48,68 @@ class AuthenticationError(iampg.errors.AuthenticationError, psycopg2.Operational
     __module__ = "iampg.integrations.psycopg2"
 
 
-def _is_loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
+class UnavailableError(iampg.errors.UnavailableError, psycopg2.OperationalError):  # type: ignore[misc]
+    """The service kept turning new connections away until ``wait`` ran out.
+
+    Both a :class:`psycopg2.OperationalError` and an :class:`iampg.UnavailableError`.
+    """
+
+    __module__ = "iampg.integrations.psycopg2"
 
 
-def _final_params(
-    endpoint: Endpoint, given: dict[str, str], *, allow_insecure: bool
-) -> dict[str, str]:
-    """Merge ``given`` over the endpoint's parameters and check what libpq will receive.
+def _translated(error: Exception) -> Exception:
+    """Return iampg's verdict on a failed connect as the psycopg2 flavour of its class."""
+    if isinstance(error, iampg.errors.AuthenticationError):
+        return AuthenticationError(str(error))
+    if isinstance(error, iampg.errors.UnavailableError):
+        return UnavailableError(str(error))
+    return error
+
+
+def _final_params(target: Target, dsn: str) -> dict[str, str]:
+    """Merge the caller's DSN over the endpoint's parameters; check what libpq will receive.
 
     Raises:
-        ConfigurationError: The parameters would send the token to another host than the one
-            it is signed for, or without TLS to a non-loopback address.
+        ConfigurationError: The parameters would send the token to another host, address or
+            port than the one it is signed for, or without TLS to a non-loopback address, or
+            name a password, passfile or service.
     """
-    params = connect_params(endpoint, allow_insecure=allow_insecure)
-    params.setdefault("connect_timeout", str(defaults_for(endpoint, None).connect_timeout))
-    params.update(given)
-    params.pop("password", None)
-    host = params.get("host", "")
-    if host != endpoint.host:
-        raise ConfigurationError(
-            f"host {host!r} is not {endpoint.host!r}, the host the token is signed for: "
-            "pass that host as the endpoint, or dial another address with hostaddr="
-        )
-    dialled = params.get("hostaddr") or host
-    sslmode = params.get("sslmode", "prefer")
-    if sslmode in _INSECURE_SSLMODES and not _is_loopback(dialled) and not allow_insecure:
-        raise ConfigurationError(
-            f"sslmode={sslmode} could send the IAM token unencrypted to {dialled}: "
-            "use sslmode=require or verify-full (or allow_insecure=True if you really must)"
-        )
+    given = psycopg2.extensions.parse_dsn(dsn) if dsn else {}
+    check_extra(given)
+    params = {**target.params, **given}
+    target.check(params)
     return params
 
 
-def _explained(
-    error: psycopg2.OperationalError, provider: TokenProvider, token: str
-) -> psycopg2.OperationalError:
-    """Forget a refused token; return the error to raise (explained if it was the token)."""
-    kind = failure_kind(error)
-    if kind is None:
-        return error
-    if kind == "token":
-        provider.invalidate(token)
-        logger.info(
-            "token refused by %s; the next connection signs a new one", provider.endpoint.host
-        )
-    explained = authentication_error(error, provider.endpoint, kind)
-    return AuthenticationError(str(explained))
+def _factory(
+    connecting: Target, base: type[psycopg2.extensions.connection]
+) -> type[psycopg2.extensions.connection]:
+    """Subclass ``base``: each connection checked, signed, and its refusal explained."""
+    provider = connecting.provider
+
+    class IamConnection(base):  # type: ignore[valid-type,misc]
+        def __init__(self, dsn: str, *args: Any, **kwargs: Any) -> None:
+            params = _final_params(connecting, dsn)
+            token = Secret(provider.token())
+            try:
+                super().__init__(
+                    psycopg2.extensions.make_dsn(**params, password=token.value), *args, **kwargs
+                )
+            except psycopg2.OperationalError as exc:
+                error = explain(cast("Any", exc), provider, token)
+                if error is exc:
+                    raise
+                raise _translated(error) from exc
+
+    name = base.__name__
+    IamConnection.__name__ = IamConnection.__qualname__ = f"Iam{name[:1].upper()}{name[1:]}"
+    return IamConnection
 
 
 def connection_factory(
     target: EndpointOrProvider,
     *,
+    preset: str | None = None,
     allow_insecure: bool = False,
     base: type[psycopg2.extensions.connection] = psycopg2.extensions.connection,
 ) -> type[psycopg2.extensions.connection]:
@@ -123,6 +128,8 @@ def connection_factory(
     Args:
         target: The endpoint (a provider is made for it) or the :class:`iampg.TokenProvider`
             to share.
+        preset: ``rds``, ``aurora-serverless`` (or ``aurora-express``) or ``dsql``: the
+            service's ``connect_timeout``; defaults to the endpoint's service.
         allow_insecure: Allow an ``sslmode`` that may send the token in plaintext to a
             non-loopback host.
         base: The connection class to extend (e.g. :class:`psycopg2.extras.DictConnection`).
@@ -131,49 +138,34 @@ def connection_factory(
         ConfigurationError: Bad endpoint or options (checked here, and again on each
             connection's final parameters).
     """
-    endpoint, provider = _resolve(target)
-    connect_params(endpoint, allow_insecure=allow_insecure)
-
-    class IamConnection(base):  # type: ignore[valid-type,misc]
-        def __init__(self, dsn: str, *args: Any, **kwargs: Any) -> None:
-            given = psycopg2.extensions.parse_dsn(dsn) if dsn else {}
-            params = _final_params(endpoint, given, allow_insecure=allow_insecure)
-            token = provider.token()
-            try:
-                super().__init__(
-                    psycopg2.extensions.make_dsn(**params, password=token), *args, **kwargs
-                )
-            except psycopg2.OperationalError as exc:
-                error = _explained(exc, provider, token)
-                if error is exc:
-                    raise
-                raise error from exc
-
-    name = base.__name__
-    IamConnection.__name__ = IamConnection.__qualname__ = f"Iam{name[:1].upper()}{name[1:]}"
-    return IamConnection
-
-
-def _refused_token(error: AuthenticationError) -> bool:
-    return failure_kind(error) == "token"
+    return _factory(prepare(target, None, preset, allow_insecure=allow_insecure), base)
 
 
 def connect(
     target: EndpointOrProvider,
     *,
+    preset: str | None = None,
+    wait: float | None = None,
     allow_insecure: bool = False,
     connection_factory: type[psycopg2.extensions.connection] | None = None,
     **kwargs: Any,
 ) -> Any:
     """Open a psycopg2 connection that authenticates with a current IAM token.
 
-    A refused token is forgotten and the connect tried once more with a new one (temporary
-    credentials rotated since the cached token was signed, say); a second refusal raises
-    :class:`AuthenticationError` with the likely causes.
+    Behaves as :func:`iampg.connect`: a refused token is forgotten and the connect tried once
+    more with a new one (temporary credentials rotated since the cached token was signed,
+    say); a second refusal raises :class:`AuthenticationError` with the likely causes. While
+    the service says it is waking up or rate-limiting connections (DSQL), or, for Aurora
+    Serverless, while a connect times out during a resume, the connect is retried with
+    backoff for up to ``wait`` seconds.
 
     Args:
         target: The endpoint (a provider is made for it) or the :class:`iampg.TokenProvider`
             to share.
+        preset: ``rds``, ``aurora-serverless`` (or ``aurora-express``) or ``dsql``: the
+            service's ``connect_timeout`` and ``wait``; defaults to the endpoint's service.
+        wait: Seconds to keep retrying a cluster that is not accepting connections yet
+            (default from the preset); 0 disables it.
         allow_insecure: Allow an ``sslmode`` that may send the token in plaintext to a
             non-loopback host.
         connection_factory: A :class:`psycopg2.extensions.connection` subclass to extend.
@@ -188,20 +180,24 @@ def connect(
         ConfigurationError: Bad endpoint or options.
         TokenError: No token could be signed.
         AuthenticationError: The server refused the token twice, or TLS was off.
+        UnavailableError: The service was still turning connections away after ``wait``.
         psycopg2.OperationalError: The connection failed for another reason.
     """
-    base = connection_factory or psycopg2.extensions.connection
-    factory = _factory(target, allow_insecure=allow_insecure, base=base)
-    try:
-        return psycopg2.connect(connection_factory=factory, **kwargs)
-    except AuthenticationError as exc:
-        if not _refused_token(exc):
-            raise
-        logger.info("retrying once with a new token")
-    return psycopg2.connect(connection_factory=factory, **kwargs)
-
-
-_factory = connection_factory  # connect() has a parameter of that name
+    connecting = prepare(target, None, preset, allow_insecure=allow_insecure)
+    factory = _factory(connecting, connection_factory or psycopg2.extensions.connection)
+    attempts = Attempts(connecting, wait)
+    while True:
+        try:
+            return psycopg2.connect(connection_factory=factory, **kwargs)
+        except psycopg2.OperationalError as exc:
+            server = exc.__cause__ if isinstance(exc, iampg.errors.Error) else exc
+            try:
+                # The factory already forgot a refused token: nothing to forget here.
+                delay = attempts.failed(cast("Any", server), Secret(None))
+            except iampg.errors.Error as verdict:
+                raise _translated(verdict) from server
+        if delay:
+            time.sleep(delay)
 
 
 class ThreadedConnectionPool(psycopg2.pool.ThreadedConnectionPool):
@@ -228,6 +224,7 @@ class ThreadedConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         maxconn: Most connections open at a time.
         target: The endpoint (a provider is made for it) or the :class:`iampg.TokenProvider`
             to share.
+        preset: See :func:`connection_factory`.
         allow_insecure: See :func:`connect`.
         connection_factory: A :class:`psycopg2.extensions.connection` subclass to extend.
         **kwargs: Passed to :func:`psycopg2.connect` for every connection (libpq parameters,
@@ -243,12 +240,13 @@ class ThreadedConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         maxconn: int,
         target: EndpointOrProvider,
         *,
+        preset: str | None = None,
         allow_insecure: bool = False,
         connection_factory: type[psycopg2.extensions.connection] | None = None,
         **kwargs: Any,
     ) -> None:
-        base = connection_factory or psycopg2.extensions.connection
-        factory = _factory(target, allow_insecure=allow_insecure, base=base)
+        connecting = prepare(target, None, preset, allow_insecure=allow_insecure)
+        factory = _factory(connecting, connection_factory or psycopg2.extensions.connection)
         super().__init__(minconn, maxconn, connection_factory=factory, **kwargs)
 
     def _connect(self, key: Any = None) -> Any:
@@ -256,7 +254,7 @@ class ThreadedConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         try:
             return super()._connect(key)  # type: ignore[misc]
         except AuthenticationError as exc:
-            if not _refused_token(exc):
+            if failure_kind(exc) != "token":
                 raise
-            logger.info("retrying once with a new token")
+            logger.info("token refused; retrying once with a new token")
         return super()._connect(key)  # type: ignore[misc]
