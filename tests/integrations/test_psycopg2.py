@@ -227,5 +227,6 @@ def test_a_resume_longer_than_wait_is_unavailable_for_both_hierarchies(backend: 
             iampg_psycopg2.connect(
                 endpoint_for(emu, connect_timeout="1"), preset="aurora-serverless", wait=2
             )
-    assert isinstance(caught.value, iampg.UnavailableError)
-    assert "wait=" in str(caught.value)
+    error: Exception = caught.value
+    assert isinstance(error, iampg.UnavailableError)
+    assert "wait=" in str(error)
