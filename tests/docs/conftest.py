@@ -140,7 +140,6 @@ def docs_endpoints(
             environ = {
                 "PGHOSTADDR": RDS_ADDRESS,
                 "IAMPG_SSLROOTCERT": str(bundle),
-                "IAMPG_EMULATOR_BACKEND": dsn,
             }
             banner = {
                 "PGHOST": DEFAULT_HOSTNAME,
@@ -166,6 +165,8 @@ def docs_environ(docs_endpoints: DocsEndpoints, monkeypatch: pytest.MonkeyPatch)
     """Set the documentation's environment for one block; return it."""
     for name, value in docs_endpoints.environ.items():
         monkeypatch.setenv(name, value)
+    # A page's emulators start their own throwaway PostgreSQL, as a reader's would.
+    monkeypatch.delenv("IAMPG_EMULATOR_BACKEND", raising=False)
     return dict(os.environ)
 
 

@@ -83,14 +83,30 @@ class Page:
         self.directory = Path(tempfile.mkdtemp(prefix="iampg-docs-"))
         (self.directory / "examples").symlink_to(ROOT / "examples")
         self.environ: dict[str, str] = {}
+        self.removed: set[str] = set()
         self.output: str | None = None  # what the last python block printed
         self.output_end = -1  # where that block ended in the page
         self.no_compare: str | None = None  # the reason the next output is not compared
 
     def use(self, service: str) -> None:
-        """Send this page's connections to the emulator of ``service`` (``rds`` or ``dsql``)."""
-        self.environ["PGHOSTADDR"] = self.addresses[service]
+        """Send this page's connections to the emulator of ``service``.
+
+        ``rds`` or ``dsql``; ``none`` unsets ``PGHOSTADDR``, for a program that starts its
+        own emulator when no ``PGHOST`` is set and would take ``PGHOSTADDR`` for a setting.
+        """
+        if service == "none":
+            self.environ.pop("PGHOSTADDR", None)
+            self.removed.add("PGHOSTADDR")
+        else:
+            self.environ["PGHOSTADDR"] = self.addresses[service]
+            self.removed.discard("PGHOSTADDR")
+        self.apply()
+
+    def apply(self) -> None:
+        """Put the page's variables into the environment."""
         os.environ.update(self.environ)
+        for name in self.removed:
+            os.environ.pop(name, None)
 
     def paste_banner(self) -> None:
         """Set for the rest of the page what ``iampg emulate``'s ``export`` lines set."""
@@ -147,10 +163,10 @@ def evaluate_python(example: Example) -> str | None:
 def evaluate_text(example: Example) -> str | None:
     """Compare a ``text`` block right after a python block with what that block printed."""
     page = page_of(example)
-    between = example.document.text[page.output_end : example.start] if page.output_end else "x"
+    reason, page.no_compare = page.no_compare, None
+    between = example.document.text[page.output_end : example.start]
     if page.output_end < 0 or between.strip():
         return None  # not the output of a block: an error message, a log excerpt ...
-    reason, page.no_compare = page.no_compare, None
     if reason is None and not same_output(str(example.parsed), page.output or ""):
         return difference(str(example.parsed), page.output or "")
     return None
@@ -215,12 +231,12 @@ def evaluate_console(example: Example) -> str | None:
     """Run the commands of a console block in one shell and compare what each printed."""
     page = page_of(example)
     steps = console_steps(str(example.parsed))
-    script = []
+    script = ["status=0"]
     for number, (command, _) in enumerate(steps):
-        script += [
-            f"printf '\\n@@step {number}@@\\n'",
+        script += [  # $? stays the previous command's, for a following 'echo $?'
+            f"printf '\\n@@step {number}@@\\n'; (exit $status)",
             command,
-            f"printf '\\n@@status {number} %s@@\\n' $?",
+            f"status=$?; printf '\\n@@status {number} %s@@\\n' $status",
         ]
     result = run_shell("\n".join(script), page)
     reason, page.no_compare = page.no_compare, None
@@ -249,7 +265,7 @@ class OutputNotComparedParser:
     """Sybil parser for ``<!-- output-not-compared: "reason" -->``."""
 
     def __init__(self) -> None:
-        self.lexer = DirectiveInHTMLCommentLexer(directive="output-not-compared", arguments=".+")
+        self.lexer = DirectiveInHTMLCommentLexer(directive="output-not-compared", arguments=".+?")
 
     def __call__(self, document: Document) -> Iterator[Region]:
         for region in self.lexer(document):
@@ -305,7 +321,7 @@ def _pages() -> Iterator[None]:
 
 
 def _evaluate(example: Example) -> None:
-    os.environ.update(page_of(example).environ)
+    page_of(example).apply()
     try:
         example.evaluate()
     except unittest.SkipTest as exc:  # Sybil's skip marker
