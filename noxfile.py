@@ -50,7 +50,7 @@ def examples(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the test suite against a real PostgreSQL through the emulator."""
+    """Run the fast tests (not the slow ones, not the soak) through the emulator."""
     session.install("-e", ".[emulator]", *_group("tests"))
     session.run("pytest", *session.posargs)
 
@@ -79,11 +79,12 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def soak(session: nox.Session) -> None:
-    """Run the 2-minute soak (pools, key rotation, gateway restarts); not a default session."""
+    """Run the 2-minute soak (pools, key rotation, gateway restarts); only this session does."""
     session.install("-e", ".[emulator]", *_group("tests"))
     env = {"IAMPG_SOAK_SECONDS": session.env.get("IAMPG_SOAK_SECONDS", "120")}
     # -s: the run ends by printing its figures (queries, retries, signings, service events).
-    args = ["tests/reliability/test_soak.py", "-p", "no:cacheprovider", "-s", *session.posargs]
+    args = ["tests/reliability/test_soak.py", "-m", "soak", "-p", "no:cacheprovider", "-s"]
+    args += session.posargs
     session.run("pytest", *args, env=env)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from hypothesis import settings
 
 from iampg import _aws
 from iampg.emulator import FAKE_CREDENTIALS, Backend, Emulator
@@ -17,6 +18,26 @@ from iampg.emulator import FAKE_CREDENTIALS, Backend, Emulator
 pytest_plugins = ["secret_guard"]
 
 LOCAL_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
+
+# Hypothesis: the full profile in CI (where $CI is set), a lighter one locally; tests that name
+# their own example count scale it to the profile with support.examples(). $HYPOTHESIS_PROFILE
+# picks one explicitly.
+settings.register_profile("ci", max_examples=100, print_blob=True)
+settings.register_profile("dev", max_examples=20)
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
+)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Say why a run selected no test: the default run leaves out the slow tests and the soak."""
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(
+                'no test selected: the default run is -m "not slow and not soak"; '
+                'add -m "not soak" for the slow tests too, or use nox -s soak'
+            )
 
 
 @pytest.fixture(autouse=True)

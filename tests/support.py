@@ -9,6 +9,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import settings
 
 from iampg import Endpoint
 from iampg.emulator import Backend, CredentialsServer, Emulator
@@ -81,3 +82,13 @@ def sessions_left(
         time.sleep(0.1)
         left = sessions_of(backend, application_name)
     return left
+
+
+def examples(full: int) -> int:
+    """Return how many Hypothesis examples to run for a test that CI runs ``full`` times.
+
+    All of them under the ``ci`` profile (100 examples by default, as Hypothesis's own), the
+    same share of them as the loaded profile's ``max_examples`` otherwise, at least ten.
+    """
+    share = settings().max_examples / 100  # settings() holds the loaded profile's values
+    return max(min(full, 10), round(full * share))

@@ -171,3 +171,35 @@ def test_environment_keys_sign_without_botocore() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
     ).stdout
     assert out.split() == ["EnvSigner", "False", "True"]
+
+
+def test_describe_credentials_names_the_source_without_secrets() -> None:
+    """describe_credentials says where the keys come from, shows 4 characters, no secret."""
+    from iampg import AwsSigner
+
+    info = AwsSigner().describe_credentials()
+    assert (info.method, info.temporary, info.key_suffix, info.expires_in) == (
+        "env",
+        False,
+        "MPLE",
+        None,
+    )
+    assert info.source.startswith("environment variables")
+    assert "wJalrXUtnFEMI" not in repr(info)
+
+
+def test_describe_credentials_of_a_container_role(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Container credentials are described as temporary, expiring, from the container role."""
+    from iampg import AwsSigner
+    from iampg.emulator import CredentialsServer
+    from support import use_credentials_server
+
+    with CredentialsServer(lifetime=1800) as server:
+        use_credentials_server(monkeypatch, server)
+        info = AwsSigner().describe_credentials()
+        issued = server.issued[-1].access_key_id
+    assert info.method == "container-role"
+    assert info.temporary
+    assert info.key_suffix == issued[-4:]
+    assert info.expires_in is not None
+    assert 1700 < info.expires_in <= 1800

@@ -79,6 +79,7 @@ def test_validity_is_capped_by_the_credentials_expiry(
         assert conn.execute("select 1").fetchone() == (1,)
 
 
+@pytest.mark.slow
 def test_refreshes_before_expiry_and_keeps_working_across_rotations(
     emu: Emulator, container: CredentialsServer
 ) -> None:
@@ -113,6 +114,7 @@ def test_refreshes_before_expiry_and_keeps_working_across_rotations(
     assert container.stats().issued >= 4
 
 
+@pytest.mark.slow
 def test_assumed_role_credentials_refresh_themselves(emu: Emulator) -> None:
     """Role credentials from AssumeRole are renewed by a second call; tokens keep working."""
     with CredentialsServer.for_emulator(emu, external_ids={ROLE: "ext-1"}) as sts:

@@ -35,6 +35,7 @@ def test_connect_runs_a_query(emulator: Emulator) -> None:
     assert row[0] == "postgres"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("frozen", [False, True], ids=["fresh-token", "frozen-token"])
 def test_pool_keeps_working_across_token_expiry(moved_emulator: Emulator, frozen: bool) -> None:
     """New connections after the first token expired succeed; a frozen token fails (control)."""
@@ -54,14 +55,15 @@ def test_pool_keeps_working_across_token_expiry(moved_emulator: Emulator, frozen
     else:
         pool = iampg.ConnectionPool(
             provider=provider, min_size=1, max_size=2, timeout=3.0, open=False
-        )  # type: ignore[assignment]
+        )
     with pool:
         with pool.connection() as conn:
             conn.execute("create temp table t (x int)")
         emu.clock.advance(901.0)  # the first token has expired for both sides
         pool.drain()  # every new physical connection needs a token now
         if frozen:
-            with pytest.raises(psycopg_pool.PoolTimeout), pool.connection():
+            # The deliberate PoolTimeout: a short wait proves it as well as a long one.
+            with pytest.raises(psycopg_pool.PoolTimeout), pool.connection(timeout=0.5):
                 pass
         else:
             with pool.connection() as conn:
@@ -69,6 +71,7 @@ def test_pool_keeps_working_across_token_expiry(moved_emulator: Emulator, frozen
             assert pool.get_stats().get("connections_errors", 0) == 0
 
 
+@pytest.mark.slow
 def test_async_pool_keeps_working_across_token_expiry(moved_emulator: Emulator) -> None:
     """The async pool gets fresh tokens from atoken() after the first one expired."""
     emu = moved_emulator
@@ -130,6 +133,7 @@ def test_tampered_token_gets_pam_failure(emulator: Emulator, damage: str) -> Non
         iampg.connect(provider=provider)
 
 
+@pytest.mark.slow
 def test_expired_token_is_refused_then_connect_retries_with_a_new_one(
     moved_emulator: Emulator,
 ) -> None:
@@ -161,6 +165,7 @@ def test_refused_twice_raises_authentication_error_with_causes(emulator: Emulato
     assert signer.calls == 2
 
 
+@pytest.mark.slow
 def test_pool_signs_afresh_after_the_server_refuses_a_token(emulator: Emulator) -> None:
     """A refused token is forgotten: the pool's next attempt gets a new, valid one."""
     signer = TamperingSigner("signature", times=1)

@@ -6,16 +6,14 @@ import datetime as dt
 import logging
 import threading
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 from iampg._endpoint import Endpoint
-from iampg._tokens import SignedToken
+from iampg._options import option, options
+from iampg._signer import RDS_TOKEN_LIFETIME, SignedToken, dsql_action
 from iampg.errors import ConfigurationError
 
-__all__ = ["RDS_TOKEN_LIFETIME", "AwsSigner", "describe_signing_error"]
-
-RDS_TOKEN_LIFETIME = 900.0
-"""Seconds an RDS token is valid; fixed by botocore and the service."""
+__all__ = ["RDS_TOKEN_LIFETIME", "AwsSigner", "CredentialsInfo", "describe_signing_error"]
 
 _ROLE_DURATION = (900, 43200)  # STS AssumeRole DurationSeconds bounds
 
@@ -41,6 +39,43 @@ def _redact_botocore_signing_logs() -> None:
     if not any(isinstance(f, _DropSigningDetails) for f in auth.filters):
         auth.addFilter(_DropSigningDetails())
         _logger.debug("botocore.auth debug records with signing details are dropped")
+
+
+# botocore's name for where credentials came from, and what it means to a reader.
+_SOURCES = {
+    "env": "environment variables (AWS_ACCESS_KEY_ID)",
+    "shared-credentials-file": "shared credentials file",
+    "config-file": "AWS config file",
+    "sso": "IAM Identity Center (SSO)",
+    "container-role": "container credentials (ECS/EKS)",
+    "iam-role": "EC2 instance role",
+    "assume-role": "assumed role",
+    "assume-role-with-web-identity": "web identity (EKS IRSA)",
+    "custom-process": "credential_process",
+    "explicit": "explicit keys",
+}
+_SHOWN_KEY = 4  # characters of an access key id shown: its last four
+_SHORT_KEY = 8  # an access key id this short is not shown at all
+
+
+class CredentialsInfo(NamedTuple):
+    """What signs, without any secret: from :meth:`AwsSigner.describe_credentials`.
+
+    Attributes:
+        method: botocore's name for the source (``env``, ``sso``, ``assume-role`` ...).
+        source: The same, in words (``assumed role``, ``IAM Identity Center (SSO)`` ...).
+        temporary: Whether the keys carry a session token (they expire).
+        key_suffix: The last four characters of the access key id, or ``""`` for a key too
+            short to show any of it.
+        expires_in: Seconds until the credentials expire, or ``None`` when botocore does not
+            refresh them.
+    """
+
+    method: str
+    source: str
+    temporary: bool
+    key_suffix: str
+    expires_in: float | None
 
 
 _shared: weakref.WeakValueDictionary[tuple[object, ...], AwsSigner] = weakref.WeakValueDictionary()
@@ -199,7 +234,7 @@ class AwsSigner:
             session.set_credentials(*self._keys)
         return session
 
-    def _make_signing_session(self, region: str) -> Any:
+    def _make_signing_session(self, region: str | None) -> Any:
         base = self._base_session()
         if self._role is None:
             return base
@@ -236,7 +271,7 @@ class AwsSigner:
         )
         return session
 
-    def _credentials(self, region: str) -> Any:
+    def _credentials(self, region: str | None) -> Any:
         """Return the botocore credentials object that signs (made once; it refreshes itself)."""
         credentials = self._credentials_source
         if credentials is not None:
@@ -264,6 +299,29 @@ class AwsSigner:
             expiry = expiry.replace(tzinfo=dt.timezone.utc)
         return (expiry - dt.datetime.now(dt.timezone.utc)).total_seconds()
 
+    def describe_credentials(self, region: str | None = None) -> CredentialsInfo:
+        """Resolve the credentials (as signing would) and say what they are, without secrets.
+
+        Args:
+            region: The region of the STS endpoint when a role is assumed (default: the
+                ``sts_region`` given, else botocore's).
+
+        Raises:
+            Exception: What botocore raises when there are no usable credentials;
+                :func:`describe_signing_error` explains it.
+        """
+        credentials = self._credentials(region)
+        frozen = credentials.get_frozen_credentials()
+        method = str(getattr(credentials, "method", None) or "unknown")
+        key = str(frozen.access_key or "")
+        return CredentialsInfo(
+            method=method,
+            source=_SOURCES.get(method, method),
+            temporary=bool(frozen.token),
+            key_suffix=key[-_SHOWN_KEY:] if len(key) > _SHORT_KEY else "",
+            expires_in=self._credentials_ttl(),
+        )
+
     # -- signing --------------------------------------------------------------------------
 
     def sign(self, endpoint: Endpoint, lifetime: float = RDS_TOKEN_LIFETIME) -> SignedToken:
@@ -276,11 +334,10 @@ class AwsSigner:
         credentials = self._credentials(endpoint.region)
         ttl = self._credentials_ttl()
         if endpoint.kind == "dsql":
-            action = "DbConnectAdmin" if endpoint.user == "admin" else "DbConnect"
             token = _presign(
                 credentials,
                 f"https://{endpoint.host}",
-                {"Action": action},
+                {"Action": dsql_action(endpoint.user)},
                 service="dsql",
                 region=endpoint.region,
                 expires=int(lifetime),
@@ -367,12 +424,12 @@ _EXPLANATIONS: tuple[tuple[frozenset[str], str], ...] = (
         frozenset({"NoCredentialsError"}),
         (
             "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or "
-            "AWS_PROFILE, or pass session=, profile= or static keys"
+            "AWS_PROFILE, or pass {sources}"
         ),
     ),
     (
         frozenset({"ProfileNotFound"}),
-        "AWS profile not found ({text}): check AWS_PROFILE or profile=",
+        "AWS profile not found ({text}): check {profile}",
     ),
     (
         frozenset({"PartialCredentialsError", "InvalidConfigError"}),
@@ -416,5 +473,10 @@ def describe_signing_error(exc: BaseException) -> str:
         return "clock skew: the local clock is too far from AWS time; synchronise it (NTP)"
     for names, explanation in _EXPLANATIONS:
         if name in names or code in names:
-            return explanation.format(text=text, what=code or name)
+            return explanation.format(
+                text=text,
+                what=code or name,
+                sources=options("session", "profile", "aws_access_key_id"),
+                profile=option("profile"),
+            )
     return f"signing failed with {name}: {text}"

@@ -14,7 +14,7 @@ from typing import Final
 from urllib.parse import quote
 
 from iampg._endpoint import Endpoint
-from iampg._tokens import SignedToken
+from iampg._signer import RDS_TOKEN_LIFETIME, SignedToken, dsql_action
 from iampg.errors import TokenError
 
 __all__ = ["EnvSigner", "presign"]
@@ -24,7 +24,7 @@ logger = logging.getLogger("iampg.sigv4")
 _ALGORITHM: Final = "AWS4-HMAC-SHA256"
 _EMPTY_SHA256: Final = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 _SAFE: Final = "-._~"  # what botocore's percent_encode leaves unescaped
-_RDS_LIFETIME: Final = 900
+_RDS_LIFETIME: Final = int(RDS_TOKEN_LIFETIME)
 _HTTPS_PORT: Final = 443
 _MAX_PORT: Final = 65535
 # Host names whose URL parsing is trivial (no IPv6 literal, userinfo, path or query
@@ -245,14 +245,13 @@ class EnvSigner:
             )
         amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
         if endpoint.kind == "dsql":
-            action = "DbConnectAdmin" if endpoint.user == "admin" else "DbConnect"
             expires = int(lifetime)
             token = presign(
                 host=endpoint.host,
                 port=None,
                 region=endpoint.region,
                 service="dsql",
-                params=(("Action", action),),
+                params=(("Action", dsql_action(endpoint.user)),),
                 expires=expires,
                 access_key_id=self._access_key_id,
                 secret_access_key=self._secret_access_key,

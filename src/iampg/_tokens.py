@@ -7,10 +7,18 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from iampg import _refresh
 from iampg._endpoint import Endpoint
+from iampg._signer import (
+    CREDENTIAL_OPTIONS,
+    DSQL_MAX_LIFETIME,
+    RDS_TOKEN_LIFETIME,
+    Clock,
+    SignedToken,
+    Signer,
+)
 from iampg.errors import ConfigurationError, TokenError
 
 if TYPE_CHECKING:
@@ -26,47 +34,11 @@ RefreshStrategy = Literal["lazy", "ahead"]
 """``lazy``: the caller that finds the token due refreshes it (default; right for Lambda and
 other frozen CPUs). ``ahead``: a background thread refreshes it before it is due."""
 
-_RDS_LIFETIME = 900.0
-_DSQL_MAX_LIFETIME = 604_800.0
 _AHEAD_MAX_SLEEP = 60.0  # the background refresher re-checks at least this often (seconds)
 
 
-class Clock(Protocol):
-    """A monotonic clock: seconds as a float, never going backwards."""
-
-    def __call__(self) -> float:
-        """Return the current time in seconds."""
-        ...
-
-
-# SignedToken and TokenStats are named tuples, not dataclasses: making a dataclass at import
-# costs ~1 ms each, and `import iampg` is on every cold start (benchmarks/cold.py).
-class SignedToken(NamedTuple):
-    """A freshly signed token and how long it is good for (an immutable named tuple).
-
-    Attributes:
-        token: The token; a bearer credential, kept out of ``repr``.
-        lifetime: Seconds the token is valid from the start of signing.
-        credentials_ttl: Seconds the signing credentials had left, or ``None`` when they do
-            not expire.
-    """
-
-    token: str
-    lifetime: float
-    credentials_ttl: float | None = None
-
-    def __repr__(self) -> str:
-        return f"SignedToken(lifetime={self.lifetime!r}, credentials_ttl={self.credentials_ttl!r})"
-
-
-class Signer(Protocol):
-    """Something that signs tokens; blocking calls, safe to call from several threads."""
-
-    def sign(self, endpoint: Endpoint, lifetime: float) -> SignedToken:
-        """Return a new token for ``endpoint`` that lasts ``lifetime`` seconds (DSQL)."""
-        ...
-
-
+# TokenStats is a named tuple, not a dataclass: making a dataclass at import costs ~1 ms,
+# and `import iampg` is on every cold start (benchmarks/cold.py).
 class TokenStats(NamedTuple):
     """What a provider has done so far (an immutable named tuple).
 
@@ -134,6 +106,7 @@ class TokenProvider:
         external_id: The external id for ``role_arn``.
         role_session_name: The role session name (default ``iampg``).
         role_duration: Seconds per role session, 900 to 43 200 (default 3600).
+        sts_region: The region of the STS endpoint for ``role_arn`` (default: the token's).
         sts_endpoint_url: A custom STS endpoint for ``role_arn`` (a VPC endpoint).
         signer: A custom :class:`Signer` instead of the credential arguments.
         lifetime: Seconds a DSQL token lasts, 1 to 604 800 (default 900). RDS tokens always
@@ -160,6 +133,7 @@ class TokenProvider:
         external_id: str | None = None,
         role_session_name: str | None = None,
         role_duration: int | None = None,
+        sts_region: str | None = None,
         sts_endpoint_url: str | None = None,
         signer: Signer | None = None,
         lifetime: float | None = None,
@@ -167,19 +141,11 @@ class TokenProvider:
         refresh: RefreshStrategy = "lazy",
         clock: Clock = time.monotonic,
     ) -> None:
+        # The credential options, by the names declared once in iampg._signer (read before
+        # any other local exists); they go to AwsSigner unchanged.
+        arguments = locals()
+        credential_args = {name: arguments[name] for name in CREDENTIAL_OPTIONS}
         self._endpoint = Endpoint.parse(endpoint)
-        credential_args = {
-            "session": session,
-            "profile": profile,
-            "aws_access_key_id": aws_access_key_id,
-            "aws_secret_access_key": aws_secret_access_key,
-            "aws_session_token": aws_session_token,
-            "role_arn": role_arn,
-            "external_id": external_id,
-            "role_session_name": role_session_name,
-            "role_duration": role_duration,
-            "sts_endpoint_url": sts_endpoint_url,
-        }
         given = sorted(k for k, v in credential_args.items() if v is not None)
         if signer is not None and given:
             raise ConfigurationError(f"pass either signer= or {', '.join(given)}, not both")
@@ -440,16 +406,16 @@ class TokenProvider:
 def _lifetime(endpoint: Endpoint, lifetime: float | None) -> float:
     """Validate a token lifetime for the endpoint's service."""
     if lifetime is None:
-        return _RDS_LIFETIME
+        return RDS_TOKEN_LIFETIME
     if endpoint.kind != "dsql":
-        if lifetime != _RDS_LIFETIME:
+        if lifetime != RDS_TOKEN_LIFETIME:
             raise ConfigurationError(
-                f"RDS tokens always last {_RDS_LIFETIME:.0f} s: lifetime= applies to DSQL only"
+                f"RDS tokens always last {RDS_TOKEN_LIFETIME:.0f} s: lifetime= applies to DSQL only"
             )
-        return _RDS_LIFETIME
-    if not 1 <= lifetime <= _DSQL_MAX_LIFETIME or lifetime != int(lifetime):
+        return RDS_TOKEN_LIFETIME
+    if not 1 <= lifetime <= DSQL_MAX_LIFETIME or lifetime != int(lifetime):
         raise ConfigurationError(
-            f"DSQL token lifetime must be a whole number of seconds from 1 to 604800, "
-            f"not {lifetime!r}"
+            f"DSQL token lifetime must be a whole number of seconds from 1 to "
+            f"{DSQL_MAX_LIFETIME:.0f}, not {lifetime!r}"
         )
     return float(lifetime)

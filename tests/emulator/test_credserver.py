@@ -307,6 +307,7 @@ def sts_client(srv: CredentialsServer, creds: Credentials = FAKE_CREDENTIALS) ->
     return session.create_client("sts", region_name="us-east-1", endpoint_url=srv.url)
 
 
+@pytest.mark.slow
 def test_assume_role_issues_scaled_role_credentials_the_gateway_accepts(
     backend: Backend,
 ) -> None:

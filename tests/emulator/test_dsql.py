@@ -328,6 +328,7 @@ def test_connection_rate_limit(backend: Backend, roles: None) -> None:
         assert last(emu).outcome == "accepted"
 
 
+@pytest.mark.slow
 def test_paused_cluster_answers_waking_up_then_resumes(backend: Backend, roles: None) -> None:
     """A paused DSQL cluster refuses with 'waking up' and starts resuming; later it accepts."""
     with Emulator(backend.dsn, service="dsql", resume_delay=30.0) as emu:
@@ -365,6 +366,7 @@ def test_session_cap_closes_idle_session(dsql: Emulator) -> None:
     assert dsql.session_count == 0
 
 
+@pytest.mark.slow
 def test_session_cap_lets_open_transaction_finish(dsql: Emulator) -> None:
     """A transaction open at the cap may go on and commit; then the session is closed."""
     conn = connect(dsql, mint(dsql))
@@ -382,6 +384,7 @@ def test_session_cap_lets_open_transaction_finish(dsql: Emulator) -> None:
             conn.execute("SELECT 1")
 
 
+@pytest.mark.slow
 def test_session_cap_transaction_limit(dsql: Emulator) -> None:
     """A transaction still open five minutes after it began, past the cap, is cut."""
     conn = connect(dsql, mint(dsql))

@@ -27,7 +27,7 @@ from iampg import TokenProvider
 from iampg.emulator import FAKE_CREDENTIALS, Credentials, Emulator, EmulatorClock, Event
 from iampg.emulator._gateway import _ProtocolViolationError, _startup_parameters
 from iampg.errors import ConfigurationError
-from support import endpoint_for, open_sockets, sessions_left, sessions_of
+from support import endpoint_for, examples, open_sockets, sessions_left, sessions_of
 
 LIBPQ = psycopg.pq.version()  # the libpq psycopg runs on, e.g. 170005 or 180001
 
@@ -167,6 +167,7 @@ def test_bad_tokens_get_rds_pam_error(emu: Emulator, make_token: object, reason:
     assert (event.outcome, event.reason) == ("rejected", reason)
 
 
+@pytest.mark.slow
 def test_expired_token_is_refused_after_clock_advance(emu: Emulator) -> None:
     """Advancing the emulated clock past 900 s expires a token minted before."""
     token = mint(emu)
@@ -177,6 +178,7 @@ def test_expired_token_is_refused_after_clock_advance(emu: Emulator) -> None:
     assert last_event(emu).reason == "token expired"
 
 
+@pytest.mark.slow
 def test_expired_credentials_are_refused(backend: Backend) -> None:
     """Tokens signed with temporary keys stop working when the keys expire."""
     clock = EmulatorClock()
@@ -190,6 +192,7 @@ def test_expired_credentials_are_refused(backend: Backend) -> None:
         assert last_event(emu).reason == "credentials expired"
 
 
+@pytest.mark.slow
 def test_open_session_outlives_its_token(emu: Emulator) -> None:
     """An established session keeps working after the token expires, as on RDS."""
     with connect(emu, mint(emu)) as conn:
@@ -516,7 +519,7 @@ def test_clients_vanishing_mid_startup_are_harmless(emu: Emulator, data: bytes) 
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=200))
 def test_startup_parser_never_crashes(data: bytes) -> None:
     """Any startup packet body parses to parameters or raises the protocol-violation error."""
@@ -609,6 +612,7 @@ def test_stop_leaves_no_socket_open(backend: Backend) -> None:
     assert not leftover, f"sockets stop() left open: {leftover}"
 
 
+@pytest.mark.slow
 def test_stop_under_connection_churn_is_clean(
     backend: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:

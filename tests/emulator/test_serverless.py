@@ -67,6 +67,7 @@ def events(emu: Emulator, outcome: str) -> list[Event]:
     return [e for e in emu.events if e.outcome == outcome]
 
 
+@pytest.mark.slow
 def test_auto_pause_after_idle_period_with_no_connections(express: Emulator) -> None:
     """With zero connections for auto_pause seconds the cluster pauses, and says why."""
     assert state(express) == "running"
@@ -78,6 +79,7 @@ def test_auto_pause_after_idle_period_with_no_connections(express: Emulator) -> 
     assert [(e.outcome, e.reason) for e in express.events] == [("paused", "idle")]
 
 
+@pytest.mark.slow
 def test_open_connection_keeps_cluster_awake(express: Emulator) -> None:
     """An open connection, even idle, prevents the pause; its close starts the idle clock."""
     with connect(express, autocommit=True) as conn:
@@ -105,6 +107,7 @@ def test_paused_connect_blocks_until_resumed(backend: Backend) -> None:
         assert [e.outcome for e in emu.events][-1] == "accepted"
 
 
+@pytest.mark.slow
 def test_concurrent_connections_share_one_resume(backend: Backend) -> None:
     """Several connections to a paused cluster wait for one and the same resume."""
     with Emulator(
@@ -159,6 +162,7 @@ def test_idle_session_is_cut_abruptly(express: Emulator) -> None:
         assert info.value.sqlstate is None  # no server message: the connection just broke
 
 
+@pytest.mark.slow
 def test_idle_cut_with_57p05_notice(backend: Backend) -> None:
     """With idle_notice, the client first gets FATAL 57P05 idle-session timeout."""
     with Emulator(backend.dsn, idle_timeout=60.0, idle_notice=True) as emu:
@@ -192,6 +196,7 @@ def test_pause_closes_open_sessions(express: Emulator) -> None:
     ]
 
 
+@pytest.mark.slow
 def test_rds_profile_has_no_timed_behaviour(emulator: Emulator) -> None:
     """The rds profile never pauses or cuts: a day later the session still works."""
     with connect(emulator, autocommit=True) as conn:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from iampg.emulator import FAKE_CREDENTIALS, Credentials, EmulatorClock
 from iampg.emulator import _sigv4 as sigv4
 from iampg.emulator._sigv4 import TokenRules, TokenVerificationError, presign, verify_token
+from support import examples
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -382,7 +383,7 @@ def test_rejection_never_quotes_the_token() -> None:
     assert param(token, "X-Amz-Signature") not in repr(info.value)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.text(max_size=400))
 def test_arbitrary_text_is_only_ever_rejected(text: str) -> None:
     """Garbage never crashes the verifier: it raises TokenVerificationError."""
@@ -390,7 +391,7 @@ def test_arbitrary_text_is_only_ever_rejected(text: str) -> None:
         verify(text)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(
     user=st.text(st.characters(codec="utf-8"), min_size=1, max_size=40),
     position=st.integers(min_value=0),

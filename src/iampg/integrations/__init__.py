@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TypeAlias
 
-from iampg._dsn import resolve
+from iampg._connecting import resolve
 from iampg._endpoint import Endpoint
 from iampg._tokens import TokenProvider
 

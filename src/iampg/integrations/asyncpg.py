@@ -8,7 +8,7 @@ import shlex
 import ssl
 from typing import Any
 
-from iampg._dsn import connect_params
+from iampg._connecting import INSECURE_SSLMODES, check_extra, connect_params, is_loopback
 from iampg._endpoint import Endpoint
 from iampg._tokens import TokenProvider
 from iampg.errors import ConfigurationError
@@ -205,11 +205,47 @@ async def connect(
     import asyncpg  # noqa: PLC0415
 
     endpoint, provider = _resolve(target)
+    _check_overrides(endpoint, kwargs, allow_insecure=allow_insecure)
     return await _connect(
         asyncpg.connect,
         provider,
         **{**_kwargs(endpoint, provider, allow_insecure=allow_insecure), **kwargs},
     )
+
+
+def _check_overrides(
+    endpoint: Endpoint, overrides: dict[str, Any], *, allow_insecure: bool
+) -> None:
+    """Refuse asyncpg arguments that would send the token elsewhere or without TLS.
+
+    Raises:
+        ConfigurationError: ``password``, ``dsn``, another ``host`` or ``port``, or an
+            ``ssl`` that may not encrypt, or does not verify, towards a non-loopback host.
+    """
+    check_extra(overrides)
+    if overrides.get("dsn") is not None:
+        raise ConfigurationError("dsn given: pass the endpoint (target) instead of dsn=")
+    for name, expected in (("host", endpoint.dialled), ("port", endpoint.port)):
+        if name in overrides and str(overrides[name]).strip().lower() != str(expected):
+            raise ConfigurationError(
+                f"{name}={overrides[name]!r} differs from the endpoint the token is signed for "
+                f"({endpoint.host}:{endpoint.port}, dialled at {endpoint.dialled}): a token must "
+                f"only go to that endpoint; use another Endpoint instead of overriding {name}"
+            )
+    if "ssl" not in overrides or allow_insecure or is_loopback(endpoint.dialled):
+        return
+    value = overrides["ssl"]
+    if value in (None, False) or (isinstance(value, str) and value in INSECURE_SSLMODES):
+        raise ConfigurationError(
+            f"ssl={value!r} could send the IAM token unencrypted to {endpoint.dialled}: leave "
+            "ssl= out (iampg sets up TLS) or pass allow_insecure=True if you really must"
+        )
+    if isinstance(value, ssl.SSLContext) and value.verify_mode == ssl.CERT_NONE:
+        raise ConfigurationError(
+            f"the ssl context does not verify {endpoint.host}'s certificate, so a machine in "
+            "the middle could take the IAM token: pass a verifying context, ssl='require' "
+            "(an explicit opt-out of verification), or allow_insecure=True"
+        )
 
 
 async def _connect(open_connection: Any, provider: TokenProvider, *args: Any, **kwargs: Any) -> Any:
@@ -258,6 +294,7 @@ def create_pool(
     import asyncpg  # noqa: PLC0415
 
     endpoint, provider = _resolve(target)
+    _check_overrides(endpoint, pool_kwargs, allow_insecure=allow_insecure)
     kwargs = {**_kwargs(endpoint, provider, allow_insecure=allow_insecure), **pool_kwargs}
     user_connect = kwargs.pop("connect", None) or asyncpg.connect
 

@@ -9,8 +9,8 @@ import psycopg
 import sqlalchemy
 from sqlalchemy import event
 
-from iampg._dsn import connect_params
-from iampg._pool import _feedback
+from iampg._connecting import Secret, explain, prepare
+from iampg._defaults import defaults_for
 from iampg.integrations import EndpointOrProvider, _resolve
 
 if TYPE_CHECKING:
@@ -50,6 +50,7 @@ def install(
     engine: sqlalchemy.Engine,
     target: EndpointOrProvider,
     *,
+    preset: str | None = None,
     allow_insecure: bool = False,
 ) -> None:
     """Make ``engine`` open every new DBAPI connection to ``target`` with a current token.
@@ -68,11 +69,15 @@ def install(
     Args:
         engine: A SQLAlchemy engine using the ``postgresql+psycopg`` dialect.
         target: The endpoint (a provider is made for it) or the provider to share.
+        preset: ``rds``, ``aurora-serverless`` (or ``aurora-express``) or ``dsql``: the
+            service's ``connect_timeout``; defaults to the endpoint's service.
         allow_insecure: Allow an ``sslmode`` that may send the token in plaintext to a
             non-loopback host.
 
     Raises:
-        ConfigurationError: Bad endpoint or options, or not a psycopg engine.
+        ConfigurationError: Bad endpoint or options, or not a psycopg engine. Parameters
+            that would send the token elsewhere or unencrypted (``connect_args`` included)
+            are refused when a connection is opened.
     """
     from iampg.errors import ConfigurationError  # noqa: PLC0415
 
@@ -81,8 +86,9 @@ def install(
             f"iampg supports SQLAlchemy's psycopg driver, not {engine.dialect.driver!r}: "
             "use a postgresql+psycopg:// URL"
         )
-    endpoint, provider = _resolve(target)
-    params = connect_params(endpoint, allow_insecure=allow_insecure)
+    connecting = prepare(target, None, preset, allow_insecure=allow_insecure)
+    endpoint, provider = connecting.endpoint, connecting.provider
+    from_url = {"host": engine.url.host, "port": engine.url.port}
     is_async = bool(engine.dialect.is_async)
     bridge = _await_function() if is_async else None
 
@@ -93,13 +99,13 @@ def install(
         cargs: list[Any],
         cparams: dict[str, Any],
     ) -> DBAPIConnection:
-        merged = {**params, **{k: v for k, v in cparams.items() if k not in _URL_KEYS}}
-        token = bridge(provider.atoken()) if bridge is not None else provider.token()
-        merged["password"] = token
+        given = {k: v for k, v in cparams.items() if not _from_url(k, v, from_url)}
+        merged = connecting.merge(given)
+        token = Secret(bridge(provider.atoken()) if bridge is not None else provider.token())
         try:
-            return dialect.connect(*cargs, **merged)
+            return dialect.connect(*cargs, **merged, password=token.value)
         except psycopg.OperationalError as exc:
-            error = _feedback(exc, provider, token)
+            error = explain(exc, provider, token)
             if error is exc:
                 raise
             raise error from exc
@@ -107,13 +113,17 @@ def install(
     logger.debug("engine %s authenticates with tokens for %s", engine.url, endpoint.host)
 
 
-# Keys SQLAlchemy derives from the URL, which the endpoint's parameters replace.
-_URL_KEYS = frozenset({"host", "port", "user", "dbname", "password"})
+def _from_url(key: str, value: Any, url: dict[str, Any]) -> bool:
+    """Tell whether a DBAPI argument is one SQLAlchemy took from the engine's URL."""
+    if key in {"user", "dbname", "password"}:
+        return True
+    return key in url and value is not None and str(value) == str(url[key])
 
 
 def create_engine(
     target: EndpointOrProvider,
     *,
+    preset: str | None = None,
     allow_insecure: bool = False,
     **engine_kwargs: Any,
 ) -> sqlalchemy.Engine:
@@ -133,6 +143,7 @@ def create_engine(
     Args:
         target: The endpoint (a provider is made for it) or the :class:`iampg.TokenProvider`
             to share.
+        preset: See :func:`install`.
         allow_insecure: See :func:`install`.
         **engine_kwargs: Passed to :func:`sqlalchemy.create_engine` (``pool_size``,
             ``pool_recycle`` in seconds, ``pool_pre_ping``, ``connect_args`` …).
@@ -141,14 +152,16 @@ def create_engine(
         ConfigurationError: Bad endpoint or options.
     """
     endpoint, provider = _resolve(target)
+    defaults_for(endpoint, preset)  # an unknown preset fails before the engine is made
     engine = sqlalchemy.create_engine(_url(endpoint), **engine_kwargs)
-    install(engine, provider, allow_insecure=allow_insecure)
+    install(engine, provider, preset=preset, allow_insecure=allow_insecure)
     return engine
 
 
 def create_async_engine(
     target: EndpointOrProvider,
     *,
+    preset: str | None = None,
     allow_insecure: bool = False,
     **engine_kwargs: Any,
 ) -> AsyncEngine:
@@ -164,6 +177,7 @@ def create_async_engine(
     from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine  # noqa: PLC0415
 
     endpoint, provider = _resolve(target)
+    defaults_for(endpoint, preset)
     engine = sa_create_async_engine(_url(endpoint), **engine_kwargs)
-    install(engine.sync_engine, provider, allow_insecure=allow_insecure)
+    install(engine.sync_engine, provider, preset=preset, allow_insecure=allow_insecure)
     return engine

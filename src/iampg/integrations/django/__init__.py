@@ -24,10 +24,8 @@ from typing import Any
 
 import psycopg
 
-from iampg._dsn import connect_params
-from iampg._pool import _sync_class
-from iampg._tokens import TokenProvider
-from iampg.integrations import EndpointOrProvider, _resolve
+from iampg._connecting import Target, prepare, sync_class
+from iampg.integrations import EndpointOrProvider
 
 __all__ = ["ENGINE", "database"]
 
@@ -42,16 +40,17 @@ _TOP_LEVEL = {"host": "HOST", "port": "PORT", "user": "USER", "dbname": "NAME"}
 
 
 class ProviderRef:
-    """Carries a :class:`iampg.TokenProvider` through Django's settings.
+    """Carries a :class:`iampg.TokenProvider` (and what it signs for) through Django's settings.
 
     Settings may be copied (Django's test runner deep-copies database settings); every copy
     refers to the same provider, whose lock and cache cannot be copied.
     """
 
-    __slots__ = ("provider",)
+    __slots__ = ("provider", "target")
 
-    def __init__(self, provider: TokenProvider) -> None:
-        self.provider = provider
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.provider = target.provider
 
     def __copy__(self) -> ProviderRef:
         return self
@@ -68,6 +67,7 @@ def database(
     *,
     pool: bool | Mapping[str, Any] = False,
     options: Mapping[str, Any] | None = None,
+    preset: str | None = None,
     allow_insecure: bool = False,
     **settings: Any,
 ) -> dict[str, Any]:
@@ -82,7 +82,10 @@ def database(
             ``connection_class`` is subclassed so that a refused token is forgotten. ``False``:
             one connection per request, each with a current token.
         options: Extra ``OPTIONS`` (``isolation_level``, ``server_side_binding``, libpq
-            parameters …); they win over the endpoint's parameters.
+            parameters …); they win over the endpoint's parameters, and are checked like
+            :func:`iampg.connect`'s (the final ``OPTIONS`` again at every connection).
+        preset: ``rds``, ``aurora-serverless`` (or ``aurora-express``) or ``dsql``: the
+            service's ``connect_timeout``; defaults to the endpoint's service.
         allow_insecure: Allow an ``sslmode`` that may send the token in plaintext to a
             non-loopback host.
         **settings: Other keys of the entry (``CONN_HEALTH_CHECKS``, ``TEST``,
@@ -95,16 +98,18 @@ def database(
     Raises:
         ConfigurationError: Bad endpoint or options.
     """
-    endpoint, provider = _resolve(target)
-    params = connect_params(endpoint, allow_insecure=allow_insecure)
+    connecting = prepare(target, None, preset, allow_insecure=allow_insecure)
+    params = dict(connecting.params)
+    connecting.merge(options)
     entry: dict[str, Any] = {"ENGINE": ENGINE, "PASSWORD": ""}
     entry.update({key: params.pop(name) for name, key in _TOP_LEVEL.items()})
-    opts: dict[str, Any] = {**params, **(options or {}), PROVIDER_OPTION: ProviderRef(provider)}
+    opts: dict[str, Any] = {**params, **(options or {}), PROVIDER_OPTION: ProviderRef(connecting)}
     if pool:
         pool_options = {} if pool is True else dict(pool)
-        # A refused token is forgotten by the connection class, so the pool's retry signs anew.
+        # The connection class checks what libpq receives and forgets a refused token, so the
+        # pool's retry signs anew.
         base = pool_options.get("connection_class", psycopg.Connection)
-        pool_options["connection_class"] = _sync_class(base, provider)
+        pool_options["connection_class"] = sync_class(base, connecting)
         opts["pool"] = pool_options
     entry["OPTIONS"] = opts
     entry.update(settings)
