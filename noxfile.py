@@ -178,6 +178,7 @@ EXAMPLES = [
     "examples/lambda_handler.py",
     "examples/alembic_migration/migrate.py",
     "examples/dsql_transaction.py",
+    "examples/psycopg2_users.py",
 ]
 EXAMPLE_TIMEOUT = 180.0  # seconds; a throwaway PostgreSQL starts in a few
 _RUN_WITH_TIMEOUT = (

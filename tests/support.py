@@ -12,6 +12,7 @@ import psycopg
 import pytest
 from hypothesis import settings
 
+import iampg
 from iampg import Endpoint, SignedToken
 from iampg._aws import AwsSigner
 from iampg.emulator import Backend, CredentialsServer, Emulator
@@ -87,6 +88,42 @@ def sessions_left(
         time.sleep(0.1)
         left = sessions_of(backend, application_name)
     return left
+
+
+class ContendedCounter:
+    """A one-row counter table, and a competing update committed from another connection.
+
+    Transactions that read the counter at repeatable read and then write it fail with a real
+    serialization failure (40001) when :meth:`bump_elsewhere` commits in between: the
+    conflict DSQL reports as OC000.
+    """
+
+    def __init__(self, endpoint: Endpoint, table: str) -> None:
+        self.endpoint = endpoint
+        self.table = table
+        with iampg.connect(endpoint, autocommit=True) as conn:
+            conn.execute(f"drop table if exists {table}")
+            conn.execute(f"create table {table} (id int primary key, n int not null)")
+            conn.execute(f"insert into {table} values (1, 0)")
+
+    def bump_elsewhere(self) -> None:
+        """Add 100 to the counter in a transaction of its own, committed at once."""
+        with iampg.connect(self.endpoint, autocommit=True) as other:
+            other.execute(f"update {self.table} set n = n + 100 where id = 1")
+
+    def value(self) -> int:
+        """Return the counter's committed value."""
+        with iampg.connect(self.endpoint) as conn:
+            row = conn.execute(f"select n from {self.table} where id = 1").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def terminate_backend(endpoint: Endpoint, pid: int) -> None:
+    """End backend ``pid`` from another session and wait until it is gone."""
+    with iampg.connect(endpoint, autocommit=True) as admin:
+        row = admin.execute("select pg_terminate_backend(%s, 5000)", (pid,)).fetchone()
+    assert row == (True,)
 
 
 def examples(full: int) -> int:
