@@ -31,6 +31,15 @@ PYTHONS = sorted(
 )
 OLDEST, NEWEST = PYTHONS[0], PYTHONS[-1]
 
+# `python -c _RUN_WITH_TIMEOUT <seconds> <python arguments>`: a run that outlives its time
+# limit is killed, so one hung test fails its session instead of CI's whole time budget.
+_RUN_WITH_TIMEOUT = (
+    "import subprocess, sys; "
+    "sys.exit(subprocess.run([sys.executable, *sys.argv[2:]], timeout=float(sys.argv[1]))"
+    ".returncode)"
+)
+SUITE_TIMEOUT = 1500.0  # seconds for one whole-suite run; it takes about 4 minutes
+
 # pytest selections (markers in pyproject.toml). The default addopts leave out the slow tests
 # and the soak; the whole suite is everything but the soak, which only `nox -s soak` runs.
 WHOLE_SUITE = ["-m", "not soak"]
@@ -84,8 +93,19 @@ def _pytest(session: nox.Session, *args: str) -> None:
 
     A run that selects no test (pytest's exit code 5) fails the session like any failure:
     an empty selection is a mistake, never a pass. tests/conftest.py says what was left out.
+    A run still going after ``SUITE_TIMEOUT`` is killed (pytest's faulthandler_timeout has
+    dumped where it hangs by then).
     """
-    session.run("pytest", *args, *session.posargs)
+    session.run(
+        "python",
+        "-c",
+        _RUN_WITH_TIMEOUT,
+        str(SUITE_TIMEOUT),
+        "-m",
+        "pytest",
+        *args,
+        *session.posargs,
+    )
 
 
 @nox.session
@@ -181,11 +201,6 @@ EXAMPLES = [
     "examples/psycopg2_users.py",
 ]
 EXAMPLE_TIMEOUT = 180.0  # seconds; a throwaway PostgreSQL starts in a few
-_RUN_WITH_TIMEOUT = (
-    "import subprocess, sys; "
-    "sys.exit(subprocess.run([sys.executable, *sys.argv[2:]], timeout=float(sys.argv[1]))"
-    ".returncode)"
-)
 
 
 @nox.session(tags=["ci"])
