@@ -33,6 +33,13 @@ settings.load_profile(
 )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the documentation's blocks slow: they run programs and emulators as a reader would."""
+    for item in items:
+        if item.nodeid.startswith("tests/docs/"):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Say why a run selected no test: the default run leaves out the slow tests and the soak."""
     if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
