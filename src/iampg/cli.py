@@ -117,7 +117,8 @@ def _endpoint(args: argparse.Namespace) -> Endpoint:
 
 def _provider(args: argparse.Namespace) -> TokenProvider:
     endpoint = _endpoint(args)
-    connect_params(endpoint)  # refuses settings that could send the token unencrypted
+    # Refuses settings that could send the token unencrypted, for every command.
+    connect_params(endpoint, allow_insecure=getattr(args, "allow_insecure", False))
     return TokenProvider(endpoint, profile=args.profile)
 
 
