@@ -278,3 +278,15 @@ def test_integrations_default_to_the_shipped_ca_file() -> None:
     assert (context.verify_mode, context.check_hostname) == (ssl.CERT_REQUIRED, True)
     expected = ssl.create_default_context(cafile=root).get_ca_certs()
     assert context.get_ca_certs() == expected
+
+
+def test_asyncpg_hands_no_token_to_the_machine_in_the_middle(trusted_mitm: Mitm) -> None:
+    """asyncpg's default context refuses the name, and the error says which CA set was used."""
+    import asyncio
+
+    from iampg.integrations import asyncpg as iampg_asyncpg
+
+    with pytest.raises(ssl.SSLCertVerificationError, match="IAMPG_SSLROOTCERT") as info:
+        asyncio.run(iampg_asyncpg.connect(_endpoint(trusted_mitm)))
+    assert str(trusted_mitm.files.ca_file) in str(info.value)
+    assert trusted_mitm.passwords == []

@@ -7,7 +7,13 @@ from typing import Literal
 from iampg._endpoint import Endpoint
 from iampg.errors import AuthenticationError
 
-__all__ = ["authentication_error", "failure_kind", "transient_reason"]
+__all__ = [
+    "authentication_error",
+    "certificate_advice",
+    "certificate_error",
+    "failure_kind",
+    "transient_reason",
+]
 
 FailureKind = Literal["token", "tls", "certificate"]
 
@@ -97,17 +103,10 @@ def _causes(endpoint: Endpoint, kind: FailureKind) -> list[str]:
     ]
 
 
-def certificate_error(exc: BaseException, endpoint: Endpoint, rootcert: str | None) -> Exception:
-    """Return an error saying which CA set failed to verify the server, and what to do.
-
-    The error is a :class:`psycopg.OperationalError` (what libpq raised), with the CA file
-    used, its age when it is one of iampg's shipped files, and how to point at a newer one.
-    """
-    import psycopg  # noqa: PLC0415
-
+def certificate_advice(endpoint: Endpoint, rootcert: str | None) -> str:
+    """Say which CA set failed to verify the server as the endpoint, and what to do."""
     from iampg import _trust  # noqa: PLC0415
 
-    server = " ".join(str(exc).split())
     if rootcert in (None, ""):
         used = "libpq's default root certificate file (~/.postgresql/root.crt)"
     elif rootcert == "system":
@@ -115,15 +114,26 @@ def certificate_error(exc: BaseException, endpoint: Endpoint, rootcert: str | No
     else:
         summary = _trust.describe(str(rootcert))
         used = f"{rootcert} ({summary})" if summary else f"{rootcert} (your own CA file)"
-    return psycopg.OperationalError(
-        f"{server}\nthe server's certificate did not verify as {endpoint.host} against "
-        f"{used}.\n  - if the database's CA is newer than that set, point IAMPG_SSLROOTCERT "
+    return (
+        f"the server's certificate did not verify as {endpoint.host} against {used}.\n"
+        "  - if the database's CA is newer than that set, point IAMPG_SSLROOTCERT "
         "(or sslrootcert=) at a current bundle, such as AWS's "
         "https://truststore.pki.rds.amazonaws.com/global/global-bundle.pem\n"
         "  - through a tunnel or load balancer, keep the database's name as host and dial "
         "the other address with hostaddr\n"
         "  - sslmode=require encrypts without checking who answers (an explicit opt-out)"
     )
+
+
+def certificate_error(exc: BaseException, endpoint: Endpoint, rootcert: str | None) -> Exception:
+    """Return libpq's certificate error with :func:`certificate_advice` added.
+
+    The error is a :class:`psycopg.OperationalError`, as libpq's was.
+    """
+    import psycopg  # noqa: PLC0415
+
+    server = " ".join(str(exc).split())
+    return psycopg.OperationalError(f"{server}\n{certificate_advice(endpoint, rootcert)}")
 
 
 def authentication_error(
