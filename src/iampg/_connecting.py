@@ -132,7 +132,7 @@ def connect_params(endpoint: Endpoint, *, allow_insecure: bool = False) -> dict[
     """
     params = dict(endpoint)
     params.setdefault("sslmode", "verify-full")
-    if params["sslmode"] in _VERIFYING and not params.get("sslrootcert"):
+    if params["sslmode"] in _VERIFYING and "sslrootcert" not in params:
         from iampg import _trust  # noqa: PLC0415
 
         params["sslrootcert"] = str(_trust.root_file(endpoint))
