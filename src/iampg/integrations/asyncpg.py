@@ -13,6 +13,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
 from iampg import _retry
 from iampg._connecting import INSECURE_SSLMODES, check_extra, connect_params, is_loopback
+from iampg._diagnose import certificate_advice
 from iampg._endpoint import Endpoint
 from iampg._tokens import TokenProvider
 from iampg.errors import ConfigurationError
@@ -36,6 +37,7 @@ class _PinnedHostContext(ssl.SSLContext):
     """
 
     server_name: str
+    root: str | None = None  # the CA file (or "system") it trusts, for error messages
 
     def wrap_bio(
         self,
@@ -76,6 +78,7 @@ def ssl_context(endpoint: Endpoint, params: dict[str, str] | None = None) -> ssl
         mode = "verify-ca"
     context = _PinnedHostContext(ssl.PROTOCOL_TLS_CLIENT)
     context.server_name = endpoint.host
+    context.root = root
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if mode == "require":
         context.check_hostname = False
@@ -264,6 +267,13 @@ async def _connect(open_connection: Any, provider: TokenProvider, *args: Any, **
     kwargs["password"] = token
     try:
         return await open_connection(*args, **kwargs)
+    except ssl.SSLCertVerificationError as exc:
+        context = kwargs.get("ssl")
+        if not isinstance(context, _PinnedHostContext):
+            raise  # the caller's own context: iampg does not know what it trusts
+        raise ssl.SSLCertVerificationError(
+            f"{exc}\n{certificate_advice(provider.endpoint, context.root)}"
+        ) from exc
     except (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidPasswordError):
         if isinstance(token, str):
             provider.invalidate(token)

@@ -121,7 +121,7 @@ def install(
         try:
             return dialect.connect(*cargs, **merged, password=token.value)
         except psycopg.OperationalError as exc:
-            error = explain(exc, provider, token)
+            error = explain(exc, provider, token, merged)
             if error is exc:
                 raise
             raise error from exc
