@@ -209,7 +209,7 @@ def test_every_region_file_holds_that_regions_three_cas() -> None:
         assert len(names) == 3, name
         for alg, subject in zip(("ECC384", "RSA2048", "RSA4096"), names, strict=True):
             assert f"Amazon RDS {info['region']} Root CA {alg} G1" in subject, name
-        expected = 3 if info["kind"] == "rds" else 8
+        expected = 3 if info["kind"] == "rds" else 4
         assert len(info["certificates"]) == expected, name
 
 
