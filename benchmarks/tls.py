@@ -148,7 +148,8 @@ def run(rds: EmulatorInfo, *, quick: bool = False, rounds: int | None = None) ->
                     f"{load_after[0]:.2f}; {rounds} rounds"
                 ),
                 claim=(
-                    f"{median:.3f}x require (median of per-round ratios, IQR {low:.3f}-{high:.3f})"
+                    f"{median:.3f}x require (median of per-round ratios, 95 % interval "
+                    f"{ci_low:.3f}-{ci_high:.3f}, IQR {low:.3f}-{high:.3f})"
                 ),
                 bar=bar,
                 passed=median <= 1.05 if name == SMALL else None,
