@@ -382,3 +382,21 @@ def test_ca_command_refuses_a_missing_override(
         err = capsys.readouterr().err
         assert err.startswith("iampg ca: IAMPG_SSLROOTCERT names ")
         assert "Traceback" not in err
+
+
+def test_ca_command_fails_when_the_store_cannot_be_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A store without its manifest is a one-line failure (exit 1), not a traceback."""
+    from iampg.cli import main
+
+    monkeypatch.setattr(_trust, "_DIR", tmp_path)
+    _trust._manifest.cache_clear()
+    try:
+        assert main(["ca"]) == 1
+    finally:
+        _trust._manifest.cache_clear()
+    err = capsys.readouterr().err
+    assert err.startswith("iampg ca: ")
+    assert "manifest.json" in err
+    assert "Traceback" not in err
