@@ -54,6 +54,8 @@ _EXIT_CODES: dict[str, str] = {
     f"3 script error with ON_ERROR_STOP); before that {_SIGNING}; {_USAGE}; "
     f"127 psql not found; {_INTERRUPTED}",
     "doctor": f"0 every check passed; 1 a check failed; {_USAGE}; {_INTERRUPTED}",
+    "ca": "0 printed; 1 the trust store cannot be read; 2 usage error (bad arguments or "
+    f"endpoint, or IAMPG_SSLROOTCERT names a file that does not exist); {_INTERRUPTED}",
     "emulate": "0 stopped (Ctrl-C or SIGTERM); 1 the emulator could not run (backend "
     "unreachable, port busy...); 2 usage error (bad options, no PostgreSQL binaries)",
 }
@@ -258,6 +260,35 @@ def _missing_emulator(args: argparse.Namespace, out: TextIO) -> int:  # noqa: AR
     raise ConfigurationError("the emulator needs extra packages: pip install 'iampg[emulator]'")
 
 
+# -- ca -----------------------------------------------------------------------------------
+
+
+def _cmd_ca(args: argparse.Namespace, out: TextIO) -> int:
+    from iampg import _trust  # noqa: PLC0415
+
+    if not (args.endpoint or args.host):
+        override = _trust.override()
+        lines = [str(_trust.directory())] if args.path else _trust.report()
+        if override and not args.path:
+            lines.append(f"{_trust.ENV_VAR}={override}: used instead of the files above")
+        out.write("".join(f"{line}\n" for line in lines))
+        return EXIT_OK
+    if args.user is None:  # the CA file does not depend on the user: do not require one
+        args.user = "postgres"
+    endpoint = _endpoint(args)
+    given = endpoint.params.get("sslrootcert")
+    path = given or str(_trust.root_file(endpoint))
+    if args.path:
+        out.write(f"{path}\n")
+        return EXIT_OK
+    source = (
+        "sslrootcert given" if given else _trust.ENV_VAR if os.environ.get(_trust.ENV_VAR) else ""
+    )
+    summary = _trust.describe(path) or f"not one of iampg's files ({source})"
+    out.write(f"{path}\n{summary}\n")
+    return EXIT_OK
+
+
 # -- the parser ---------------------------------------------------------------------------
 
 
@@ -384,6 +415,18 @@ def _parser() -> argparse.ArgumentParser:
     else:
         _cli.add_arguments(emulate)
         emulate.set_defaults(func=_cmd_emulate)
+
+    ca = command(
+        "ca",
+        "show the shipped AWS trust store, or the CA file an endpoint uses",
+        "Without an endpoint: print where iampg's AWS trust store is, when it was built and "
+        "what it holds. With one: print the CA file (sslrootcert) its connections verify the "
+        "server with, and what that file is. IAMPG_SSLROOTCERT=FILE replaces the store.",
+        _endpoint_help("ca"),
+    )
+    _add_endpoint_arguments(ca)
+    ca.add_argument("--path", action="store_true", help="print only the file's path")
+    ca.set_defaults(func=_cmd_ca)
     return parser
 
 
