@@ -412,6 +412,18 @@ needs_command = pytest.mark.skipif(
 )
 
 
+def _fresh_terminal(env: dict[str, str]) -> dict[str, str]:
+    """Return a new terminal's environment: no AWS, PG or IAMPG variables, iampg on PATH.
+
+    The AWS config files stay pointed at missing files (never a real credential).
+    """
+    kept = ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED")
+    fresh = {k: v for k, v in env.items() if not k.startswith(("AWS_", "PG", "IAMPG_"))}
+    fresh.update({k: env[k] for k in kept if k in env})
+    fresh["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return fresh
+
+
 def _second_terminal(banner: list[str], base: dict[str, str]) -> dict[str, str]:
     """Return the environment a shell has after running the banner's unset/export lines."""
     lines = [line.strip() for line in banner if line.strip().startswith(("export ", "unset "))]
@@ -450,11 +462,7 @@ def test_banner_exports_make_bare_commands_work_in_another_terminal(
     banner = emulate.read_until("Ctrl-C")
     host = _field(banner, "host name")
     assert ".eu-west-1." in host
-    kept = ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED")
-    fresh = {k: v for k, v in env.items() if not k.startswith(("AWS_", "PG", "IAMPG_"))}
-    fresh.update({k: env[k] for k in kept if k in env})
-    fresh["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    terminal = _second_terminal(banner, fresh)
+    terminal = _second_terminal(banner, _fresh_terminal(env))
     assert terminal["IAMPG_SSLROOTCERT"] == terminal["PGSSLROOTCERT"] == _field(banner, "CA file")
 
     def sh(command: str) -> subprocess.CompletedProcess[str]:
@@ -506,3 +514,27 @@ def test_a_busy_port_fails_before_a_cluster_starts(run_emulate: Launch) -> None:
         f"iampg emulate: error: cannot listen on 127.0.0.1 port {port} (Address already in use): "
         "pick another --port, or --port 0 for a free one\n"
     )
+
+
+@needs_command
+def test_dsql_banner_exports_work_too(
+    run_emulate: Launch, env: dict[str, str], backend: Backend
+) -> None:
+    """With --preset dsql the exports name the DSQL host and admin; bare iampg psql logs in."""
+    env["IAMPG_EMULATOR_BACKEND"] = backend.dsn
+    emulate = run_emulate(["--preset", "dsql"], command=[str(IAMPG), "emulate"])
+    banner = emulate.read_until("Ctrl-C")
+    terminal = _second_terminal(banner, _fresh_terminal(env))
+    assert terminal["PGHOST"].endswith(".dsql.us-east-1.on.aws")
+    assert terminal["PGUSER"] == "admin"
+    result = subprocess.run(
+        ["sh", "-c", "iampg psql -X -tAc 'select current_user'"],
+        capture_output=True,
+        text=True,
+        env=terminal,
+        check=False,
+        timeout=TIMEOUT,
+    )
+    assert (result.returncode, result.stdout) == (0, "admin\n"), result.stderr
+    emulate.proc.send_signal(signal.SIGINT)
+    assert emulate.finish()[0] == 0
