@@ -130,7 +130,7 @@ def docs_endpoints(
                 region=REGION,
                 listen_host=DSQL_ADDRESS,
                 port=PORT,
-                profile="dsql",
+                preset="dsql",
             ),
             DSQL_ADDRESS,
         )

@@ -203,7 +203,7 @@ def test_another_host_than_the_signed_one_is_refused_before_signing(emulator: Em
 def test_connect_waits_out_a_serverless_resume(backend: Backend) -> None:
     """With the serverless preset, connect() retries past connect timeouts during a resume."""
     with Emulator(
-        backend.dsn, profile="aurora-express", resume_delay=3.0, connect_latency=0.0
+        backend.dsn, preset="aurora-express", resume_delay=3.0, connect_latency=0.0
     ) as emu:
         emu.pause()
         conn = iampg_psycopg2.connect(
@@ -220,7 +220,7 @@ def test_connect_waits_out_a_serverless_resume(backend: Backend) -> None:
 def test_a_resume_longer_than_wait_is_unavailable_for_both_hierarchies(backend: Backend) -> None:
     """Past wait=, the error is both psycopg2.OperationalError and iampg.UnavailableError."""
     with Emulator(
-        backend.dsn, profile="aurora-express", resume_delay=60.0, connect_latency=0.0
+        backend.dsn, preset="aurora-express", resume_delay=60.0, connect_latency=0.0
     ) as emu:
         emu.pause()
         with pytest.raises(psycopg2.OperationalError) as caught:

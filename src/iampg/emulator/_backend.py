@@ -471,8 +471,9 @@ class Backend:
                 except OSError as exc:
                     raise BackendError(f"could not start postgres: {exc}") from exc
             backend = cls(
-                # hostaddr too: an exported PGHOSTADDR (for an emulated endpoint, say) must not
-                # send the emulator's own backend connections elsewhere.
+                # hostaddr and sslmode too: the PGHOSTADDR and PGSSLMODE=verify-full that
+                # `iampg emulate` has users export must not redirect or break the emulator's
+                # own backend connections (the throwaway cluster has no TLS).
                 make_conninfo(
                     "",
                     host="127.0.0.1",
@@ -480,6 +481,7 @@ class Backend:
                     port=chosen,
                     user=_SUPERUSER,
                     dbname="postgres",
+                    sslmode="disable",
                 ),
                 kind="temporary",
                 socket_dir=tempdir,
