@@ -29,6 +29,7 @@ EXAMPLES = [
     "examples/lambda_handler.py",
     "examples/alembic_migration/migrate.py",
     "examples/dsql_transaction.py",
+    "examples/psycopg2_users.py",
 ]
 EXAMPLE_TIMEOUT = 180.0  # seconds; a throwaway PostgreSQL starts in a few
 _RUN_WITH_TIMEOUT = (
@@ -41,7 +42,8 @@ _RUN_WITH_TIMEOUT = (
 @nox.session
 def examples(session: nox.Session) -> None:
     """Run every example against the embedded emulator (the CI check of examples/)."""
-    session.install("-e", ".[emulator,binary,sqlalchemy,asyncpg,django]", *_group("examples"))
+    extras = ".[emulator,binary,sqlalchemy,asyncpg,django,psycopg2]"
+    session.install("-e", extras, *_group("examples"))
     # An empty PGHOST makes each example start the emulator instead of going to AWS.
     env = {"PGHOST": ""}
     for example in EXAMPLES:
@@ -50,7 +52,7 @@ def examples(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the test suite against a real PostgreSQL through the emulator."""
+    """Run the fast tests (not the slow ones, not the soak) through the emulator."""
     session.install("-e", ".[emulator]", *_group("tests"))
     session.run("pytest", *session.posargs)
 
@@ -79,11 +81,12 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def soak(session: nox.Session) -> None:
-    """Run the 2-minute soak (pools, key rotation, gateway restarts); not a default session."""
+    """Run the 2-minute soak (pools, key rotation, gateway restarts); only this session does."""
     session.install("-e", ".[emulator]", *_group("tests"))
     env = {"IAMPG_SOAK_SECONDS": session.env.get("IAMPG_SOAK_SECONDS", "120")}
     # -s: the run ends by printing its figures (queries, retries, signings, service events).
-    args = ["tests/reliability/test_soak.py", "-p", "no:cacheprovider", "-s", *session.posargs]
+    args = ["tests/reliability/test_soak.py", "-m", "soak", "-p", "no:cacheprovider", "-s"]
+    args += session.posargs
     session.run("pytest", *args, env=env)
 
 

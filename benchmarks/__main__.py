@@ -21,7 +21,7 @@ from typing import Any
 
 from benchmarks._common import RESULTS, Result, emulator_process, isolate_aws_env
 
-GROUPS = ("token", "connect", "pool", "refresh", "stampede", "lost", "cold", "memory")
+GROUPS = ("token", "connect", "pool", "presets", "refresh", "stampede", "lost", "cold", "memory")
 PACKAGES = (
     "iampg",
     "psycopg",
@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             ("token", lambda: token_hit.run(quick=args.quick)),
             ("connect", lambda: connect.run(rds, dsql, quick=args.quick)),
             ("pool", lambda: pool.throughput(rds, quick=args.quick)),
+            ("presets", lambda: pool.presets(rds, dsql, quick=args.quick)),
             ("refresh", lambda: pool.refresh_latency(rds, quick=args.quick)),
             ("stampede", lambda: stampede.run(rds, dsql, quick=args.quick)),
             ("lost", lambda: lost.run(rds, backend, quick=args.quick)),

@@ -2,21 +2,46 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import settings
 
 from iampg import _aws
 from iampg.emulator import FAKE_CREDENTIALS, Backend, Emulator
+from support import EmulatorFactory
 
 # Every test runs under the secret guard: no minted token, signature or sentinel password in a
 # log record, a repr or an escaping exception (see secret_guard.py).
 pytest_plugins = ["secret_guard"]
 
 LOCAL_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
+
+# Hypothesis: the full profile in CI (where $CI is set), a lighter one locally; tests that name
+# their own example count scale it to the profile with support.examples(). $HYPOTHESIS_PROFILE
+# picks one explicitly.
+settings.register_profile("ci", max_examples=100, print_blob=True)
+settings.register_profile("dev", max_examples=20)
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
+)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Say why a run selected no test: the default run leaves out the slow tests and the soak."""
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(
+                'no test selected: the default run is -m "not slow and not soak"; '
+                'add -m "not soak" for the slow tests too, or use nox -s soak'
+            )
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +78,27 @@ def backend() -> Iterator[Backend]:
 
 
 @pytest.fixture
-def emulator(backend: Backend) -> Iterator[Emulator]:
+def start_emulator(backend: Backend) -> Iterator[EmulatorFactory]:
+    """Return a factory of running emulators in front of the backend, stopped after the test.
+
+    ``start_emulator(**options)`` takes :class:`Emulator`'s keyword options (``service``,
+    ``credentials``, ``clock`` …); ``dsn=`` puts another backend behind it.
+    """
+    with ExitStack() as running:
+
+        def start(*, dsn: str | None = None, **options: Any) -> Emulator:
+            return running.enter_context(Emulator(backend.dsn if dsn is None else dsn, **options))
+
+        yield start
+
+
+@pytest.fixture
+def emulator(start_emulator: EmulatorFactory) -> Emulator:
     """Return a running RDS-mode emulator in front of the backend, on real time."""
-    with Emulator(backend.dsn) as emu:
-        yield emu
+    return start_emulator()
+
+
+@pytest.fixture
+def quiet_botocore(caplog: pytest.LogCaptureFixture) -> None:
+    """Keep botocore's DEBUG lines (which show signatures) out of failure reports."""
+    caplog.set_level(logging.WARNING, logger="botocore")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from iampg.cli import main
 from iampg.emulator import Backend, Emulator
+from support import EmulatorFactory
 
 CHECKS = ["endpoint", "credentials", "token", "dns", "tcp", "tls", "authentication", "query"]
 
@@ -36,11 +36,11 @@ def doctor_args(emu: Emulator, *extra: str, host: str | None = None) -> list[str
 
 
 def statuses(out: str) -> dict[str, str]:
-    """Map each check's name to PASS/FAIL/SKIP from the human report."""
+    """Map each check's name to PASS/WARN/FAIL/SKIP from the human report."""
     found = {}
     for line in out.splitlines():
         words = line.split()
-        if len(words) >= 2 and words[0] in {"PASS", "FAIL", "SKIP"}:
+        if len(words) >= 2 and words[0] in {"PASS", "WARN", "FAIL", "SKIP"}:
             found[words[1]] = words[0]
     return found
 
@@ -79,10 +79,9 @@ def test_json_report_lists_every_check(
 
 
 @pytest.fixture
-def elsewhere(backend: Backend) -> Iterator[Emulator]:
+def elsewhere(start_emulator: EmulatorFactory) -> Emulator:
     """An emulator whose host name does not imply a region, in us-east-1."""
-    with Emulator(backend.dsn, hostnames=("db.emulator.test",), region="us-east-1") as emu:
-        yield emu
+    return start_emulator(hostnames=("db.emulator.test",), region="us-east-1")
 
 
 def test_wrong_region_fails_authentication_with_its_causes(
@@ -202,3 +201,76 @@ def test_dns_step_resolves_the_host_name(
     assert code == 0, checks
     assert checks["dns"]["detail"].startswith("localhost → ")
     assert "127.0.0.1" in checks["dns"]["detail"]
+
+
+def test_require_is_a_warning_not_a_failure(
+    emulator: Emulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """sslmode=require: the TLS check warns "encrypted, not authenticated"; exit 0."""
+    args = doctor_args(emulator)
+    args[args.index("--sslmode") + 1] = "require"
+    del args[args.index("--sslrootcert") : args.index("--sslrootcert") + 2]
+    code = main(args)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert statuses(out) == {**dict.fromkeys(CHECKS, "PASS"), "tls": "WARN"}
+    assert "encrypted, not authenticated" in out
+    assert "fix: use --sslmode verify-full" in out
+    assert out.rstrip().endswith("all checks passed (warnings: tls)")
+    code, checks = run_json(args, capsys)
+    assert code == 0
+    assert checks["tls"]["status"] == "warn"
+
+
+def test_fresh_short_lived_certificate_is_not_due_for_renewal(
+    emulator: Emulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The emulator's week-long certificate, just made, is called short-lived, not ending."""
+    code, checks = run_json(doctor_args(emulator), capsys)
+    assert code == 0
+    assert checks["tls"]["status"] == "pass"
+    assert "short-lived certificate, expires in" in checks["tls"]["detail"]
+    assert "renew" not in checks["tls"]["detail"]
+
+
+@pytest.mark.parametrize(
+    ("valid_days", "left_days", "text", "ending"),
+    [
+        (7, 6.9, "short-lived certificate, expires in 7 days", False),
+        (7, 3, "short-lived certificate, expires in 3 days", False),
+        (7, 1, "in 24 hours: renew it soon", True),
+        (395, 20, "in 20 days: renew it soon", True),
+        (395, 200, "", False),
+        (395, -1, "(expired)", True),
+    ],
+)
+def test_certificate_expiry_is_judged_by_the_validity_left(
+    valid_days: float, left_days: float, text: str, ending: bool
+) -> None:
+    """Renewal is due with under 30 days and under a quarter of the validity left."""
+    import datetime as dt
+
+    from iampg._doctor import _expiry
+
+    now = dt.datetime(2026, 6, 1, tzinfo=dt.timezone.utc)
+    end = now + dt.timedelta(days=left_days)
+    said, near = _expiry(end - dt.timedelta(days=valid_days), end, now)
+    assert said.startswith(end.strftime("%Y-%m-%d"))
+    assert text in said
+    assert near is ending
+
+
+def test_doctor_runs_without_the_command_line(emulator: Emulator) -> None:
+    """Doctor takes an endpoint, a profile, a timeout and a stream; its report says the rest."""
+    import io
+
+    from iampg._doctor import Doctor
+    from support import endpoint_for
+
+    out = io.StringIO()
+    report = Doctor(endpoint_for(emulator), timeout=5, out=out).run()
+    assert report.ok
+    assert [c.name for c in report.checks] == CHECKS
+    assert statuses(out.getvalue()) == dict.fromkeys(CHECKS, "PASS")
+    assert json.loads(report.to_json())["ok"] is True
+    assert report.summary() == "all checks passed"

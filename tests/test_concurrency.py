@@ -33,6 +33,7 @@ def fast_switching() -> Iterator[None]:
         sys.setswitchinterval(before)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("fast_switching")
 def test_many_threads_across_many_refresh_windows_sign_once_per_window() -> None:
     """32 threads hammer token() while the clock jumps 25 refresh windows: one signing each."""
@@ -111,6 +112,7 @@ def test_async_callers_on_many_loops_sign_once_per_window() -> None:
     assert set().union(*seen) == {f"token-{n}-app" for n in range(1, windows + 2)}
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("fast_switching")
 def test_pool_threads_across_token_expiry(backend: Backend) -> None:
     """16 threads on one pool while tokens expire and connections are recycled: every query

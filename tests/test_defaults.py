@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import psycopg_pool
+from typing import Any
+
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 import iampg
 from fakes import CountingSigner
 from iampg import Endpoint, TokenProvider, _defaults
-from iampg._lost import AsyncPurgingCheck, PurgingCheck
+from iampg._lost import AsyncLivenessCheck, AsyncPurgingCheck, LivenessCheck, PurgingCheck
 
 RDS = Endpoint("mydb.cluster-abc.us-east-1.rds.amazonaws.com", user="app")
 DSQL = Endpoint("abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws")
@@ -29,7 +30,7 @@ def test_rds_pool_keeps_psycopg_defaults_with_a_finite_connect_timeout() -> None
 
 def test_aurora_serverless_pool_lets_the_cluster_pause() -> None:
     """Aurora Serverless: min_size 0, idle connections closed before the ~5 min cut."""
-    pool = iampg.ConnectionPool(provider=provider(RDS), profile="aurora-express", open=False)
+    pool = iampg.ConnectionPool(provider=provider(RDS), preset="aurora-express", open=False)
     params = conninfo_to_dict(str(pool.conninfo))
     assert int(str(params["connect_timeout"])) > 16  # above the seed's 16 s resume
     assert pool.min_size == 0
@@ -43,11 +44,11 @@ def test_dsql_pool_recycles_under_the_hour_and_checks_at_checkout() -> None:
     params = conninfo_to_dict(str(pool.conninfo))
     assert pool.max_lifetime == 3300.0
     assert isinstance(pool._check, PurgingCheck)  # a loss found also sweeps the idle ones
-    assert pool._check.check == psycopg_pool.ConnectionPool.check_connection
+    assert isinstance(pool._check.check, LivenessCheck)  # a round trip only after idling
     assert (params["sslmode"], params["sslrootcert"]) == ("verify-full", "system")
     apool = iampg.AsyncConnectionPool(provider=provider(DSQL), open=False)
     assert isinstance(apool._check, AsyncPurgingCheck)
-    assert apool._check.check == psycopg_pool.AsyncConnectionPool.check_connection
+    assert isinstance(apool._check.check, AsyncLivenessCheck)
 
 
 def test_callers_override_every_default() -> None:
@@ -60,15 +61,15 @@ def test_callers_override_every_default() -> None:
     assert conninfo_to_dict(str(pool.conninfo))["connect_timeout"] == "3"
 
 
-def test_unknown_or_mismatched_profile_is_a_configuration_error() -> None:
-    """A typo in the profile, or dsql for an RDS host, fails early."""
+def test_unknown_or_mismatched_preset_is_a_configuration_error() -> None:
+    """A typo in the preset, or dsql for an RDS host, fails early."""
     with pytest.raises(
         iampg.ConfigurationError,
         match=r"unknown preset 'aurora': use one of rds, aurora-serverless, dsql, aurora-express",
     ):
-        iampg.ConnectionPool(provider=provider(RDS), profile="aurora", open=False)
+        iampg.ConnectionPool(provider=provider(RDS), preset="aurora", open=False)
     with pytest.raises(iampg.ConfigurationError, match="does not fit"):
-        iampg.ConnectionPool(provider=provider(RDS), profile="dsql", open=False)
+        iampg.ConnectionPool(provider=provider(RDS), preset="dsql", open=False)
 
 
 @pytest.mark.parametrize(
@@ -84,3 +85,64 @@ def test_unknown_or_mismatched_profile_is_a_configuration_error() -> None:
 def test_every_preset_spelling_has_one_canonical_name(given: str, canonical: str) -> None:
     """Each spelling a user meets names one preset; the same function serves every entry point."""
     assert _defaults.canonical_preset(given) == canonical
+
+
+def test_every_entry_point_takes_preset() -> None:
+    """preset= picks the service defaults of connect-time and pool settings everywhere."""
+    from iampg.integrations import django, sqlalchemy
+
+    pool = iampg.ConnectionPool(provider=provider(RDS), preset="aurora-serverless", open=False)
+    apool = iampg.AsyncConnectionPool(provider=provider(RDS), preset="Aurora_Express")
+    assert (pool.min_size, apool.min_size, apool.max_idle) == (0, 0, 240.0)
+    entry = django.database(provider(RDS), preset="aurora-serverless")
+    assert entry["OPTIONS"]["connect_timeout"] == "45"
+    engine = sqlalchemy.create_engine(provider(RDS), preset="aurora-express")
+    engine.dispose()
+    with pytest.raises(iampg.ConfigurationError, match="unknown preset"):
+        iampg.connect(provider=provider(RDS), preset="aurora")
+    with pytest.raises(iampg.ConfigurationError, match="unknown preset"):
+        sqlalchemy.create_engine(provider(RDS), preset="aurora")
+
+
+def test_profile_keyword_still_works_and_warns() -> None:
+    """The old profile= keyword picks the same preset, with a DeprecationWarning."""
+    with pytest.warns(DeprecationWarning, match="use preset="):
+        pool = iampg.ConnectionPool(provider=provider(RDS), profile="aurora-express", open=False)
+    assert (pool.min_size, pool.max_idle) == (0, 240.0)
+    with pytest.warns(DeprecationWarning, match="use preset="):
+        apool = iampg.AsyncConnectionPool(provider=provider(RDS), profile="aurora-serverless")
+    assert apool.min_size == 0
+    with (
+        pytest.warns(DeprecationWarning, match="use preset="),
+        pytest.raises(iampg.ConfigurationError, match="disagree"),
+    ):
+        iampg.connect(provider=provider(RDS), preset="rds", profile="aurora-serverless")
+
+
+def test_readme_pool_without_max_size_gets_a_sensible_size() -> None:
+    """min_size=0 without max_size (the README's first sample) gives max_size 4, no error."""
+    pool = iampg.ConnectionPool(provider=provider(RDS), min_size=0, max_idle=240, open=False)
+    assert (pool.min_size, pool.max_size, pool.max_idle) == (0, 4, 240)
+    apool = iampg.AsyncConnectionPool(provider=provider(RDS), min_size=0)
+    assert (apool.min_size, apool.max_size) == (0, 4)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "words"),
+    [
+        ({"max_size": 0}, "max_size=0 allows no connection: pass max_size=1 or more"),
+        ({"min_size": 0, "max_size": 0}, "max_size=0 allows no connection"),
+        ({"min_size": 5, "max_size": 2}, "max_size=2 is below min_size=5: pass max_size=5"),
+        ({"min_size": -1}, "min_size=-1 is negative: pass min_size=0"),
+        ({"max_size": -3}, "allows no connection"),
+        ({"min_size": 1.5}, "min_size must be a whole number"),
+        ({"max_size": "4"}, "max_size must be a whole number"),
+        ({"min_size": True}, "min_size must be a whole number"),
+    ],
+)
+def test_invalid_pool_sizes_are_configuration_errors(sizes: dict[str, Any], words: str) -> None:
+    """Each size combination psycopg_pool refuses is a ConfigurationError saying what to pass."""
+    with pytest.raises(iampg.ConfigurationError, match=words):
+        iampg.ConnectionPool(provider=provider(RDS), open=False, **sizes)
+    with pytest.raises(iampg.ConfigurationError, match=words):
+        iampg.AsyncConnectionPool(provider=provider(RDS), **sizes)

@@ -22,6 +22,7 @@ import iampg
 from iampg import Endpoint, SignedToken, TokenProvider
 from iampg._dsn import alembic_url, connect_params, pgpass, sqlalchemy_url
 from iampg.emulator import Backend, Emulator
+from support import examples
 
 # Characters that break naive encoders, plus any printable unicode.
 SPECIAL = list("%&/:=?+@# '\\\"*;,[]{}$`~!")
@@ -74,7 +75,7 @@ def expected(ep: Endpoint, token: str) -> dict[str, str]:
     return {**connect_params(ep), "password": token}
 
 
-PURE = settings(max_examples=150, deadline=None)
+PURE = settings(max_examples=examples(150), deadline=None)
 
 
 @PURE
@@ -196,7 +197,7 @@ NAMES = st.text(
 # PostgreSQL keeps only printable ASCII in application_name (it shows others as "?").
 APP_NAMES = st.text(alphabet=st.sampled_from([*SPECIAL, "x"]), min_size=1, max_size=10)
 CONNECTING = settings(
-    max_examples=12,
+    max_examples=examples(12),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iampg import ConfigurationError, Endpoint
+from support import examples
 
 TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=80)
 PIECES = st.sampled_from(
@@ -49,7 +50,7 @@ OVERRIDES = st.dictionaries(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(spec=SPECS, overrides=OVERRIDES)
 def test_parse_returns_an_endpoint_or_a_configuration_error(
     spec: str, overrides: dict[str, Any]
@@ -69,7 +70,7 @@ def test_parse_returns_an_endpoint_or_a_configuration_error(
     assert ep.replace() == ep
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     environ=st.dictionaries(
         st.sampled_from(

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_quickstart_runs_the_seed_scenario_across_a_token_expiry() -> None:
     """CRUD through a pool, the first token refused after expiry, new connections still work.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import psycopg
@@ -165,3 +166,111 @@ def test_a_check_failing_on_a_live_connection_does_not_sweep(emulator: Emulator)
         with pool.connection() as conn:
             assert conn.info.backend_pid not in refused
         assert pool.get_stats().get("connections_lost", 0) == 0
+
+
+class CountingConnection(psycopg.Connection[Any]):
+    """A psycopg connection that counts the empty queries psycopg_pool's check sends."""
+
+    checks = 0
+
+    def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+        if query == "":
+            CountingConnection.checks += 1
+        return super().execute(query, *args, **kwargs)
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _wait_readable(pool: psycopg_pool.ConnectionPool[Any]) -> None:
+    """Wait (bounded) until the gateway has relayed the close to every idle connection."""
+    for _ in range(500):
+        if not any(_lost._quiet(conn) for conn in pool._pool):
+            return
+        time.sleep(0.01)
+    pytest.fail("the closed sessions never became readable")
+
+
+def test_liveness_check_skips_the_round_trip_only_for_recently_used_connections(
+    emulator: Emulator,
+) -> None:
+    """Checkouts within a second of the last cost no query; one after a longer idle does."""
+    clock = FakeClock()
+    CountingConnection.checks = 0
+    with iampg.ConnectionPool(
+        endpoint_for(emulator),
+        min_size=1,
+        max_size=1,
+        connection_class=CountingConnection,
+        check=_lost.LivenessCheck(clock=clock),
+        open=True,
+    ) as pool:
+        pool.wait()
+        for _ in range(5):
+            with pool.connection() as conn:
+                conn.execute("select 1")
+            clock.now += 0.5
+        assert CountingConnection.checks == 1  # only the first checkout: new to the check
+        clock.now += 1.0
+        with pool.connection() as conn:
+            conn.execute("select 1")
+        assert CountingConnection.checks == 2  # idle for 1.5 s: checked with a query
+
+
+def test_liveness_check_never_hands_out_a_session_the_server_just_closed(
+    emulator: Emulator, backend: Backend
+) -> None:
+    """A session closed moments after its last use is seen (readable socket) and replaced."""
+    clock = FakeClock()
+    with iampg.ConnectionPool(
+        endpoint_for(emulator),
+        min_size=1,
+        max_size=1,
+        check=_lost.LivenessCheck(clock=clock),
+        kwargs={"application_name": APP},
+        open=True,
+    ) as pool:
+        pool.wait()
+        with pool.connection() as conn:
+            conn.execute("select 1")
+        assert backend.terminate_sessions(APP) == 1
+        _wait_readable(pool)
+        with pool.connection() as conn:  # within the trusted second: no query, yet not handed
+            assert conn.execute("select 1").fetchone() == (1,)
+        assert pool.get_stats()["connections_lost"] == 1
+
+
+def test_async_liveness_check_never_hands_out_a_session_the_server_just_closed(
+    emulator: Emulator, backend: Backend
+) -> None:
+    """The async twin sees a closed session without a round trip too."""
+    clock = FakeClock()
+
+    async def main() -> dict[str, int]:
+        async with iampg.AsyncConnectionPool(
+            endpoint_for(emulator),
+            min_size=1,
+            max_size=1,
+            check=_lost.AsyncLivenessCheck(clock=clock),
+            kwargs={"application_name": APP},
+        ) as pool:
+            await pool.wait()
+            async with pool.connection() as conn:
+                await conn.execute("select 1")
+            assert await asyncio.to_thread(backend.terminate_sessions, APP) == 1
+            for _ in range(500):
+                if not any(_lost._quiet(c) for c in pool._pool):
+                    break
+                await asyncio.sleep(0.01)
+            async with pool.connection() as conn:
+                assert await (await conn.execute("select 1")).fetchone() == (1,)
+            return pool.get_stats()
+
+    assert asyncio.run(main())["connections_lost"] == 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
 
 import psycopg
 import psycopg_pool
@@ -13,18 +12,16 @@ from psycopg.conninfo import make_conninfo
 
 import iampg
 from fakes import CountingSigner
-from iampg import Endpoint, SignedToken, TokenProvider
-from iampg._aws import AwsSigner
+from iampg import Endpoint, TokenProvider
 from iampg._dsn import connect_params
-from iampg.emulator import Backend, Emulator
-from support import endpoint_for
+from iampg.emulator import Emulator
+from support import RecordingSigner, TamperingSigner, endpoint_for
 
 
 @pytest.fixture
-def moved_emulator(backend: Backend) -> Iterator[Emulator]:
+def moved_emulator(emulator: Emulator) -> Emulator:
     """An emulator whose clock the test moves; providers share it as their monotonic clock."""
-    with Emulator(backend.dsn) as emu:
-        yield emu
+    return emulator
 
 
 def test_connect_runs_a_query(emulator: Emulator) -> None:
@@ -35,6 +32,7 @@ def test_connect_runs_a_query(emulator: Emulator) -> None:
     assert row[0] == "postgres"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("frozen", [False, True], ids=["fresh-token", "frozen-token"])
 def test_pool_keeps_working_across_token_expiry(moved_emulator: Emulator, frozen: bool) -> None:
     """New connections after the first token expired succeed; a frozen token fails (control)."""
@@ -54,14 +52,15 @@ def test_pool_keeps_working_across_token_expiry(moved_emulator: Emulator, frozen
     else:
         pool = iampg.ConnectionPool(
             provider=provider, min_size=1, max_size=2, timeout=3.0, open=False
-        )  # type: ignore[assignment]
+        )
     with pool:
         with pool.connection() as conn:
             conn.execute("create temp table t (x int)")
         emu.clock.advance(901.0)  # the first token has expired for both sides
         pool.drain()  # every new physical connection needs a token now
         if frozen:
-            with pytest.raises(psycopg_pool.PoolTimeout), pool.connection():
+            # The deliberate PoolTimeout: a short wait proves it as well as a long one.
+            with pytest.raises(psycopg_pool.PoolTimeout), pool.connection(timeout=0.5):
                 pass
         else:
             with pool.connection() as conn:
@@ -69,6 +68,7 @@ def test_pool_keeps_working_across_token_expiry(moved_emulator: Emulator, frozen
             assert pool.get_stats().get("connections_errors", 0) == 0
 
 
+@pytest.mark.slow
 def test_async_pool_keeps_working_across_token_expiry(moved_emulator: Emulator) -> None:
     """The async pool gets fresh tokens from atoken() after the first one expired."""
     emu = moved_emulator
@@ -89,37 +89,6 @@ def test_async_pool_keeps_working_across_token_expiry(moved_emulator: Emulator) 
     assert asyncio.run(main()) == ((1,), (2,))
 
 
-class RecordingSigner:
-    """Signs real tokens through botocore and counts them."""
-
-    def __init__(self) -> None:
-        self.inner = AwsSigner()
-        self.calls = 0
-
-    def sign(self, endpoint: Endpoint, lifetime: float = 900.0) -> SignedToken:
-        self.calls += 1
-        return self.inner.sign(endpoint, lifetime)
-
-
-class TamperingSigner(RecordingSigner):
-    """Signs real tokens, then damages one part of the first ``times`` of them."""
-
-    def __init__(self, damage: str, times: int = 1_000) -> None:
-        super().__init__()
-        self.damage = damage
-        self.times = times
-
-    def sign(self, endpoint: Endpoint, lifetime: float = 900.0) -> SignedToken:
-        token = super().sign(endpoint, lifetime).token
-        if self.calls > self.times:
-            return SignedToken(token, 900.0)
-        if self.damage == "signature":
-            token = token[:-1] + ("0" if token[-1] != "0" else "1")
-        elif self.damage == "user":
-            token = token.replace("DBUser=postgres", "DBUser=someone")
-        return SignedToken(token, 900.0)
-
-
 @pytest.mark.parametrize("damage", ["signature", "user"])
 def test_tampered_token_gets_pam_failure(emulator: Emulator, damage: str) -> None:
     """A token with a wrong signature or user is refused with RDS's exact text."""
@@ -130,6 +99,7 @@ def test_tampered_token_gets_pam_failure(emulator: Emulator, damage: str) -> Non
         iampg.connect(provider=provider)
 
 
+@pytest.mark.slow
 def test_expired_token_is_refused_then_connect_retries_with_a_new_one(
     moved_emulator: Emulator,
 ) -> None:
@@ -161,6 +131,7 @@ def test_refused_twice_raises_authentication_error_with_causes(emulator: Emulato
     assert signer.calls == 2
 
 
+@pytest.mark.slow
 def test_pool_signs_afresh_after_the_server_refuses_a_token(emulator: Emulator) -> None:
     """A refused token is forgotten: the pool's next attempt gets a new, valid one."""
     signer = TamperingSigner("signature", times=1)

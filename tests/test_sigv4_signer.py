@@ -20,6 +20,7 @@ from iampg import Endpoint, TokenError
 from iampg._aws import AwsSigner
 from iampg._sigv4 import EnvSigner, presign
 from iampg.emulator import FAKE_CREDENTIALS
+from support import examples
 
 KEY_ID = FAKE_CREDENTIALS.access_key_id
 SECRET = FAKE_CREDENTIALS.secret_access_key
@@ -108,7 +109,7 @@ def _forget_clients() -> Iterator[None]:
     _clients.clear()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     host=hosts,
     user=users,
@@ -135,7 +136,7 @@ def test_rds_tokens_are_byte_identical_to_botocore(
     assert signed.credentials_ttl is None
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     cluster=st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_size=20, max_size=40),
     suffix=st.sampled_from(["", "-fips", "-x1"]),
@@ -167,7 +168,7 @@ def test_dsql_tokens_are_byte_identical_to_botocore(
     assert signed.lifetime == float(lifetime)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     host=hosts,
     user=st.one_of(st.just("admin"), users),
@@ -213,7 +214,7 @@ def test_aws_signer_tokens_are_byte_identical_to_botocore_clients(
     assert signed.token == expected
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     host=st.from_regex(r"[A-Za-z0-9._-]{1,40}", fullmatch=True),
     action=st.sampled_from(["DbConnect", "DbConnectAdmin"]),

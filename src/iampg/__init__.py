@@ -5,14 +5,8 @@ from iampg._dsn import alembic_url, conninfo, env, pgpass, sqlalchemy_url, url
 from iampg._endpoint import Endpoint, Kind
 from iampg._pool import AsyncConnectionPool, ConnectionPool, aconnect, connect
 from iampg._retry import RETRYABLE_SQLSTATES, aretry_transaction, retry_transaction
-from iampg._tokens import (
-    Clock,
-    RefreshStrategy,
-    SignedToken,
-    Signer,
-    TokenProvider,
-    TokenStats,
-)
+from iampg._signer import Clock, SignedToken, Signer
+from iampg._tokens import RefreshStrategy, TokenProvider, TokenStats
 from iampg.errors import (
     AuthenticationError,
     ConfigurationError,

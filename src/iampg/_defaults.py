@@ -78,9 +78,9 @@ class ServiceDefaults(NamedTuple):
 
 
 def _check_connection() -> Any:
-    from psycopg_pool import ConnectionPool  # noqa: PLC0415
+    from iampg._lost import LivenessCheck  # noqa: PLC0415 -- psycopg loads on first use
 
-    return ConnectionPool.check_connection
+    return LivenessCheck()
 
 
 PROFILES: Mapping[str, ServiceDefaults] = {
@@ -97,8 +97,14 @@ PROFILES: Mapping[str, ServiceDefaults] = {
         wait=90.0,
         retry_timeouts=True,
     ),
-    # DSQL closes every connection after one hour: recycle at 55 minutes, and check a
-    # connection at checkout because psycopg_pool enforces max_lifetime only on return.
+    # DSQL closes every connection after one hour: recycle at 55 minutes (psycopg_pool takes
+    # up to 5 % off each connection's lifetime, so a pool does not recycle all at once), and
+    # check a connection at checkout because psycopg_pool enforces max_lifetime only on
+    # return. The check (iampg._lost.LivenessCheck) costs no round trip for a connection handed
+    # out within the last second whose socket is silent: anything the server sends when it
+    # closes a session (the cap, an idle cut, a restart) makes the socket readable, and a
+    # connection that sat idle longer is checked with a query. A pool under load then runs
+    # at the speed of a pool without a check.
     "dsql": ServiceDefaults(
         connect_timeout=10,
         pool={"max_lifetime": 3300.0},
@@ -107,24 +113,32 @@ PROFILES: Mapping[str, ServiceDefaults] = {
 }
 
 
-def defaults_for(endpoint: Endpoint, profile: str | None) -> ServiceDefaults:
-    """Return the defaults for ``profile``, or for the endpoint's service when it is None.
+def defaults_for(endpoint: Endpoint, preset: str | None) -> ServiceDefaults:
+    """Return the defaults for ``preset``, or for the endpoint's service when it is None.
 
     Raises:
-        ConfigurationError: An unknown profile, or ``dsql`` for a non-DSQL endpoint.
+        ConfigurationError: An unknown preset, or ``dsql`` for a non-DSQL endpoint.
     """
-    if profile is None:
-        profile = "dsql" if endpoint.kind == "dsql" else "rds"
-    profile = canonical_preset(profile)
-    if (profile == "dsql") != (endpoint.kind == "dsql"):
+    if preset is None:
+        preset = "dsql" if endpoint.kind == "dsql" else "rds"
+    preset = canonical_preset(preset)
+    if (preset == "dsql") != (endpoint.kind == "dsql"):
         raise ConfigurationError(
-            f"profile {profile!r} does not fit a {endpoint.kind} endpoint ({endpoint.host})"
+            f"preset {preset!r} does not fit a {endpoint.kind} endpoint ({endpoint.host})"
         )
-    return PROFILES[profile]
+    return PROFILES[preset]
 
 
 def pool_options(defaults: ServiceDefaults, given: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge the profile's pool options under the caller's (the caller wins)."""
+    """Merge the preset's pool options under the caller's (the caller wins), sizes checked.
+
+    ``min_size=0`` without ``max_size`` gets the ``aurora-serverless`` preset's ``max_size``
+    (a pool that may shrink to nothing still needs room to grow); another ``min_size``
+    without ``max_size`` gets psycopg_pool's own rule, ``max_size = min_size``.
+
+    Raises:
+        ConfigurationError: ``min_size`` or ``max_size`` is not a size, or they do not fit.
+    """
     options = {**defaults.pool, **given}
     if "max_lifetime" in defaults.pool and "check" not in given:
         # Enforce DSQL's hour at checkout too, not only when a connection is returned.
@@ -132,4 +146,38 @@ def pool_options(defaults: ServiceDefaults, given: Mapping[str, Any]) -> dict[st
     if "min_size" in given and "max_size" not in given:
         # psycopg_pool's own rule (max_size = min_size) rather than a default below min_size.
         options.pop("max_size", None)
+    _check_sizes(options)
     return options
+
+
+_DEFAULT_MIN_SIZE = 4  # psycopg_pool's
+
+
+def _check_sizes(options: dict[str, Any]) -> None:
+    """Fill in ``max_size`` where psycopg_pool would refuse its absence; refuse bad sizes."""
+    min_size = options.get("min_size", _DEFAULT_MIN_SIZE)
+    max_size = options.get("max_size")
+    for name, value in (("min_size", min_size), ("max_size", max_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigurationError(
+                f"{name} must be a whole number of connections, not {value!r}: "
+                "pass e.g. min_size=0, max_size=4"
+            )
+    if min_size < 0:
+        raise ConfigurationError(
+            f"min_size={min_size} is negative: pass min_size=0 (or more) connections to keep open"
+        )
+    if max_size is None:
+        if min_size > 0:
+            return  # psycopg_pool: max_size = min_size
+        max_size = options["max_size"] = PROFILES["aurora-serverless"].pool["max_size"]
+    if max_size < 1:
+        raise ConfigurationError(
+            f"max_size={max_size} allows no connection: pass max_size=1 or more "
+            f"(e.g. min_size={min_size}, max_size={max(min_size, 4)})"
+        )
+    if max_size < min_size:
+        raise ConfigurationError(
+            f"max_size={max_size} is below min_size={min_size}: pass max_size={min_size} or "
+            f"more, or a smaller min_size"
+        )

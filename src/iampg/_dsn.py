@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from urllib.parse import quote
 
+from iampg._connecting import connect_params, resolve
 from iampg._endpoint import Endpoint
 from iampg._tokens import TokenProvider
 from iampg.errors import ConfigurationError
@@ -20,8 +21,6 @@ __all__ = [
     "url",
 ]
 
-_INSECURE_SSLMODES = frozenset({"disable", "allow", "prefer"})
-_SYSTEM_ROOTS_LIBPQ = 160000  # sslrootcert=system needs libpq 16
 _DRIVER = re.compile(r"[A-Za-z0-9_]+")
 
 # libpq parameter -> environment variable (libpq's own table, for what iampg may pass on).
@@ -51,63 +50,6 @@ _ENV_NAMES = {
     "channel_binding": "PGCHANNELBINDING",
     "load_balance_hosts": "PGLOADBALANCEHOSTS",
 }
-
-
-def resolve(
-    endpoint: Endpoint | str | None, provider: TokenProvider | None
-) -> tuple[Endpoint, TokenProvider]:
-    """Return the endpoint to dial and the provider that signs for it.
-
-    ``endpoint`` may add connection options (``sslmode``, ``hostaddr`` …) to the provider's
-    endpoint, but must not name another host, port, user, region or service.
-
-    Raises:
-        ConfigurationError: Neither was given, or they disagree on what is signed.
-    """
-    if provider is None:
-        if endpoint is None:
-            raise ConfigurationError("pass an endpoint (host name, URL or Endpoint) or provider=")
-        ep = Endpoint.parse(endpoint)
-        return ep, TokenProvider(ep)
-    if endpoint is None:
-        return provider.endpoint, provider
-    ep = Endpoint.parse(endpoint)
-    signed = provider.endpoint
-    for name in ("host", "port", "user", "region", "kind"):
-        if getattr(ep, name) != getattr(signed, name):
-            raise ConfigurationError(
-                f"the endpoint's {name} ({getattr(ep, name)!r}) differs from the one the "
-                f"provider signs for ({getattr(signed, name)!r}): pass one of them"
-            )
-    return ep, provider
-
-
-def connect_params(endpoint: Endpoint, *, allow_insecure: bool = False) -> dict[str, str]:
-    """Return the libpq parameters for ``endpoint``, without the password.
-
-    TLS is on unless asked otherwise: ``sslmode=require`` for RDS and Aurora, and
-    ``verify-full`` against the system's root certificates for DSQL (with libpq 16 or later;
-    ``require`` before). A token is a bearer credential, so a ``sslmode`` that may send it in
-    plaintext (``disable``, ``allow``, ``prefer``) is refused towards anything but loopback
-    unless ``allow_insecure`` is true.
-
-    Raises:
-        ConfigurationError: An insecure ``sslmode`` towards a non-loopback host.
-    """
-    params = dict(endpoint)
-    sslmode = params.get("sslmode")
-    if sslmode is None:
-        if endpoint.kind == "dsql" and _libpq_version() >= _SYSTEM_ROOTS_LIBPQ:
-            params["sslmode"] = "verify-full"
-            params.setdefault("sslrootcert", "system")
-        else:
-            params["sslmode"] = "require"
-    elif sslmode in _INSECURE_SSLMODES and not endpoint.is_loopback and not allow_insecure:
-        raise ConfigurationError(
-            f"sslmode={sslmode} could send the IAM token unencrypted to {endpoint.dialled}: "
-            "use sslmode=require or verify-full (or allow_insecure=True if you really must)"
-        )
-    return params
 
 
 def conninfo(
@@ -304,9 +246,3 @@ def env(
     out = {_ENV_NAMES[k]: v for k, v in params.items()}
     out["PGPASSWORD"] = prov.token()
     return out
-
-
-def _libpq_version() -> int:
-    from psycopg import pq  # noqa: PLC0415
-
-    return pq.version()

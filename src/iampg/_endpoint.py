@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import FrozenInstanceError
 from typing import Any, Literal, NoReturn
 
+from iampg._options import option
 from iampg.errors import ConfigurationError
 
 __all__ = ["Endpoint", "Kind"]
@@ -292,7 +293,7 @@ class Endpoint:
                 # The host name says which region it is in: a default region must not win.
                 del fields["region"]
         fields.setdefault("host", "")
-        if isinstance(fields["host"], str):
+        if isinstance(fields["host"], str) and fields["host"].strip():
             _check_host(fields["host"].strip())  # before the constructor's "use parse()"
         return cls(**fields)
 
@@ -466,7 +467,7 @@ def _locate(host: str, kind: str | None, region: str | None) -> tuple[Kind, str,
     host = (host or "").strip().lower().rstrip(".")
     if not host:
         raise ConfigurationError(
-            "no host: pass a host name, a postgresql:// URL or a 'host=...' string"
+            f"no host: pass the endpoint (host name, URL or 'host=...' string) or {option('host')}"
         )
     _check_host(host)
     if kind is not None and kind not in _KINDS:
@@ -482,7 +483,7 @@ def _locate(host: str, kind: str | None, region: str | None) -> tuple[Kind, str,
         if inferred_region and region != inferred_region:
             raise ConfigurationError(
                 f"region {region!r} contradicts host {host!r}, which is in "
-                f"{inferred_region!r}: drop region= or fix the host"
+                f"{inferred_region!r}: drop {option('region')} or fix the host"
             )
     if kind == "dsql" and "." not in host:
         host = _dsql_host(host, region)
@@ -490,7 +491,7 @@ def _locate(host: str, kind: str | None, region: str | None) -> tuple[Kind, str,
     if not region:
         raise ConfigurationError(
             f"cannot infer the AWS region from host {host!r}: give the cluster's region "
-            "(region='us-east-1', --region, or AWS_REGION)"
+            f"({option('region', 'us-east-1')})"
         )
     return kind, host, region
 
@@ -523,7 +524,7 @@ def _dsql_host(cluster_id: str, region: str | None) -> str:
         )
     if not region:
         raise ConfigurationError(
-            f"DSQL cluster id {cluster_id!r} needs region=... to expand to its host name"
+            f"DSQL cluster id {cluster_id!r} needs {option('region')} to expand to its host name"
         )
     return f"{cluster_id}.dsql.{region}.on.aws"
 
@@ -532,7 +533,7 @@ def _user(user: str | None, kind: Kind) -> str:
     if user is None:
         if kind != "dsql":
             raise ConfigurationError(
-                "no user: pass user='...' (the database user the token is signed for)"
+                f"no user: pass {option('user')} (the database user the token is signed for)"
             )
         return "admin"
     if not isinstance(user, str) or not user.strip():

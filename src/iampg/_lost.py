@@ -1,9 +1,11 @@
-"""Lost connections: when one pooled connection is found dead, drop its dead idle siblings."""
+"""Lost connections: find a dead pooled connection cheaply, then drop its dead idle siblings."""
 
 from __future__ import annotations
 
 import logging
+import select
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
@@ -11,7 +13,15 @@ from typing import Any, Generic, TypeVar
 import psycopg
 import psycopg_pool
 
-__all__ = ["AsyncPurgingCheck", "PurgingCheck", "apurge", "purge"]
+__all__ = [
+    "RECENT_USE",
+    "AsyncLivenessCheck",
+    "AsyncPurgingCheck",
+    "LivenessCheck",
+    "PurgingCheck",
+    "apurge",
+    "purge",
+]
 
 logger = logging.getLogger("iampg.pool")
 
@@ -105,3 +115,97 @@ class AsyncPurgingCheck(Generic[ACT]):
             if pool is not None and _lost(conn):
                 await apurge(pool)
             raise
+
+
+# -- the checkout check that costs no round trip when it cannot find anything ---------------
+
+RECENT_USE = 1.0
+"""Seconds since a connection's previous checkout within which the checkout check trusts it.
+
+A connection handed out less than this long ago has been idle in the pool for less than this
+long (its idle time is at most the time since that checkout). The window is what is left to a
+server-side close that sends nothing, e.g. a network path that drops silently: the query then
+fails as it would have a moment later, and ``retry_transaction`` runs it again. Anything the
+server sends while the connection sits in the pool (DSQL's one-hour close, an idle cut, a
+restart, a failover: a FATAL message or an end of stream) makes the socket readable, which the
+check notices without a round trip.
+"""
+
+
+def _quiet(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    """Tell whether the server sent nothing since the last result, with no round trip.
+
+    An idle session receives nothing unless the server closes it (a FATAL ErrorResponse, an end
+    of stream) or has something to say (a notice, a notification): any of those makes the
+    socket readable, and the caller then checks with a real query.
+    """
+    if conn.closed or conn.broken:
+        return False
+    try:
+        fd = conn.fileno()
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(fd, select.POLLIN | select.POLLPRI)
+            return not poller.poll(0)
+        readable, _, _ = select.select([fd], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return False
+    return not readable
+
+
+class _Recent:
+    """When each connection was last handed out (weakly keyed: no connection kept alive)."""
+
+    def __init__(self, recent: float, clock: Callable[[], float]) -> None:
+        if not recent >= 0:
+            raise ValueError(f"recent must be zero or more seconds, not {recent!r}")
+        self.recent = recent
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._used: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+    def trusted(self, conn: Any) -> bool:
+        """Record this checkout; tell whether the connection needs no round trip."""
+        now = self._clock()
+        with self._lock:
+            last = self._used.get(conn)
+            self._used[conn] = now
+        return last is not None and now - last < self.recent and _quiet(conn)
+
+
+class LivenessCheck(_Recent, Generic[CT]):
+    """A pool ``check`` that queries the server only when a connection may have died unseen.
+
+    psycopg_pool's ``check_connection`` costs a round trip per checkout (a pool of 8 threads
+    running ``SELECT 1`` ran at 0.75x a pool without it). This check skips the round trip for a
+    connection handed out less than ``recent`` seconds ago whose socket has nothing to read, and
+    runs ``check_connection`` otherwise: for a connection that sat idle, that is new to the
+    check, or that the server has written to (a close, a notice).
+
+    Args:
+        recent: Seconds within which a connection's previous checkout makes it trusted
+            (default :data:`RECENT_USE`; 0 checks every checkout with a round trip).
+        clock: The monotonic clock (seconds).
+    """
+
+    def __init__(
+        self, recent: float = RECENT_USE, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__(recent, clock)
+
+    def __call__(self, conn: CT) -> None:
+        if not self.trusted(conn):
+            psycopg_pool.ConnectionPool.check_connection(conn)
+
+
+class AsyncLivenessCheck(_Recent, Generic[ACT]):
+    """The asynchronous twin of :class:`LivenessCheck`."""
+
+    def __init__(
+        self, recent: float = RECENT_USE, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__(recent, clock)
+
+    async def __call__(self, conn: ACT) -> None:
+        if not self.trusted(conn):
+            await psycopg_pool.AsyncConnectionPool.check_connection(conn)

@@ -7,10 +7,20 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from iampg import _refresh
 from iampg._endpoint import Endpoint
+from iampg._signer import (
+    CREDENTIAL_OPTIONS,
+    DSQL_MAX_LIFETIME,
+    RDS_TOKEN_LIFETIME,
+    Clock,
+    SignedToken,
+    Signer,
+)
 from iampg.errors import ConfigurationError, TokenError
 
 if TYPE_CHECKING:
@@ -26,47 +36,12 @@ RefreshStrategy = Literal["lazy", "ahead"]
 """``lazy``: the caller that finds the token due refreshes it (default; right for Lambda and
 other frozen CPUs). ``ahead``: a background thread refreshes it before it is due."""
 
-_RDS_LIFETIME = 900.0
-_DSQL_MAX_LIFETIME = 604_800.0
 _AHEAD_MAX_SLEEP = 60.0  # the background refresher re-checks at least this often (seconds)
+_CREDENTIALS_RETRY = 30.0  # a refused token re-fetches credentials at most this often (seconds)
 
 
-class Clock(Protocol):
-    """A monotonic clock: seconds as a float, never going backwards."""
-
-    def __call__(self) -> float:
-        """Return the current time in seconds."""
-        ...
-
-
-# SignedToken and TokenStats are named tuples, not dataclasses: making a dataclass at import
-# costs ~1 ms each, and `import iampg` is on every cold start (benchmarks/cold.py).
-class SignedToken(NamedTuple):
-    """A freshly signed token and how long it is good for (an immutable named tuple).
-
-    Attributes:
-        token: The token; a bearer credential, kept out of ``repr``.
-        lifetime: Seconds the token is valid from the start of signing.
-        credentials_ttl: Seconds the signing credentials had left, or ``None`` when they do
-            not expire.
-    """
-
-    token: str
-    lifetime: float
-    credentials_ttl: float | None = None
-
-    def __repr__(self) -> str:
-        return f"SignedToken(lifetime={self.lifetime!r}, credentials_ttl={self.credentials_ttl!r})"
-
-
-class Signer(Protocol):
-    """Something that signs tokens; blocking calls, safe to call from several threads."""
-
-    def sign(self, endpoint: Endpoint, lifetime: float) -> SignedToken:
-        """Return a new token for ``endpoint`` that lasts ``lifetime`` seconds (DSQL)."""
-        ...
-
-
+# TokenStats is a named tuple, not a dataclass: making a dataclass at import costs ~1 ms,
+# and `import iampg` is on every cold start (benchmarks/cold.py).
 class TokenStats(NamedTuple):
     """What a provider has done so far (an immutable named tuple).
 
@@ -134,6 +109,7 @@ class TokenProvider:
         external_id: The external id for ``role_arn``.
         role_session_name: The role session name (default ``iampg``).
         role_duration: Seconds per role session, 900 to 43 200 (default 3600).
+        sts_region: The region of the STS endpoint for ``role_arn`` (default: the token's).
         sts_endpoint_url: A custom STS endpoint for ``role_arn`` (a VPC endpoint).
         signer: A custom :class:`Signer` instead of the credential arguments.
         lifetime: Seconds a DSQL token lasts, 1 to 604 800 (default 900). RDS tokens always
@@ -160,6 +136,7 @@ class TokenProvider:
         external_id: str | None = None,
         role_session_name: str | None = None,
         role_duration: int | None = None,
+        sts_region: str | None = None,
         sts_endpoint_url: str | None = None,
         signer: Signer | None = None,
         lifetime: float | None = None,
@@ -167,19 +144,11 @@ class TokenProvider:
         refresh: RefreshStrategy = "lazy",
         clock: Clock = time.monotonic,
     ) -> None:
+        # The credential options, by the names declared once in iampg._signer (read before
+        # any other local exists); they go to AwsSigner unchanged.
+        arguments = locals()
+        credential_args = {name: arguments[name] for name in CREDENTIAL_OPTIONS}
         self._endpoint = Endpoint.parse(endpoint)
-        credential_args = {
-            "session": session,
-            "profile": profile,
-            "aws_access_key_id": aws_access_key_id,
-            "aws_secret_access_key": aws_secret_access_key,
-            "aws_session_token": aws_session_token,
-            "role_arn": role_arn,
-            "external_id": external_id,
-            "role_session_name": role_session_name,
-            "role_duration": role_duration,
-            "sts_endpoint_url": sts_endpoint_url,
-        }
         given = sorted(k for k, v in credential_args.items() if v is not None)
         if signer is not None and given:
             raise ConfigurationError(f"pass either signer= or {', '.join(given)}, not both")
@@ -212,18 +181,37 @@ class TokenProvider:
         self._refreshes = 0
         self._failed = 0
         self._last_duration: float | None = None
+        self._credentials_refreshed_at: float | None = None
         # One in-flight refresh per event loop, so tasks queue on a future, not on threads.
         self._inflight: dict[asyncio.AbstractEventLoop, asyncio.Future[str]] = {}
         self._strategy: RefreshStrategy = refresh
         self._stop = threading.Event()
         self._ahead: threading.Thread | None = None
         if refresh == "ahead":
-            self._ahead = threading.Thread(
-                target=self._refresh_ahead,
-                name=f"iampg-refresh-{self._endpoint.host}",
-                daemon=True,
-            )
-            self._ahead.start()
+            self._start_ahead()
+        _providers.add(self)
+
+    def _start_ahead(self) -> None:
+        self._ahead = threading.Thread(
+            target=self._refresh_ahead,
+            name=f"iampg-refresh-{self._endpoint.host}",
+            daemon=True,
+        )
+        self._ahead.start()
+
+    def _after_fork_in_child(self) -> None:
+        """Make the copy a forked child inherited usable: only the forking thread survived.
+
+        A lock held by another thread of the parent (signing at the moment of the fork)
+        would never be released: the child gets new locks, forgets in-flight refreshes of
+        the parent's event loops, and restarts the ahead refresher that did not survive.
+        The cached token still works (a token is not tied to a process).
+        """
+        self._lock = threading.Lock()
+        self._inflight = {}
+        if self._ahead is not None and not self._stop.is_set():
+            self._stop = threading.Event()
+            self._start_ahead()
 
     @property
     def endpoint(self) -> Endpoint:
@@ -296,14 +284,35 @@ class TokenProvider:
         """Forget the cached token so the next caller signs a new one.
 
         Call it after the server refused the token. Pass the refused ``token`` to forget it
-        only if it is still the cached one (a newer token is kept).
+        only if it is still the cached one (a newer token is kept). A refused token that was
+        the current one also makes the signer fetch its credentials again (when it has a
+        ``refresh_credentials()`` method, as :class:`iampg.AwsSigner` does), so keys that were
+        revoked or rotated are not signed with until they expire; at most once every
+        30 seconds, so a refusal for another reason does not hammer the credentials service.
         """
+        refresh: Callable[[], None] | None = None
         with self._lock:
             cached = self._cached
             if cached is not None and (token is None or token == cached.token):
                 logger.debug("token invalidated for %s", self._endpoint.host)
                 self._cached = None
                 self._retry_at = 0.0
+                now = self._clock()
+                if token is not None and (
+                    self._credentials_refreshed_at is None
+                    or now - self._credentials_refreshed_at >= _CREDENTIALS_RETRY
+                ):
+                    refresh = getattr(self._signer, "refresh_credentials", None)
+                    self._credentials_refreshed_at = now
+        if refresh is not None:
+            logger.info(
+                "token refused by %s; fetching the credentials again before the next token",
+                self._endpoint.host,
+            )
+            try:
+                refresh()
+            except Exception as exc:  # noqa: BLE001 -- the next signing reports the failure
+                logger.debug("dropping the signer's credentials failed: %s", type(exc).__name__)
 
     def stats(self) -> TokenStats:
         """Return the provider's counters and the cached token's remaining time."""
@@ -437,19 +446,32 @@ class TokenProvider:
         self.close()
 
 
+# Every provider, for the fork handler below (weakly: a provider no one uses may go).
+_providers: weakref.WeakSet[TokenProvider] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for provider in list(_providers):
+        provider._after_fork_in_child()  # noqa: SLF001 -- the module's own class
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _lifetime(endpoint: Endpoint, lifetime: float | None) -> float:
     """Validate a token lifetime for the endpoint's service."""
     if lifetime is None:
-        return _RDS_LIFETIME
+        return RDS_TOKEN_LIFETIME
     if endpoint.kind != "dsql":
-        if lifetime != _RDS_LIFETIME:
+        if lifetime != RDS_TOKEN_LIFETIME:
             raise ConfigurationError(
-                f"RDS tokens always last {_RDS_LIFETIME:.0f} s: lifetime= applies to DSQL only"
+                f"RDS tokens always last {RDS_TOKEN_LIFETIME:.0f} s: lifetime= applies to DSQL only"
             )
-        return _RDS_LIFETIME
-    if not 1 <= lifetime <= _DSQL_MAX_LIFETIME or lifetime != int(lifetime):
+        return RDS_TOKEN_LIFETIME
+    if not 1 <= lifetime <= DSQL_MAX_LIFETIME or lifetime != int(lifetime):
         raise ConfigurationError(
-            f"DSQL token lifetime must be a whole number of seconds from 1 to 604800, "
-            f"not {lifetime!r}"
+            f"DSQL token lifetime must be a whole number of seconds from 1 to "
+            f"{DSQL_MAX_LIFETIME:.0f}, not {lifetime!r}"
         )
     return float(lifetime)

@@ -56,6 +56,7 @@ def local_server() -> str:
     return LOCAL_DSN
 
 
+@pytest.mark.slow
 def test_temporary_answers_on_tcp_and_unix_socket(cluster: Backend) -> None:
     """A temporary cluster accepts connections on 127.0.0.1 and on its socket directory."""
     assert cluster.kind == "temporary"
@@ -120,6 +121,7 @@ def test_ensure_role_is_idempotent(cluster: Backend) -> None:
     assert _select_one(cluster.conninfo(user=name)) == 1
 
 
+@pytest.mark.slow
 def test_stop_shuts_down_and_removes_the_directory() -> None:
     """stop() ends the postmaster, deletes the temporary directory, and may be repeated."""
     backend = Backend.temporary()
@@ -137,6 +139,7 @@ def test_stop_shuts_down_and_removes_the_directory() -> None:
         _select_one(backend.dsn + " connect_timeout=2")
 
 
+@pytest.mark.slow
 def test_context_manager_stops() -> None:
     """Leaving the with block stops a temporary cluster."""
     with Backend.temporary() as backend:
@@ -146,6 +149,7 @@ def test_context_manager_stops() -> None:
     assert not tempdir.exists()
 
 
+@pytest.mark.slow
 def test_exit_without_stop_cleans_up() -> None:
     """A process that never calls stop() still leaves no cluster behind at exit."""
     code = (
@@ -166,6 +170,7 @@ def test_exit_without_stop_cleans_up() -> None:
     assert not Path(tempdir).exists()
 
 
+@pytest.mark.slow
 def test_orphaned_clusters_are_reaped() -> None:
     """A cluster directory whose owner process died is removed by the next temporary()."""
     with subprocess.Popen([sys.executable, "-c", "pass"]) as proc:
@@ -184,6 +189,7 @@ def test_orphaned_clusters_are_reaped() -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_failed_start_reports_the_server_log_and_cleans_up() -> None:
     """A port already taken makes temporary(port=...) fail with the log's tail, leaving nothing."""
     before = set(Path(tempfile.gettempdir()).glob("iampg-pg-*"))

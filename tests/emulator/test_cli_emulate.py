@@ -241,6 +241,7 @@ def _leftover_clusters(pid: int) -> list[Path]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "standin",
     [
@@ -309,6 +310,7 @@ def _connect_through_gateway(banner: list[str]) -> None:
         assert conn.execute("SELECT current_user").fetchone() == (user,)
 
 
+@pytest.mark.slow
 def test_emulate_on_an_existing_server_stops_on_sigterm(
     run_emulate: Launch, existing_server: Backend
 ) -> None:

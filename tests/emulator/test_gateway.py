@@ -27,13 +27,18 @@ from iampg import TokenProvider
 from iampg.emulator import FAKE_CREDENTIALS, Credentials, Emulator, EmulatorClock, Event
 from iampg.emulator._gateway import _ProtocolViolationError, _startup_parameters
 from iampg.errors import ConfigurationError
-from support import endpoint_for, open_sockets, sessions_left, sessions_of
+from support import (
+    EmulatorFactory,
+    endpoint_for,
+    examples,
+    open_sockets,
+    sessions_left,
+    sessions_of,
+)
 
 LIBPQ = psycopg.pq.version()  # the libpq psycopg runs on, e.g. 170005 or 180001
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from iampg.emulator import Backend
 
 PAM = 'PAM authentication failed for user "postgres"'
@@ -77,17 +82,14 @@ def last_event(emu: Emulator) -> Event:
     return emu.events[-1]
 
 
-@pytest.fixture(autouse=True)
-def _quiet_botocore(caplog: pytest.LogCaptureFixture) -> None:
-    """Keep botocore's DEBUG lines (which show signatures) out of failure reports."""
-    caplog.set_level(logging.WARNING, logger="botocore")
+# Keep botocore's DEBUG lines (which show signatures) out of failure reports.
+pytestmark = pytest.mark.usefixtures("quiet_botocore")
 
 
 @pytest.fixture
-def emu(backend: Backend) -> Iterator[Emulator]:
+def emu(start_emulator: EmulatorFactory) -> Emulator:
     """Return a running emulator on real time that knows the fake keys and OTHER."""
-    with Emulator(backend.dsn, credentials=(FAKE_CREDENTIALS, OTHER)) as emulator:
-        yield emulator
+    return start_emulator(credentials=(FAKE_CREDENTIALS, OTHER))
 
 
 def test_botocore_token_connects_with_verify_full(emu: Emulator) -> None:
@@ -167,6 +169,7 @@ def test_bad_tokens_get_rds_pam_error(emu: Emulator, make_token: object, reason:
     assert (event.outcome, event.reason) == ("rejected", reason)
 
 
+@pytest.mark.slow
 def test_expired_token_is_refused_after_clock_advance(emu: Emulator) -> None:
     """Advancing the emulated clock past 900 s expires a token minted before."""
     token = mint(emu)
@@ -177,6 +180,7 @@ def test_expired_token_is_refused_after_clock_advance(emu: Emulator) -> None:
     assert last_event(emu).reason == "token expired"
 
 
+@pytest.mark.slow
 def test_expired_credentials_are_refused(backend: Backend) -> None:
     """Tokens signed with temporary keys stop working when the keys expire."""
     clock = EmulatorClock()
@@ -190,6 +194,7 @@ def test_expired_credentials_are_refused(backend: Backend) -> None:
         assert last_event(emu).reason == "credentials expired"
 
 
+@pytest.mark.slow
 def test_open_session_outlives_its_token(emu: Emulator) -> None:
     """An established session keeps working after the token expires, as on RDS."""
     with connect(emu, mint(emu)) as conn:
@@ -516,7 +521,7 @@ def test_clients_vanishing_mid_startup_are_harmless(emu: Emulator, data: bytes) 
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=200))
 def test_startup_parser_never_crashes(data: bytes) -> None:
     """Any startup packet body parses to parameters or raises the protocol-violation error."""
@@ -609,6 +614,7 @@ def test_stop_leaves_no_socket_open(backend: Backend) -> None:
     assert not leftover, f"sockets stop() left open: {leftover}"
 
 
+@pytest.mark.slow
 def test_stop_under_connection_churn_is_clean(
     backend: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -12,27 +11,23 @@ import psycopg
 import pytest
 
 from iampg.emulator import Emulator, Event
+from support import EmulatorFactory
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from iampg.emulator import Backend
 
 WAIT = 10.0  # real seconds any background decision may take to show
 SCALE = 100.0  # emulated seconds per real second: a 16 s resume takes 0.16 s
 
 
-@pytest.fixture(autouse=True)
-def _quiet_botocore(caplog: pytest.LogCaptureFixture) -> None:
-    """Keep botocore's DEBUG lines (which show signatures) out of failure reports."""
-    caplog.set_level(logging.WARNING, logger="botocore")
+# Keep botocore's DEBUG lines (which show signatures) out of failure reports.
+pytestmark = pytest.mark.usefixtures("quiet_botocore")
 
 
 @pytest.fixture
-def express(backend: Backend) -> Iterator[Emulator]:
+def express(start_emulator: EmulatorFactory) -> Emulator:
     """Return an aurora-express emulator whose 3.5 s latency is off (tests turn it on)."""
-    with Emulator(backend.dsn, profile="aurora-express", connect_latency=0.0) as emu:
-        yield emu
+    return start_emulator(profile="aurora-express", connect_latency=0.0)
 
 
 def mint(emu: Emulator) -> str:
@@ -67,6 +62,7 @@ def events(emu: Emulator, outcome: str) -> list[Event]:
     return [e for e in emu.events if e.outcome == outcome]
 
 
+@pytest.mark.slow
 def test_auto_pause_after_idle_period_with_no_connections(express: Emulator) -> None:
     """With zero connections for auto_pause seconds the cluster pauses, and says why."""
     assert state(express) == "running"
@@ -78,6 +74,7 @@ def test_auto_pause_after_idle_period_with_no_connections(express: Emulator) -> 
     assert [(e.outcome, e.reason) for e in express.events] == [("paused", "idle")]
 
 
+@pytest.mark.slow
 def test_open_connection_keeps_cluster_awake(express: Emulator) -> None:
     """An open connection, even idle, prevents the pause; its close starts the idle clock."""
     with connect(express, autocommit=True) as conn:
@@ -105,6 +102,7 @@ def test_paused_connect_blocks_until_resumed(backend: Backend) -> None:
         assert [e.outcome for e in emu.events][-1] == "accepted"
 
 
+@pytest.mark.slow
 def test_concurrent_connections_share_one_resume(backend: Backend) -> None:
     """Several connections to a paused cluster wait for one and the same resume."""
     with Emulator(
@@ -159,6 +157,7 @@ def test_idle_session_is_cut_abruptly(express: Emulator) -> None:
         assert info.value.sqlstate is None  # no server message: the connection just broke
 
 
+@pytest.mark.slow
 def test_idle_cut_with_57p05_notice(backend: Backend) -> None:
     """With idle_notice, the client first gets FATAL 57P05 idle-session timeout."""
     with Emulator(backend.dsn, idle_timeout=60.0, idle_notice=True) as emu:
@@ -192,6 +191,7 @@ def test_pause_closes_open_sessions(express: Emulator) -> None:
     ]
 
 
+@pytest.mark.slow
 def test_rds_profile_has_no_timed_behaviour(emulator: Emulator) -> None:
     """The rds profile never pauses or cuts: a day later the session still works."""
     with connect(emulator, autocommit=True) as conn:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import calendar
-import logging
 import time
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, quote
@@ -16,6 +15,7 @@ from hypothesis import strategies as st
 from iampg.emulator import FAKE_CREDENTIALS, Credentials, EmulatorClock
 from iampg.emulator import _sigv4 as sigv4
 from iampg.emulator._sigv4 import TokenRules, TokenVerificationError, presign, verify_token
+from support import examples
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -28,10 +28,8 @@ SESSION = Credentials("ASIAEXAMPLEEXAMPLE00", "c2VjcmV0IGtleSBmb3IgdGVzdHM", "Fw
 RULES = TokenRules.rds(region=REGION, hostnames={HOST}, port=PORT)
 
 
-@pytest.fixture(autouse=True)
-def _quiet_botocore(caplog: pytest.LogCaptureFixture) -> None:
-    """Keep botocore's DEBUG lines (which show signatures) out of failure reports."""
-    caplog.set_level(logging.WARNING, logger="botocore")
+# Keep botocore's DEBUG lines (which show signatures) out of failure reports.
+pytestmark = pytest.mark.usefixtures("quiet_botocore")
 
 
 class FakeWall:
@@ -382,7 +380,7 @@ def test_rejection_never_quotes_the_token() -> None:
     assert param(token, "X-Amz-Signature") not in repr(info.value)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.text(max_size=400))
 def test_arbitrary_text_is_only_ever_rejected(text: str) -> None:
     """Garbage never crashes the verifier: it raises TokenVerificationError."""
@@ -390,7 +388,7 @@ def test_arbitrary_text_is_only_ever_rejected(text: str) -> None:
         verify(text)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(
     user=st.text(st.characters(codec="utf-8"), min_size=1, max_size=40),
     position=st.integers(min_value=0),

@@ -59,6 +59,7 @@ def test_plain_asyncpg_connect_with_the_kwargs(emulator: Emulator) -> None:
     assert asyncio.run(main()) == ("postgres", 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("frozen", [False, True], ids=["fresh-token", "frozen-token"])
 def test_pool_across_token_expiry(emulator: Emulator, frozen: bool) -> None:
     """A new pooled connection after the token expired works; a frozen password fails."""
@@ -92,6 +93,7 @@ def test_pool_across_token_expiry(emulator: Emulator, frozen: bool) -> None:
         assert provider.stats().refreshes == 2
 
 
+@pytest.mark.slow
 def test_refused_token_is_forgotten(emulator: Emulator) -> None:
     """connect() drops a token the server refused, so the next attempt signs a new one."""
     provider = TokenProvider(endpoint_for(emulator))  # its clock does not move: skewed

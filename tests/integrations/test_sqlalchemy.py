@@ -26,6 +26,7 @@ def _who(engine: sqlalchemy.Engine) -> tuple[object, ...]:
     return tuple(row)
 
 
+@pytest.mark.slow
 def test_engine_signs_for_every_new_connection_across_token_expiry(emulator: Emulator) -> None:
     """Two connections with the emulator's clock moved past expiry between them both work."""
     provider = TokenProvider(endpoint_for(emulator), clock=emulator.clock.monotonic)
@@ -45,6 +46,7 @@ def test_engine_signs_for_every_new_connection_across_token_expiry(emulator: Emu
     assert "X-Amz" not in repr(engine) + str(engine.url)
 
 
+@pytest.mark.slow
 def test_engine_with_a_frozen_password_fails_after_expiry(emulator: Emulator) -> None:
     """Control: a plain engine with one token in its arguments fails once that token expired."""
     ep = endpoint_for(emulator)
@@ -63,6 +65,7 @@ def test_engine_with_a_frozen_password_fails_after_expiry(emulator: Emulator) ->
         engine.dispose()
 
 
+@pytest.mark.slow
 def test_pre_ping_replaces_a_cut_connection_with_a_new_token(
     emulator: Emulator, backend: Backend
 ) -> None:
@@ -82,6 +85,7 @@ def test_pre_ping_replaces_a_cut_connection_with_a_new_token(
     assert provider.stats().refreshes == 2
 
 
+@pytest.mark.slow
 def test_refused_token_is_forgotten_and_explained(emulator: Emulator) -> None:
     """A token the server refuses is dropped from the cache and the error lists causes."""
     # The provider's clock does not move with the emulator's: it keeps a token the server
@@ -124,6 +128,7 @@ def test_other_drivers_are_refused(emulator: Emulator) -> None:
         engine.dispose()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("frozen", [False, True], ids=["fresh-token", "frozen-token"])
 def test_async_engine_across_token_expiry(emulator: Emulator, frozen: bool) -> None:
     """The async engine gets a new token from atoken() after expiry; a frozen one fails."""
@@ -161,10 +166,10 @@ def test_async_engine_across_token_expiry(emulator: Emulator, frozen: bool) -> N
 
 
 def test_importing_iampg_imports_no_framework() -> None:
-    """`import iampg` (and iampg.integrations) imports neither SQLAlchemy, asyncpg nor Django."""
+    """`import iampg` (and iampg.integrations) imports no framework or other driver."""
     code = (
         "import sys, iampg, iampg.integrations; "
-        "print(sorted(m for m in ('sqlalchemy', 'asyncpg', 'django', 'botocore') "
+        "print(sorted(m for m in ('sqlalchemy', 'asyncpg', 'django', 'psycopg2', 'botocore') "
         "if m in sys.modules))"
     )
     out = subprocess.run(

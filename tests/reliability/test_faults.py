@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import socket
 import time
 from collections.abc import Iterator
@@ -13,23 +12,20 @@ import pytest
 import iampg
 from iampg import Endpoint, TokenProvider
 from iampg.emulator import Backend, CredentialsServer, CredentialStore, Emulator, EmulatorClock
-from support import endpoint_for, use_credentials_server
+from support import EmulatorFactory, endpoint_for, use_credentials_server
 
 SKEW = 600.0  # seconds: the local clock is ten minutes off
 HANG_BOUND = 30.0  # real seconds a hung credentials server may hold a caller, at most
 
 
-@pytest.fixture(autouse=True)
-def _quiet_botocore(caplog: pytest.LogCaptureFixture) -> None:
-    """Keep botocore's DEBUG lines (which show signatures) out of failure reports."""
-    caplog.set_level(logging.WARNING, logger="botocore")
+# Keep botocore's DEBUG lines (which show signatures) out of failure reports.
+pytestmark = pytest.mark.usefixtures("quiet_botocore")
 
 
 @pytest.fixture
-def emu(backend: Backend) -> Iterator[Emulator]:
+def emu(start_emulator: EmulatorFactory) -> Emulator:
     """Return an emulator on real time whose known keys live in a shared store."""
-    with Emulator(backend.dsn, credentials=CredentialStore()) as emulator:
-        yield emulator
+    return start_emulator(credentials=CredentialStore())
 
 
 @pytest.fixture
@@ -56,6 +52,7 @@ def rejections(emu: Emulator) -> list[str]:
 # --- credentials ---
 
 
+@pytest.mark.slow
 def test_credentials_server_error_raises_token_error(container: CredentialsServer) -> None:
     """A credentials endpoint answering 500 surfaces as iampg.TokenError naming credentials."""
     container.inject("error")
@@ -66,6 +63,7 @@ def test_credentials_server_error_raises_token_error(container: CredentialsServe
     assert provider.stats().refreshes == 0
 
 
+@pytest.mark.slow
 def test_credentials_server_hang_is_bounded(container: CredentialsServer) -> None:
     """A hung credentials endpoint fails the connect with TokenError within a bounded time."""
     container.inject("hang")
@@ -88,6 +86,7 @@ def test_credentials_already_expired_raise_token_error(container: CredentialsSer
     assert rejections(emu) == []  # nothing was sent to the database
 
 
+@pytest.mark.slow
 def test_one_credentials_error_is_absorbed(container: CredentialsServer) -> None:
     """A single 500 from the credentials endpoint is retried by botocore: the connect works."""
     container.inject("error", count=1)
@@ -129,6 +128,7 @@ def test_dns_failure_names_the_host() -> None:
     assert "failed to resolve host" in str(caught.value)
 
 
+@pytest.mark.slow
 def test_backend_down_and_back(backend: Backend) -> None:
     """With the database down the connect fails with an OperationalError; once up, it works."""
     port = free_port()
@@ -185,6 +185,7 @@ def test_local_clock_skew_is_named_as_skew(backend: Backend) -> None:
 # --- serverless cold start ---
 
 
+@pytest.mark.slow
 def test_cold_start_longer_than_connect_timeout_without_wait(backend: Backend) -> None:
     """A resume longer than connect_timeout, with wait=0, fails as psycopg's timeout."""
     with Emulator(
@@ -197,6 +198,7 @@ def test_cold_start_longer_than_connect_timeout_without_wait(backend: Backend) -
         assert emu.state == "resuming"
 
 
+@pytest.mark.slow
 def test_cold_start_longer_than_connect_timeout_with_wait(backend: Backend) -> None:
     """With the serverless profile and a long wait=, connect retries past timeouts and works."""
     with Emulator(
@@ -204,12 +206,13 @@ def test_cold_start_longer_than_connect_timeout_with_wait(backend: Backend) -> N
     ) as emu:
         emu.pause()
         with iampg.connect(
-            endpoint_for(emu, connect_timeout="1"), profile="aurora-serverless", wait=20
+            endpoint_for(emu, connect_timeout="1"), preset="aurora-serverless", wait=20
         ) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
         assert emu.state == "running"
 
 
+@pytest.mark.slow
 def test_cold_start_longer_than_wait_says_to_wait_longer(backend: Backend) -> None:
     """A resume longer than wait= gives UnavailableError telling to pass a longer wait=."""
     with Emulator(
@@ -218,7 +221,7 @@ def test_cold_start_longer_than_wait_says_to_wait_longer(backend: Backend) -> No
         emu.pause()
         with pytest.raises(iampg.UnavailableError) as caught:
             iampg.connect(
-                endpoint_for(emu, connect_timeout="1"), profile="aurora-serverless", wait=2
+                endpoint_for(emu, connect_timeout="1"), preset="aurora-serverless", wait=2
             )
     assert "wait=" in str(caught.value)
     assert isinstance(caught.value.__cause__, psycopg.OperationalError)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import random
 import socket
 import struct
@@ -19,7 +18,7 @@ from hypothesis import strategies as st
 import iampg
 from iampg import cli
 from iampg.emulator import Backend, Emulator
-from support import endpoint_for
+from support import endpoint_for, examples
 
 SSL_REQUEST = struct.pack("!II", 8, 80877103)
 GSS_REQUEST = struct.pack("!II", 8, 80877104)
@@ -27,10 +26,8 @@ CANCEL = struct.pack("!II", 16, 80877102)
 PROTOCOL_3 = struct.pack("!I", 196608)
 
 
-@pytest.fixture(autouse=True)
-def _quiet_botocore(caplog: pytest.LogCaptureFixture) -> None:
-    """Keep botocore's DEBUG lines (which show signatures) out of failure reports."""
-    caplog.set_level(logging.WARNING, logger="botocore")
+# Keep botocore's DEBUG lines (which show signatures) out of failure reports.
+pytestmark = pytest.mark.usefixtures("quiet_botocore")
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +121,9 @@ def test_sessions_keep_working_while_the_gateway_is_fuzzed(gateway: Emulator) ->
 
 
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=examples(40),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(payload=st.binary(max_size=300))
 def test_hypothesis_startup_payloads(gateway: Emulator, payload: bytes) -> None:
@@ -190,7 +189,7 @@ VALUES = [
 argv_items = st.one_of(st.sampled_from(OPTIONS), st.sampled_from(VALUES), st.text(max_size=8))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(command=st.sampled_from(COMMANDS), rest=st.lists(argv_items, max_size=6))
 def test_cli_random_argv_exits_cleanly(command: str, rest: list[str]) -> None:
     """Any argv gives exit code 0, 1 or 2 and a one-line message: never a traceback."""

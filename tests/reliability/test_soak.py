@@ -140,7 +140,7 @@ def _quiet_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="psycopg")
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 def test_soak(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: C901, PLR0915 -- one scenario, told in order
     """No query lost, no session leaked, signings bounded by token periods, through it all."""
     backend.ensure_role("admin", superuser=True)
@@ -169,12 +169,12 @@ def test_soak(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:  # noq
     # Pools with the documented per-service settings, as an application would write them.
     pools = {
         "aurora": iampg.ConnectionPool(
-            provider=aurora_tokens, profile="aurora-serverless", open=True, timeout=30
+            provider=aurora_tokens, preset="aurora-serverless", open=True, timeout=30
         ),
         "aurora-rare": iampg.ConnectionPool(
-            provider=aurora_tokens, profile="aurora-serverless", open=True, timeout=30
+            provider=aurora_tokens, preset="aurora-serverless", open=True, timeout=30
         ),
-        "dsql": iampg.ConnectionPool(provider=dsql_tokens, profile="dsql", open=True, timeout=30),
+        "dsql": iampg.ConnectionPool(provider=dsql_tokens, preset="dsql", open=True, timeout=30),
     }
     stop = threading.Event()
 
@@ -192,7 +192,7 @@ def test_soak(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:  # noq
 
     async def tasks() -> None:
         async with iampg.AsyncConnectionPool(
-            provider=aurora_tokens, profile="aurora-serverless", timeout=30
+            provider=aurora_tokens, preset="aurora-serverless", timeout=30
         ) as apool:
 
             async def one() -> None:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Final, Literal, cast
 
 from psycopg.conninfo import conninfo_to_dict
 
+from iampg._signer import dsql_action
 from iampg.errors import ConfigurationError
 
 from . import _serverless as sl
@@ -85,7 +86,6 @@ _AUTH_SASL_CONTINUE: Final = 11
 _AUTH_SASL_FINAL: Final = 12
 _PROTOCOL_MAJOR: Final = 3
 
-_DSQL_ADMIN: Final = "admin"
 _MONITOR_TICK: Final = 0.02  # real seconds between the monitor's looks at the clock
 _CALL_TIMEOUT: Final = 10.0  # real seconds pause()/resume() wait for the emulator's loop
 _PAM_FAILED: Final = 'PAM authentication failed for user "{user}"'
@@ -1740,7 +1740,7 @@ class Emulator:
     def _action_for(self, user: str) -> str:
         """Return the ``Action`` a token for ``user`` must carry."""
         if self._profile.service == "dsql":
-            return "DbConnectAdmin" if user == _DSQL_ADMIN else "DbConnect"
+            return dsql_action(user)
         return "connect"
 
     async def _open_backend(self) -> _Stream:

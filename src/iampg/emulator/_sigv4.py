@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 from urllib.parse import quote, unquote
 
+from iampg._signer import DSQL_MAX_LIFETIME, RDS_TOKEN_LIFETIME
+
 if TYPE_CHECKING:
     from ._clock import EmulatorClock
     from ._credentials import CredentialLookup, Credentials
@@ -32,8 +34,8 @@ ALGORITHM: Final = "AWS4-HMAC-SHA256"
 EMPTY_SHA256: Final = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 #: How far in the future a token may be dated (clock skew AWS tolerates), in seconds.
 MAX_CLOCK_SKEW: Final = 300.0
-RDS_MAX_EXPIRES: Final = 900
-DSQL_MAX_EXPIRES: Final = 604_800
+RDS_MAX_EXPIRES: Final = int(RDS_TOKEN_LIFETIME)
+DSQL_MAX_EXPIRES: Final = int(DSQL_MAX_LIFETIME)
 
 # Reasons a token is refused: written to the event log and the DEBUG log, never to clients.
 MALFORMED: Final = "malformed token"

@@ -2,27 +2,43 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeAlias, TypeVar, overload
 
 import psycopg
 import sqlalchemy
 from sqlalchemy import event
 
-from iampg._dsn import connect_params
-from iampg._pool import _feedback
+from iampg import _retry
+from iampg._connecting import Secret, explain, prepare
+from iampg._defaults import defaults_for
+from iampg._retry import check_options
 from iampg.integrations import EndpointOrProvider, _resolve
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
     from sqlalchemy.engine.interfaces import DBAPIConnection, Dialect
-    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.ext.asyncio import (
+        AsyncConnection,
+        AsyncEngine,
+        AsyncSession,
+        async_sessionmaker,
+    )
+    from sqlalchemy.orm import Session, sessionmaker
     from sqlalchemy.pool import ConnectionPoolEntry
 
     from iampg._endpoint import Endpoint
 
-__all__ = ["create_async_engine", "create_engine", "install"]
+__all__ = [
+    "aretry_transaction",
+    "create_async_engine",
+    "create_engine",
+    "install",
+    "retry_transaction",
+]
 
 logger = logging.getLogger("iampg.integrations.sqlalchemy")
 
@@ -50,6 +66,7 @@ def install(
     engine: sqlalchemy.Engine,
     target: EndpointOrProvider,
     *,
+    preset: str | None = None,
     allow_insecure: bool = False,
 ) -> None:
     """Make ``engine`` open every new DBAPI connection to ``target`` with a current token.
@@ -68,11 +85,15 @@ def install(
     Args:
         engine: A SQLAlchemy engine using the ``postgresql+psycopg`` dialect.
         target: The endpoint (a provider is made for it) or the provider to share.
+        preset: ``rds``, ``aurora-serverless`` (or ``aurora-express``) or ``dsql``: the
+            service's ``connect_timeout``; defaults to the endpoint's service.
         allow_insecure: Allow an ``sslmode`` that may send the token in plaintext to a
             non-loopback host.
 
     Raises:
-        ConfigurationError: Bad endpoint or options, or not a psycopg engine.
+        ConfigurationError: Bad endpoint or options, or not a psycopg engine. Parameters
+            that would send the token elsewhere or unencrypted (``connect_args`` included)
+            are refused when a connection is opened.
     """
     from iampg.errors import ConfigurationError  # noqa: PLC0415
 
@@ -81,8 +102,9 @@ def install(
             f"iampg supports SQLAlchemy's psycopg driver, not {engine.dialect.driver!r}: "
             "use a postgresql+psycopg:// URL"
         )
-    endpoint, provider = _resolve(target)
-    params = connect_params(endpoint, allow_insecure=allow_insecure)
+    connecting = prepare(target, None, preset, allow_insecure=allow_insecure)
+    endpoint, provider = connecting.endpoint, connecting.provider
+    from_url = {"host": engine.url.host, "port": engine.url.port}
     is_async = bool(engine.dialect.is_async)
     bridge = _await_function() if is_async else None
 
@@ -93,13 +115,13 @@ def install(
         cargs: list[Any],
         cparams: dict[str, Any],
     ) -> DBAPIConnection:
-        merged = {**params, **{k: v for k, v in cparams.items() if k not in _URL_KEYS}}
-        token = bridge(provider.atoken()) if bridge is not None else provider.token()
-        merged["password"] = token
+        given = {k: v for k, v in cparams.items() if not _from_url(k, v, from_url)}
+        merged = connecting.merge(given)
+        token = Secret(bridge(provider.atoken()) if bridge is not None else provider.token())
         try:
-            return dialect.connect(*cargs, **merged)
+            return dialect.connect(*cargs, **merged, password=token.value)
         except psycopg.OperationalError as exc:
-            error = _feedback(exc, provider, token)
+            error = explain(exc, provider, token)
             if error is exc:
                 raise
             raise error from exc
@@ -107,13 +129,17 @@ def install(
     logger.debug("engine %s authenticates with tokens for %s", engine.url, endpoint.host)
 
 
-# Keys SQLAlchemy derives from the URL, which the endpoint's parameters replace.
-_URL_KEYS = frozenset({"host", "port", "user", "dbname", "password"})
+def _from_url(key: str, value: Any, url: dict[str, Any]) -> bool:
+    """Tell whether a DBAPI argument is one SQLAlchemy took from the engine's URL."""
+    if key in {"user", "dbname", "password"}:
+        return True
+    return key in url and value is not None and str(value) == str(url[key])
 
 
 def create_engine(
     target: EndpointOrProvider,
     *,
+    preset: str | None = None,
     allow_insecure: bool = False,
     **engine_kwargs: Any,
 ) -> sqlalchemy.Engine:
@@ -133,6 +159,7 @@ def create_engine(
     Args:
         target: The endpoint (a provider is made for it) or the :class:`iampg.TokenProvider`
             to share.
+        preset: See :func:`install`.
         allow_insecure: See :func:`install`.
         **engine_kwargs: Passed to :func:`sqlalchemy.create_engine` (``pool_size``,
             ``pool_recycle`` in seconds, ``pool_pre_ping``, ``connect_args`` …).
@@ -141,14 +168,16 @@ def create_engine(
         ConfigurationError: Bad endpoint or options.
     """
     endpoint, provider = _resolve(target)
+    defaults_for(endpoint, preset)  # an unknown preset fails before the engine is made
     engine = sqlalchemy.create_engine(_url(endpoint), **engine_kwargs)
-    install(engine, provider, allow_insecure=allow_insecure)
+    install(engine, provider, preset=preset, allow_insecure=allow_insecure)
     return engine
 
 
 def create_async_engine(
     target: EndpointOrProvider,
     *,
+    preset: str | None = None,
     allow_insecure: bool = False,
     **engine_kwargs: Any,
 ) -> AsyncEngine:
@@ -164,6 +193,242 @@ def create_async_engine(
     from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine  # noqa: PLC0415
 
     endpoint, provider = _resolve(target)
+    defaults_for(endpoint, preset)
     engine = sa_create_async_engine(_url(endpoint), **engine_kwargs)
-    install(engine.sync_engine, provider, allow_insecure=allow_insecure)
+    install(engine.sync_engine, provider, preset=preset, allow_insecure=allow_insecure)
     return engine
+
+
+# -- transactions that run again after a conflict or a lost connection ----------------------
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+SyncBind: TypeAlias = "sqlalchemy.Engine | sqlalchemy.Connection | Session | sessionmaker[Any]"
+AsyncBind: TypeAlias = "AsyncEngine | AsyncConnection | AsyncSession | async_sessionmaker[Any]"
+
+
+@overload
+def retry_transaction(
+    bind: sqlalchemy.Engine | sqlalchemy.Connection,
+    fn: Callable[[sqlalchemy.Connection], T],
+    *,
+    attempts: int = ...,
+    base: float = ...,
+    cap: float = ...,
+    idempotent: bool = ...,
+) -> T: ...
+@overload
+def retry_transaction(
+    bind: Session | sessionmaker[Any],
+    fn: Callable[[Session], T],
+    *,
+    attempts: int = ...,
+    base: float = ...,
+    cap: float = ...,
+    idempotent: bool = ...,
+) -> T: ...
+@overload
+def retry_transaction(
+    bind: SyncBind,
+    fn: None = ...,
+    *,
+    attempts: int = ...,
+    base: float = ...,
+    cap: float = ...,
+    idempotent: bool = ...,
+) -> Callable[[Callable[Concatenate[Any, P], T]], Callable[P, T]]: ...
+def retry_transaction(
+    bind: SyncBind,
+    fn: Callable[[Any], T] | None = None,
+    *,
+    attempts: int = 5,
+    base: float = 0.02,
+    cap: float = 1.0,
+    idempotent: bool = False,
+) -> Any:
+    """Run ``fn`` in a transaction, again if it lost a concurrency race or its connection.
+
+    :func:`iampg.retry_transaction` for SQLAlchemy, with any dialect: the conflict
+    (``OC000``, ``OC001``, ``40001``) or the lost connection is found inside SQLAlchemy's
+    exception (``exc.orig`` and its causes). Each attempt runs in its own transaction:
+
+    - on an :class:`~sqlalchemy.Engine` (``engine.begin()``) or a
+      :class:`~sqlalchemy.orm.sessionmaker` (``Session.begin()``), with a new connection or
+      session; ``fn`` gets the :class:`~sqlalchemy.Connection` or the
+      :class:`~sqlalchemy.orm.Session`;
+    - on a :class:`~sqlalchemy.Connection` or a :class:`~sqlalchemy.orm.Session` not inside
+      a transaction, which ``fn`` gets, inside ``begin()``.
+
+    A connection lost before ``COMMIT`` was sent is replaced (SQLAlchemy reconnects an
+    invalidated connection) and ``fn`` runs again; lost during ``COMMIT``, the outcome is
+    unknown and the error is raised unless ``idempotent=True``. ``fn`` must be safe to
+    repeat: no side effects outside the database. Between attempts, waits with exponential
+    backoff and jitter (``base`` doubling up to ``cap`` seconds).
+
+    Without ``fn``, returns a decorator: the decorated function takes the connection or
+    session as its first argument, which its callers leave out::
+
+        @retry_transaction(Session)  # a sessionmaker
+        def transfer(session, source, target, amount): ...
+
+        transfer(1, 2, 10)
+
+    Args:
+        bind: Where each attempt's transaction runs.
+        fn: The transaction's work; its return value is returned.
+        attempts: How many times to try at most.
+        base: First backoff step in seconds.
+        cap: Largest backoff step in seconds.
+        idempotent: Also run again when the connection broke during ``COMMIT``.
+
+    Raises:
+        sqlalchemy.exc.DBAPIError: The last attempt's error, or one that is not retryable.
+        ConfigurationError: Bad ``attempts``, ``base`` or ``cap``, or an unknown ``bind``.
+    """
+    transaction = _transaction(bind)
+    check_options(attempts, base, cap)
+
+    def run(work: Callable[[Any], T]) -> T:
+        return _retry.run(
+            transaction,
+            work,
+            replaceable=True,
+            attempts=attempts,
+            base=base,
+            cap=cap,
+            idempotent=idempotent,
+        )
+
+    if fn is not None:
+        return run(fn)
+
+    def decorate(work: Callable[Concatenate[Any, P], T]) -> Callable[P, T]:
+        @functools.wraps(work)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            return run(lambda target: work(target, *args, **kwargs))
+
+        return wrapper
+
+    return decorate
+
+
+@overload
+def aretry_transaction(
+    bind: AsyncEngine | AsyncConnection,
+    fn: Callable[[AsyncConnection], Awaitable[T]],
+    *,
+    attempts: int = ...,
+    base: float = ...,
+    cap: float = ...,
+    idempotent: bool = ...,
+) -> Awaitable[T]: ...
+@overload
+def aretry_transaction(
+    bind: AsyncSession | async_sessionmaker[Any],
+    fn: Callable[[AsyncSession], Awaitable[T]],
+    *,
+    attempts: int = ...,
+    base: float = ...,
+    cap: float = ...,
+    idempotent: bool = ...,
+) -> Awaitable[T]: ...
+@overload
+def aretry_transaction(
+    bind: AsyncBind,
+    fn: None = ...,
+    *,
+    attempts: int = ...,
+    base: float = ...,
+    cap: float = ...,
+    idempotent: bool = ...,
+) -> Callable[[Callable[Concatenate[Any, P], Awaitable[T]]], Callable[P, Awaitable[T]]]: ...
+def aretry_transaction(
+    bind: AsyncBind,
+    fn: Callable[[Any], Awaitable[T]] | None = None,
+    *,
+    attempts: int = 5,
+    base: float = 0.02,
+    cap: float = 1.0,
+    idempotent: bool = False,
+) -> Any:
+    """Run ``await fn(...)`` in a transaction, again after a conflict or a lost connection.
+
+    The asynchronous twin of :func:`retry_transaction`.
+
+    For an :class:`~sqlalchemy.ext.asyncio.AsyncEngine` or ``async_sessionmaker`` (a new
+    connection or session per attempt), or an ``AsyncConnection`` or ``AsyncSession`` not
+    inside a transaction. Without ``fn``, a decorator for coroutine functions::
+
+        @aretry_transaction(async_session)
+        async def transfer(session, source, target, amount): ...
+
+        await transfer(1, 2, 10)
+    """
+    transaction = _atransaction(bind)
+    check_options(attempts, base, cap)
+
+    async def run(work: Callable[[Any], Awaitable[T]]) -> T:
+        return await _retry.arun(
+            transaction,
+            work,
+            replaceable=True,
+            attempts=attempts,
+            base=base,
+            cap=cap,
+            idempotent=idempotent,
+        )
+
+    if fn is not None:
+        return run(fn)
+
+    def decorate(work: Callable[Concatenate[Any, P], Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+        @functools.wraps(work)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            return await run(lambda target: work(target, *args, **kwargs))
+
+        return wrapper
+
+    return decorate
+
+
+def _transaction(bind: object) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """Return what opens one attempt's transaction on ``bind``."""
+    from sqlalchemy.orm import Session, sessionmaker  # noqa: PLC0415
+
+    if isinstance(bind, sqlalchemy.Engine | sessionmaker):
+        return bind.begin
+    if isinstance(bind, sqlalchemy.Connection | Session):
+        target = bind
+
+        @contextlib.contextmanager
+        def begun() -> Iterator[Any]:
+            with target.begin():
+                yield target
+
+        return begun
+    raise _unknown_bind(bind, "an Engine, Connection, Session or sessionmaker")
+
+
+def _atransaction(bind: object) -> Callable[[], contextlib.AbstractAsyncContextManager[Any]]:
+    """Return what opens one attempt's transaction on an asyncio ``bind``."""
+    from sqlalchemy.ext import asyncio as sa_asyncio  # noqa: PLC0415
+
+    if isinstance(bind, sa_asyncio.AsyncEngine | sa_asyncio.async_sessionmaker):
+        return bind.begin
+    if isinstance(bind, sa_asyncio.AsyncConnection | sa_asyncio.AsyncSession):
+        target = bind
+
+        @contextlib.asynccontextmanager
+        async def begun() -> AsyncIterator[Any]:
+            async with target.begin():
+                yield target
+
+        return begun
+    raise _unknown_bind(bind, "an AsyncEngine, AsyncConnection, AsyncSession or async_sessionmaker")
+
+
+def _unknown_bind(bind: object, expected: str) -> Exception:
+    from iampg.errors import ConfigurationError  # noqa: PLC0415
+
+    return ConfigurationError(f"retry_transaction needs {expected}, not {type(bind).__name__}")

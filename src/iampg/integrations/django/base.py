@@ -9,7 +9,7 @@ import psycopg
 from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.postgresql import base
 
-from iampg._pool import _feedback
+from iampg._connecting import Secret, Target, explain, final_params
 from iampg._tokens import TokenProvider
 from iampg.integrations.django import PROVIDER_OPTION, ProviderRef
 
@@ -42,6 +42,9 @@ class DatabaseWrapper(base.DatabaseWrapper):  # type: ignore[misc]
     """
 
     def _provider(self) -> TokenProvider:
+        return self._target().provider
+
+    def _target(self) -> Target:
         ref = self.settings_dict["OPTIONS"].get(PROVIDER_OPTION)
         if not isinstance(ref, ProviderRef):
             msg = (
@@ -49,22 +52,30 @@ class DatabaseWrapper(base.DatabaseWrapper):  # type: ignore[misc]
                 "iampg.integrations.django.database(...)"
             )
             raise ImproperlyConfigured(msg)
-        return ref.provider
+        return ref.target
 
     def get_connection_params(self) -> dict[str, Any]:
-        """Return Django's connection parameters with a current token as the password."""
-        provider = self._provider()
+        """Return Django's connection parameters with a current token as the password.
+
+        The parameters (``OPTIONS`` included) are checked like :func:`iampg.connect`'s.
+        """
+        target = self._target()
         params: dict[str, Any] = super().get_connection_params()
         params.pop(PROVIDER_OPTION, None)
-        params["password"] = provider.token()
-        return _TokenKwargs(params, provider)
+        params.pop("password", None)
+        target.check(final_params("", params))
+        params["password"] = target.provider.token()
+        return _TokenKwargs(params, target.provider)
 
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         """Connect; a token the server refused is forgotten and the error explained."""
+        target = self._target()
+        token = Secret(conn_params.get("password"))
+        target.check(final_params("", {k: v for k, v in conn_params.items() if k != "password"}))
         try:
             return super().get_new_connection(conn_params)
         except psycopg.OperationalError as exc:
-            error = _feedback(exc, self._provider(), conn_params.get("password"))
+            error = explain(exc, target.provider, token)
             if error is exc:
                 raise
             raise error from exc

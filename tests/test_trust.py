@@ -1,0 +1,384 @@
+"""The shipped AWS trust store: the builder's checks, the shipped files, and root_file()."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import psycopg
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from iampg import ConfigurationError, Endpoint, TokenProvider, _trust
+from iampg.emulator import Emulator
+from support import endpoint_for
+
+ROOT = Path(__file__).resolve().parent.parent
+STORE = ROOT / "src" / "iampg" / "_trust"
+NOW = dt.datetime.now(dt.timezone.utc)
+
+
+def _load_builder() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "build_trust_store", ROOT / "tools" / "build_trust_store.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+builder = _load_builder()
+
+
+def _make_cert(
+    cn: str,
+    *,
+    ca: bool = True,
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | None = None,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+    org: str = "Amazon Web Services, Inc.",
+) -> x509.Certificate:
+    """Return a self-signed certificate named like an RDS CA (or just ``cn``)."""
+    key = key or ec.generate_private_key(ec.SECP384R1())
+    attrs = [x509.NameAttribute(NameOID.COUNTRY_NAME, "US")]
+    attrs += [
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "Amazon RDS"),
+    ]
+    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
+    name = x509.Name(attrs)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before or NOW - dt.timedelta(days=1))
+        .not_valid_after(not_after or NOW + dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .sign(key, hashes.SHA384())
+    )
+
+
+GOOD_CN = "Amazon RDS xx-test-1 Root CA ECC384 G1"
+
+
+def test_builder_accepts_a_well_formed_rds_ca() -> None:
+    """A self-signed, valid CA named like an RDS root with a matching key passes the checks."""
+    assert builder.check_certificate(_make_cert(GOOD_CN), "rds", now=NOW) == "xx-test-1"
+
+
+def test_builder_rejects_an_expired_certificate() -> None:
+    """A certificate past its notAfter is refused, naming the validity period."""
+    cert = _make_cert(
+        GOOD_CN, not_before=NOW - dt.timedelta(days=800), not_after=NOW - dt.timedelta(days=1)
+    )
+    with pytest.raises(builder.TrustStoreError, match="not valid now"):
+        builder.check_certificate(cert, "rds", now=NOW)
+
+
+def test_builder_rejects_a_not_yet_valid_certificate() -> None:
+    """A certificate whose notBefore is in the future is refused too."""
+    cert = _make_cert(GOOD_CN, not_before=NOW + dt.timedelta(days=1))
+    with pytest.raises(builder.TrustStoreError, match="not valid now"):
+        builder.check_certificate(cert, "rds", now=NOW)
+
+
+def test_builder_rejects_a_non_ca_certificate() -> None:
+    """A certificate with basicConstraints CA:FALSE is refused."""
+    with pytest.raises(builder.TrustStoreError, match="not a CA"):
+        builder.check_certificate(_make_cert(GOOD_CN, ca=False), "rds", now=NOW)
+
+
+def test_builder_rejects_a_key_that_does_not_match_the_label() -> None:
+    """A certificate named RSA4096 that carries a 2048-bit key is refused as mislabelled."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = _make_cert("Amazon RDS xx-test-1 Root CA RSA4096 G1", key=key)
+    with pytest.raises(builder.TrustStoreError, match="its key is not RSA4096"):
+        builder.check_certificate(cert, "rds", now=NOW)
+
+
+def test_builder_rejects_a_subject_that_does_not_match_the_role() -> None:
+    """A CA given as an RDS CA or as an Amazon root, but named otherwise, is refused."""
+    with pytest.raises(builder.TrustStoreError, match="given as an RDS CA"):
+        builder.check_certificate(_make_cert("Totally Legit Root CA"), "rds", now=NOW)
+    with pytest.raises(builder.TrustStoreError, match="given as an RDS CA"):
+        builder.check_certificate(_make_cert(GOOD_CN, org="Example Corp"), "rds", now=NOW)
+    with pytest.raises(builder.TrustStoreError, match="given as an Amazon public root"):
+        builder.check_certificate(_make_cert("Amazon Root CA 1"), "amazon-root", now=NOW)
+
+
+def test_builder_refuses_to_write_when_a_certificate_fails(tmp_path: Path) -> None:
+    """One bad certificate among good ones stops the build before any file is written."""
+    bad = _make_cert(
+        GOOD_CN, not_before=NOW - dt.timedelta(days=800), not_after=NOW - dt.timedelta(days=1)
+    )
+    bundle = tmp_path / "global-bundle.pem"
+    good = (STORE / "rds-us-east-1.pem").read_bytes()
+    bundle.write_bytes(good + bad.public_bytes(serialization.Encoding.PEM))
+    out = tmp_path / "out"
+    code = builder.main(
+        [
+            "--aws-bundle",
+            str(bundle),
+            "--public-roots",
+            str(STORE / "amazon-roots.pem"),
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 1
+    assert not out.exists()
+
+
+def test_builder_reproduces_the_shipped_files(tmp_path: Path) -> None:
+    """Rebuilding from the shipped certificates gives byte-identical per-region files."""
+    out = tmp_path / "out"
+    code = builder.main(
+        [
+            "--aws-bundle",
+            str(STORE / "rds-global.pem"),
+            "--public-roots",
+            str(STORE / "amazon-roots.pem"),
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    shipped = sorted(p.name for p in STORE.glob("*.pem"))
+    assert sorted(p.name for p in out.glob("*.pem")) == shipped
+    for name in shipped:
+        assert (out / name).read_bytes() == (STORE / name).read_bytes(), name
+
+
+def test_shipped_files_match_the_manifest() -> None:
+    """Every shipped file holds exactly the certificates (by fingerprint) its manifest lists."""
+    manifest = json.loads((STORE / "manifest.json").read_text(encoding="utf-8"))
+    assert sorted(manifest["files"]) == sorted(p.name for p in STORE.glob("*.pem"))
+    listed = {c["sha256"] for c in manifest["certificates"]}
+    for name, info in manifest["files"].items():
+        data = (STORE / name).read_bytes()
+        prints = [
+            builder.load_pem(pem).fingerprint(hashes.SHA256()).hex()
+            for pem in builder.pems_in_text(data)
+        ]
+        assert prints == info["certificates"], name
+        assert set(prints) <= listed, name
+    assert builder.check_store(STORE, now=NOW) == []
+
+
+def test_every_shipped_certificate_is_a_currently_valid_ca() -> None:
+    """Each shipped certificate parses, is CA:TRUE and is valid today, with its provenance."""
+    manifest = json.loads((STORE / "manifest.json").read_text(encoding="utf-8"))
+    data = (STORE / "rds-global.pem").read_bytes()
+    certs = [builder.load_pem(pem) for pem in builder.pems_in_text(data)]
+    assert len(certs) == len(manifest["certificates"])
+    for cert in certs:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        assert constraints.ca, cert.subject
+        assert cert.not_valid_before_utc <= NOW <= cert.not_valid_after_utc, cert.subject
+    for entry in manifest["certificates"]:
+        assert entry["sources"], entry["subject"]
+        for index in entry["sources"]:
+            source = manifest["sources"][index]
+            assert len(source["sha256"]) == 64
+            assert source["path"]
+
+
+def test_every_region_file_holds_that_regions_three_cas() -> None:
+    """rds-<region>.pem holds RSA2048, RSA4096 and ECC384 CAs of that region and nothing else."""
+    manifest = json.loads((STORE / "manifest.json").read_text(encoding="utf-8"))
+    subjects = {c["sha256"]: c["subject"] for c in manifest["certificates"]}
+    regional = {n: i for n, i in manifest["files"].items() if i.get("region") not in (None, "*")}
+    assert "rds-us-east-1.pem" in regional
+    for name, info in regional.items():
+        names = sorted(subjects[f] for f in info["certificates"] if "Amazon RDS" in subjects[f])
+        assert len(names) == 3, name
+        for alg, subject in zip(("ECC384", "RSA2048", "RSA4096"), names, strict=True):
+            assert f"Amazon RDS {info['region']} Root CA {alg} G1" in subject, name
+        expected = 3 if info["kind"] == "rds" else 8
+        assert len(info["certificates"]) == expected, name
+
+
+# -- root_file and describe ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "kind", "region", "expected"),
+    [
+        ("db.abc123.us-east-1.rds.amazonaws.com", None, None, "rds-us-east-1.pem"),
+        ("app.cluster-abc123.eu-west-1.rds.amazonaws.com", None, None, "aws-eu-west-1.pem"),
+        ("app.cluster-ro-abc123.eu-west-1.rds.amazonaws.com", None, None, "aws-eu-west-1.pem"),
+        ("app.proxy-abc123.us-east-1.rds.amazonaws.com", None, None, "amazon-roots.pem"),
+        ("ro.endpoint.proxy-abc123.us-east-1.rds.amazonaws.com", None, None, "amazon-roots.pem"),
+        ("abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws", None, None, "amazon-roots.pem"),
+        ("db.abc123.us-gov-west-1.rds.amazonaws.com", None, None, "rds-global.pem"),
+        ("db.abc123.cn-north-1.rds.amazonaws.com.cn", None, None, "rds-global.pem"),
+        ("db.internal.example", None, "us-east-2", "aws-us-east-2.pem"),
+        ("db.internal.example", None, "xx-nowhere-9", "rds-global.pem"),
+        ("dsql.internal.example", "dsql", "us-east-1", "amazon-roots.pem"),
+    ],
+)
+def test_root_file_picks_the_smallest_file(
+    host: str, kind: str | None, region: str | None, expected: str
+) -> None:
+    """Each kind of endpoint gets the file that holds what its certificate chains to."""
+    endpoint = Endpoint(host, user="app", region=region, kind=kind)
+    path = _trust.root_file(endpoint, environ={})
+    assert path == STORE / expected
+    assert path.is_file()
+
+
+def test_root_file_honours_the_environment_variable(tmp_path: Path) -> None:
+    """IAMPG_SSLROOTCERT replaces the shipped file; 'system' is passed through for libpq."""
+    endpoint = Endpoint("db.abc123.us-east-1.rds.amazonaws.com", user="app")
+    bundle = tmp_path / "global-bundle.pem"
+    bundle.write_bytes((STORE / "rds-global.pem").read_bytes())
+    assert _trust.root_file(endpoint, environ={"IAMPG_SSLROOTCERT": str(bundle)}) == bundle
+    assert _trust.root_file(endpoint, environ={"IAMPG_SSLROOTCERT": "system"}) == Path("system")
+    assert _trust.root_file(endpoint, environ={"IAMPG_SSLROOTCERT": ""}).parent == STORE
+
+
+def test_root_file_reads_os_environ_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without environ=, root_file looks at the process environment."""
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(b"")
+    monkeypatch.setenv("IAMPG_SSLROOTCERT", str(bundle))
+    assert _trust.root_file(Endpoint("db.x.us-east-1.rds.amazonaws.com", user="a")) == bundle
+
+
+def test_root_file_refuses_a_missing_override(tmp_path: Path) -> None:
+    """A file named by IAMPG_SSLROOTCERT that does not exist is a ConfigurationError."""
+    endpoint = Endpoint("db.abc123.us-east-1.rds.amazonaws.com", user="app")
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(ConfigurationError, match=r"IAMPG_SSLROOTCERT names .* not a file"):
+        _trust.root_file(endpoint, environ={"IAMPG_SSLROOTCERT": str(missing)})
+
+
+def test_describe_summarises_shipped_files_only(tmp_path: Path) -> None:
+    """describe() says what a shipped file is, how many certificates, and how old; else None."""
+    built = _trust.built()
+    later = built + dt.timedelta(days=3)
+    assert _trust.describe(STORE / "rds-us-east-1.pem", today=later) == (
+        f"iampg's RDS CA set for us-east-1: 3 certificates, built {built.isoformat()}, 3 days ago"
+    )
+    assert "Amazon public roots" in str(_trust.describe(STORE / "amazon-roots.pem"))
+    copy = tmp_path / "rds-us-east-1.pem"
+    copy.write_bytes((STORE / "rds-us-east-1.pem").read_bytes())
+    assert _trust.describe(copy) is None
+    assert _trust.describe("system") is None
+    assert _trust.describe(STORE / "manifest.json") is None
+
+
+def test_root_file_verifies_through_the_emulator(
+    emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libpq verifies the emulator with the file root_file() names, and refuses it without."""
+    endpoint = endpoint_for(emulator)
+    token = TokenProvider(endpoint).token()
+    params = {k: v for k, v in endpoint.params.items() if k != "sslrootcert"}
+    connect: dict[str, Any] = {
+        "host": endpoint.host,
+        "hostaddr": endpoint.hostaddr,
+        "port": endpoint.port,
+    }
+    connect |= {"user": endpoint.user, "dbname": endpoint.dbname, **params}
+    shipped = _trust.root_file(endpoint)  # a non-AWS name: the region's RDS CAs + roots
+    assert shipped.parent == STORE
+    with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
+        psycopg.connect(**connect, sslrootcert=str(shipped), password=token)
+    monkeypatch.setenv("IAMPG_SSLROOTCERT", str(emulator.ca_file))
+    chosen = _trust.root_file(endpoint)
+    assert chosen == emulator.ca_file
+    with psycopg.connect(**connect, sslrootcert=str(chosen), password=token) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_import_iampg_loads_no_trust_data() -> None:
+    """Importing iampg reads no trust store file and imports no cryptography."""
+    code = (
+        "import sys, iampg, iampg._trust as t; "
+        "assert 'cryptography' not in sys.modules, 'cryptography imported'; "
+        "assert t._manifest.cache_info().currsize == 0; "
+        "assert t._shipped.cache_info().currsize == 0"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# -- iampg ca -----------------------------------------------------------------------------
+
+
+def test_ca_command_summarises_the_store(capsys: pytest.CaptureFixture[str]) -> None:
+    """`iampg ca` prints the store's directory, build date and age, and what it holds."""
+    from iampg.cli import main
+
+    assert main(["ca"]) == 0
+    out = capsys.readouterr().out
+    assert f"trust store: {STORE}\n" in out
+    assert f"built: {_trust.built().isoformat()}, " in out
+    manifest = json.loads((STORE / "manifest.json").read_text(encoding="utf-8"))
+    files, certs = len(manifest["files"]), len(manifest["certificates"])
+    assert f"contents: {files} files, {certs} certificates (" in out
+    assert "earliest expiry: " in out
+    assert "us-east-1" in out
+
+
+def test_ca_command_prints_the_endpoints_file(capsys: pytest.CaptureFixture[str]) -> None:
+    """`iampg ca HOST` prints the file and its summary; --path prints only the path."""
+    from iampg.cli import main
+
+    assert main(["ca", "db.abc123.eu-west-1.rds.amazonaws.com"]) == 0
+    path, summary = capsys.readouterr().out.splitlines()
+    assert path == str(STORE / "rds-eu-west-1.pem")
+    assert summary.startswith("iampg's RDS CA set for eu-west-1: 3 certificates, built ")
+    assert main(["ca", "--path", "--host", "p.proxy-abc.us-east-1.rds.amazonaws.com"]) == 0
+    assert capsys.readouterr().out == f"{STORE / 'amazon-roots.pem'}\n"
+    assert main(["ca", "--path", "-H", "db.internal.example", "-r", "us-west-2"]) == 0
+    assert capsys.readouterr().out == f"{STORE / 'aws-us-west-2.pem'}\n"
+
+
+def test_ca_command_shows_what_replaces_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An explicit sslrootcert or IAMPG_SSLROOTCERT is what `iampg ca` reports for an endpoint."""
+    from iampg.cli import main
+
+    bundle = tmp_path / "global-bundle.pem"
+    bundle.write_bytes(b"")
+    host = "db.abc123.eu-west-1.rds.amazonaws.com"
+    assert main(["ca", host, "--sslrootcert", str(bundle)]) == 0
+    assert capsys.readouterr().out == f"{bundle}\nnot one of iampg's files (sslrootcert given)\n"
+    monkeypatch.setenv("IAMPG_SSLROOTCERT", str(bundle))
+    assert main(["ca", "--path", host]) == 0
+    assert capsys.readouterr().out == f"{bundle}\n"
+    assert main(["ca"]) == 0
+    assert f"IAMPG_SSLROOTCERT={bundle}: used instead" in capsys.readouterr().out
+
+
+def test_ca_command_refuses_a_missing_override(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing IAMPG_SSLROOTCERT file is a one-line usage error (exit 2), no traceback."""
+    from iampg.cli import main
+
+    monkeypatch.setenv("IAMPG_SSLROOTCERT", str(tmp_path / "missing.pem"))
+    for argv in (["ca"], ["ca", "db.abc123.eu-west-1.rds.amazonaws.com"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("iampg ca: IAMPG_SSLROOTCERT names ")
+        assert "Traceback" not in err
