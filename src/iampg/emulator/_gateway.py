@@ -77,6 +77,7 @@ _MAX_EVENTS: Final = 10_000
 # records and keeps thousands of connections from costing hundreds of megabytes.
 _TLS_BUFFER: Final = 32 * 1024
 _TRIM_EVERY: Final = 64  # closed connections between two returns of free memory to the system
+# (and once the last connection has closed)
 _TRIM_DELAY: Final = 0.5  # seconds: let the closed connections' transports go first
 _AUTH_OK: Final = 0
 _AUTH_CLEARTEXT: Final = 3
@@ -1504,7 +1505,8 @@ class Emulator:
             self._authenticated(session)
             self._forget(session)
             self._door.closed_since_trim += 1
-            if self._door.closed_since_trim >= _TRIM_EVERY and self._door.trim is None:
+            quiet = len(self._sessions) <= 1  # this one's task leaves it when done
+            if (quiet or self._door.closed_since_trim >= _TRIM_EVERY) and self._door.trim is None:
                 loop = asyncio.get_running_loop()
                 self._door.trim = loop.call_later(_TRIM_DELAY, self._release_memory)
 
