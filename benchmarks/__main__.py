@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             ("stampede", lambda: stampede.run(rds, dsql, quick=args.quick)),
             ("lost", lambda: lost.run(rds, backend, quick=args.quick)),
             ("cold", lambda: cold.run(quick=args.quick)),
-            ("memory", lambda: memory.run(rds, quick=args.quick)),
+            ("memory", lambda: memory.run(rds, backend.dsn, quick=args.quick)),
         ]
         for name, step in steps:
             if name not in groups:

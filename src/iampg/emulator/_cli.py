@@ -8,6 +8,7 @@ import signal
 import socket
 import sys
 import threading
+import warnings
 from typing import TYPE_CHECKING, Any, Protocol
 
 from iampg.emulator._backend import Backend, find_bindir
@@ -453,7 +454,11 @@ def _start(
         return None
     user = _user(args)
     backend.ensure_role(user, superuser=backend.kind == "temporary")
-    emu = factory(backend.dsn, **_emulator_kwargs(args))
+    with warnings.catch_warnings(record=True) as caught:  # e.g. listening beyond loopback
+        warnings.simplefilter("always")
+        emu = factory(backend.dsn, **_emulator_kwargs(args))
+    for warning in caught:
+        sys.stderr.write(f"{_PROG}: warning: {warning.message}\n")
     if stop.is_set():
         return None
     emu.start()
