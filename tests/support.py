@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -12,8 +13,12 @@ import pytest
 from hypothesis import settings
 
 import iampg
-from iampg import Endpoint
+from iampg import Endpoint, SignedToken
+from iampg._aws import AwsSigner
 from iampg.emulator import Backend, CredentialsServer, Emulator
+
+# tests/conftest.py's start_emulator fixture: start_emulator(**options) -> a running Emulator.
+EmulatorFactory = Callable[..., Emulator]
 
 
 def endpoint_for(emu: Emulator, user: str = "postgres", **params: Any) -> Endpoint:
@@ -129,3 +134,34 @@ def examples(full: int) -> int:
     """
     share = settings().max_examples / 100  # settings() holds the loaded profile's values
     return max(min(full, 10), round(full * share))
+
+
+class RecordingSigner:
+    """Signs real tokens through botocore and counts them."""
+
+    def __init__(self) -> None:
+        self.inner = AwsSigner()
+        self.calls = 0
+
+    def sign(self, endpoint: Endpoint, lifetime: float = 900.0) -> SignedToken:
+        self.calls += 1
+        return self.inner.sign(endpoint, lifetime)
+
+
+class TamperingSigner(RecordingSigner):
+    """Signs real tokens, then damages one part of the first ``times`` of them."""
+
+    def __init__(self, damage: str, times: int = 1_000) -> None:
+        super().__init__()
+        self.damage = damage
+        self.times = times
+
+    def sign(self, endpoint: Endpoint, lifetime: float = 900.0) -> SignedToken:
+        token = super().sign(endpoint, lifetime).token
+        if self.calls > self.times:
+            return SignedToken(token, 900.0)
+        if self.damage == "signature":
+            token = token[:-1] + ("0" if token[-1] != "0" else "1")
+        elif self.damage == "user":
+            token = token.replace("DBUser=postgres", "DBUser=someone")
+        return SignedToken(token, 900.0)
