@@ -7,6 +7,7 @@ import functools
 import inspect
 import logging
 import shlex
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar, overload
@@ -32,10 +33,29 @@ class _PinnedHostContext(ssl.SSLContext):
     asyncpg has no ``hostaddr``: it verifies the certificate against the address it dials.
     When iampg dials an IP address (``hostaddr``) for a token signed for a host name, this
     context makes the handshake use the signed name, as libpq does with ``host`` +
-    ``hostaddr``. asyncio (and uvloop) make their TLS objects with :meth:`wrap_bio`.
+    ``hostaddr``. asyncio (and uvloop) make their TLS objects with :meth:`wrap_bio`;
+    pg8000 (through SQLAlchemy) wraps its socket with :meth:`wrap_socket`.
     """
 
     server_name: str
+
+    def wrap_socket(  # noqa: PLR0917 -- the stdlib's signature
+        self,
+        sock: socket.socket,
+        server_side: bool = False,  # noqa: FBT001, FBT002 -- the stdlib's signature
+        do_handshake_on_connect: bool = True,  # noqa: FBT001, FBT002
+        suppress_ragged_eofs: bool = True,  # noqa: FBT001, FBT002
+        server_hostname: str | bytes | None = None,  # noqa: ARG002
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLSocket:
+        return super().wrap_socket(
+            sock,
+            server_side,
+            do_handshake_on_connect,
+            suppress_ragged_eofs,
+            self.server_name,
+            session,
+        )
 
     def wrap_bio(
         self,
@@ -122,12 +142,16 @@ def connect_kwargs(
 
 def _kwargs(endpoint: Endpoint, provider: TokenProvider, *, allow_insecure: bool) -> dict[str, Any]:
     params = connect_params(endpoint, allow_insecure=allow_insecure)
+    return {**_arguments(endpoint, params), "password": provider.atoken}
+
+
+def _arguments(endpoint: Endpoint, params: dict[str, str]) -> dict[str, Any]:
+    """Return asyncpg's arguments for the endpoint's libpq ``params``, without a password."""
     kwargs: dict[str, Any] = {
         "host": endpoint.dialled,
         "port": endpoint.port,
         "user": endpoint.user,
         "database": endpoint.dbname,
-        "password": provider.atoken,
     }
     context = ssl_context(endpoint, params)
     kwargs["ssl"] = context if context is not None else params.get("sslmode", "disable")
@@ -218,7 +242,7 @@ async def connect(
 
 
 def _check_overrides(
-    endpoint: Endpoint, overrides: dict[str, Any], *, allow_insecure: bool
+    endpoint: Endpoint, overrides: dict[str, Any], *, allow_insecure: bool, ssl_key: str = "ssl"
 ) -> None:
     """Refuse asyncpg arguments that would send the token elsewhere or without TLS.
 
@@ -236,13 +260,13 @@ def _check_overrides(
                 f"({endpoint.host}:{endpoint.port}, dialled at {endpoint.dialled}): a token must "
                 f"only go to that endpoint; use another Endpoint instead of overriding {name}"
             )
-    if "ssl" not in overrides or allow_insecure or is_loopback(endpoint.dialled):
+    if ssl_key not in overrides or allow_insecure or is_loopback(endpoint.dialled):
         return
-    value = overrides["ssl"]
+    value = overrides[ssl_key]
     if value in (None, False) or (isinstance(value, str) and value in INSECURE_SSLMODES):
         raise ConfigurationError(
-            f"ssl={value!r} could send the IAM token unencrypted to {endpoint.dialled}: leave "
-            "ssl= out (iampg sets up TLS) or pass allow_insecure=True if you really must"
+            f"{ssl_key}={value!r} could send the IAM token unencrypted to {endpoint.dialled}: "
+            f"leave {ssl_key}= out (iampg sets up TLS) or pass allow_insecure=True if you must"
         )
     if isinstance(value, ssl.SSLContext) and value.verify_mode == ssl.CERT_NONE:
         raise ConfigurationError(
