@@ -109,7 +109,7 @@ def emulated() -> Iterator[tuple[iampg.TokenProvider, Callable[[str], None]]]:
     """Start a throwaway PostgreSQL and the emulator; yield a provider that signs for it."""
     from iampg.emulator import Backend, Emulator
 
-    print("no endpoint given: starting the local emulator (Ctrl-C to stop)")
+    print("no endpoint given: starting the local emulator")
     with Backend.auto() as backend, Emulator(backend.dsn) as emu:
         # The emulator knows only the documented example keys: sign with those.
         os.environ.update(emu.aws_env())

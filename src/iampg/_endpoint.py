@@ -293,7 +293,7 @@ class Endpoint:
                 # The host name says which region it is in: a default region must not win.
                 del fields["region"]
         fields.setdefault("host", "")
-        if isinstance(fields["host"], str):
+        if isinstance(fields["host"], str) and fields["host"].strip():
             _check_host(fields["host"].strip())  # before the constructor's "use parse()"
         return cls(**fields)
 

@@ -54,6 +54,8 @@ _EXIT_CODES: dict[str, str] = {
     f"3 script error with ON_ERROR_STOP); before that {_SIGNING}; {_USAGE}; "
     f"127 psql not found; {_INTERRUPTED}",
     "doctor": f"0 every check passed; 1 a check failed; {_USAGE}; {_INTERRUPTED}",
+    "ca": "0 printed; 1 the trust store cannot be read; 2 usage error (bad arguments or "
+    f"endpoint, or IAMPG_SSLROOTCERT names a file that does not exist); {_INTERRUPTED}",
     "emulate": "0 stopped (Ctrl-C or SIGTERM); 1 the emulator could not run (backend "
     "unreachable, port busy...); 2 usage error (bad options, no PostgreSQL binaries)",
 }
@@ -420,9 +422,7 @@ def _parser() -> argparse.ArgumentParser:
         "Without an endpoint: print where iampg's AWS trust store is, when it was built and "
         "what it holds. With one: print the CA file (sslrootcert) its connections verify the "
         "server with, and what that file is. IAMPG_SSLROOTCERT=FILE replaces the store.",
-        _ENDPOINT_HELP.replace(_EXIT_CODES, "")
-        + "exit codes: 0 printed; 1 the trust store cannot be read; 2 usage error (bad "
-        "arguments or endpoint,\nor IAMPG_SSLROOTCERT names a file that does not exist).",
+        _endpoint_help("ca"),
     )
     _add_endpoint_arguments(ca)
     ca.add_argument("--path", action="store_true", help="print only the file's path")

@@ -471,8 +471,15 @@ class Backend:
                 except OSError as exc:
                     raise BackendError(f"could not start postgres: {exc}") from exc
             backend = cls(
+                # hostaddr too: an exported PGHOSTADDR (for an emulated endpoint, say) must not
+                # send the emulator's own backend connections elsewhere.
                 make_conninfo(
-                    "", host="127.0.0.1", port=chosen, user=_SUPERUSER, dbname="postgres"
+                    "",
+                    host="127.0.0.1",
+                    hostaddr="127.0.0.1",
+                    port=chosen,
+                    user=_SUPERUSER,
+                    dbname="postgres",
                 ),
                 kind="temporary",
                 socket_dir=tempdir,
