@@ -31,6 +31,7 @@ EXAMPLES = [
     "examples/dsql_transaction.py",
     "examples/psycopg2_users.py",
     "examples/django_users/app.py",
+    "examples/fastapi_users.py",
 ]
 EXAMPLE_TIMEOUT = 180.0  # seconds; a throwaway PostgreSQL starts in a few
 _RUN_WITH_TIMEOUT = (
