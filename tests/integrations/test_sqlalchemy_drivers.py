@@ -22,8 +22,13 @@ from iampg.integrations import sqlalchemy as iampg_sqlalchemy
 from support import ContendedCounter, endpoint_for
 
 # (driver, asyncio?) as SQLAlchemy users pick them: postgresql+<driver>://
-DRIVERS = [("psycopg", False), ("psycopg2", False), ("pg8000", False), ("psycopg", True)]
-DRIVERS.append(("asyncpg", True))
+DRIVERS = [
+    ("psycopg", False),
+    ("psycopg2", False),
+    ("pg8000", False),
+    ("psycopg", True),
+    ("asyncpg", True),
+]
 IDS = ["psycopg", "psycopg2", "pg8000", "psycopg-async", "asyncpg"]
 
 
