@@ -5,10 +5,11 @@ Three entry points, one behaviour: :func:`connect` opens a connection,
 :func:`connection_factory` returns a ``connection_factory`` class for code that calls
 :func:`psycopg2.connect` itself. Each gives the endpoint's libpq parameters (``host``,
 ``hostaddr``, ``sslmode`` …; the caller's win) and a current token to every new connection,
-checks the parameters libpq finally receives (TLS towards anything but loopback, and the host
-the token is signed for), forgets a token the server refused and raises
-:class:`AuthenticationError`, which is both a :class:`psycopg2.OperationalError` and an
-:class:`iampg.AuthenticationError`.
+checks the parameters libpq finally receives as :func:`iampg.connect` does (TLS towards
+anything but loopback; the host, address and port the token is signed for), forgets a token
+the server refused and raises :class:`AuthenticationError`, which is both a
+:class:`psycopg2.OperationalError` and an :class:`iampg.AuthenticationError`.
+:func:`retry_transaction` runs a transaction again after a conflict or a lost connection.
 """
 
 from __future__ import annotations
