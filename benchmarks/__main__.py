@@ -25,6 +25,7 @@ GROUPS = (
     "token",
     "connect",
     "tls",
+    "drivers",
     "pool",
     "presets",
     "refresh",
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks import (  # noqa: PLC0415
         cold,
         connect,
+        drivers,
         lost,
         memory,
         pool,
@@ -168,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             ("token", lambda: token_hit.run(quick=args.quick)),
             ("connect", lambda: connect.run(rds, dsql, quick=args.quick)),
             ("tls", lambda: tls.run(rds, quick=args.quick)),
+            ("drivers", lambda: drivers.run(rds, quick=args.quick)),
             ("pool", lambda: pool.throughput(rds, quick=args.quick)),
             ("presets", lambda: pool.presets(rds, dsql, quick=args.quick)),
             ("refresh", lambda: pool.refresh_latency(rds, quick=args.quick)),
