@@ -29,6 +29,7 @@ EXAMPLES = [
     "examples/lambda_handler.py",
     "examples/alembic_migration/migrate.py",
     "examples/dsql_transaction.py",
+    "examples/psycopg2_users.py",
 ]
 EXAMPLE_TIMEOUT = 180.0  # seconds; a throwaway PostgreSQL starts in a few
 _RUN_WITH_TIMEOUT = (
@@ -41,7 +42,8 @@ _RUN_WITH_TIMEOUT = (
 @nox.session
 def examples(session: nox.Session) -> None:
     """Run every example against the embedded emulator (the CI check of examples/)."""
-    session.install("-e", ".[emulator,binary,sqlalchemy,asyncpg,django]", *_group("examples"))
+    extras = ".[emulator,binary,sqlalchemy,asyncpg,django,psycopg2]"
+    session.install("-e", extras, *_group("examples"))
     # An empty PGHOST makes each example start the emulator instead of going to AWS.
     env = {"PGHOST": ""}
     for example in EXAMPLES:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -12,6 +15,7 @@ from hypothesis import settings
 
 from iampg import _aws
 from iampg.emulator import FAKE_CREDENTIALS, Backend, Emulator
+from support import EmulatorFactory
 
 # Every test runs under the secret guard: no minted token, signature or sentinel password in a
 # log record, a repr or an escaping exception (see secret_guard.py).
@@ -74,7 +78,27 @@ def backend() -> Iterator[Backend]:
 
 
 @pytest.fixture
-def emulator(backend: Backend) -> Iterator[Emulator]:
+def start_emulator(backend: Backend) -> Iterator[EmulatorFactory]:
+    """Return a factory of running emulators in front of the backend, stopped after the test.
+
+    ``start_emulator(**options)`` takes :class:`Emulator`'s keyword options (``service``,
+    ``credentials``, ``clock`` …); ``dsn=`` puts another backend behind it.
+    """
+    with ExitStack() as running:
+
+        def start(*, dsn: str | None = None, **options: Any) -> Emulator:
+            return running.enter_context(Emulator(backend.dsn if dsn is None else dsn, **options))
+
+        yield start
+
+
+@pytest.fixture
+def emulator(start_emulator: EmulatorFactory) -> Emulator:
     """Return a running RDS-mode emulator in front of the backend, on real time."""
-    with Emulator(backend.dsn) as emu:
-        yield emu
+    return start_emulator()
+
+
+@pytest.fixture
+def quiet_botocore(caplog: pytest.LogCaptureFixture) -> None:
+    """Keep botocore's DEBUG lines (which show signatures) out of failure reports."""
+    caplog.set_level(logging.WARNING, logger="botocore")

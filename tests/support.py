@@ -5,14 +5,20 @@ from __future__ import annotations
 import gc
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
 from hypothesis import settings
 
-from iampg import Endpoint
+import iampg
+from iampg import Endpoint, SignedToken
+from iampg._aws import AwsSigner
 from iampg.emulator import Backend, CredentialsServer, Emulator
+
+# tests/conftest.py's start_emulator fixture: start_emulator(**options) -> a running Emulator.
+EmulatorFactory = Callable[..., Emulator]
 
 
 def endpoint_for(emu: Emulator, user: str = "postgres", **params: Any) -> Endpoint:
@@ -84,6 +90,42 @@ def sessions_left(
     return left
 
 
+class ContendedCounter:
+    """A one-row counter table, and a competing update committed from another connection.
+
+    Transactions that read the counter at repeatable read and then write it fail with a real
+    serialization failure (40001) when :meth:`bump_elsewhere` commits in between: the
+    conflict DSQL reports as OC000.
+    """
+
+    def __init__(self, endpoint: Endpoint, table: str) -> None:
+        self.endpoint = endpoint
+        self.table = table
+        with iampg.connect(endpoint, autocommit=True) as conn:
+            conn.execute(f"drop table if exists {table}")
+            conn.execute(f"create table {table} (id int primary key, n int not null)")
+            conn.execute(f"insert into {table} values (1, 0)")
+
+    def bump_elsewhere(self) -> None:
+        """Add 100 to the counter in a transaction of its own, committed at once."""
+        with iampg.connect(self.endpoint, autocommit=True) as other:
+            other.execute(f"update {self.table} set n = n + 100 where id = 1")
+
+    def value(self) -> int:
+        """Return the counter's committed value."""
+        with iampg.connect(self.endpoint) as conn:
+            row = conn.execute(f"select n from {self.table} where id = 1").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def terminate_backend(endpoint: Endpoint, pid: int) -> None:
+    """End backend ``pid`` from another session and wait until it is gone."""
+    with iampg.connect(endpoint, autocommit=True) as admin:
+        row = admin.execute("select pg_terminate_backend(%s, 5000)", (pid,)).fetchone()
+    assert row == (True,)
+
+
 def examples(full: int) -> int:
     """Return how many Hypothesis examples to run for a test that CI runs ``full`` times.
 
@@ -92,3 +134,34 @@ def examples(full: int) -> int:
     """
     share = settings().max_examples / 100  # settings() holds the loaded profile's values
     return max(min(full, 10), round(full * share))
+
+
+class RecordingSigner:
+    """Signs real tokens through botocore and counts them."""
+
+    def __init__(self) -> None:
+        self.inner = AwsSigner()
+        self.calls = 0
+
+    def sign(self, endpoint: Endpoint, lifetime: float = 900.0) -> SignedToken:
+        self.calls += 1
+        return self.inner.sign(endpoint, lifetime)
+
+
+class TamperingSigner(RecordingSigner):
+    """Signs real tokens, then damages one part of the first ``times`` of them."""
+
+    def __init__(self, damage: str, times: int = 1_000) -> None:
+        super().__init__()
+        self.damage = damage
+        self.times = times
+
+    def sign(self, endpoint: Endpoint, lifetime: float = 900.0) -> SignedToken:
+        token = super().sign(endpoint, lifetime).token
+        if self.calls > self.times:
+            return SignedToken(token, 900.0)
+        if self.damage == "signature":
+            token = token[:-1] + ("0" if token[-1] != "0" else "1")
+        elif self.damage == "user":
+            token = token.replace("DBUser=postgres", "DBUser=someone")
+        return SignedToken(token, 900.0)

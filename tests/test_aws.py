@@ -203,3 +203,54 @@ def test_describe_credentials_of_a_container_role(monkeypatch: pytest.MonkeyPatc
     assert info.key_suffix == issued[-4:]
     assert info.expires_in is not None
     assert 1700 < info.expires_in <= 1800
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # SSO GetRoleCredentials
+        (
+            b'{"roleCredentials":{"accessKeyId":"ASIAEXAMPLE","secretAccessKey":"s3cr3t-one",'
+            b'"sessionToken":"s3cr3t-two","expiration":1764700000000}}'
+        ),
+        # SSO OIDC CreateToken
+        b'{"accessToken":"s3cr3t-one","refreshToken":"s3cr3t-two","expiresIn":3600}',
+        # container credentials
+        b'{"AccessKeyId": "ASIAEXAMPLE", "SecretAccessKey": "s3cr3t-one", "Token": "s3cr3t-two"}',
+        # STS AssumeRole
+        (
+            b"<Credentials><AccessKeyId>ASIAEXAMPLE</AccessKeyId><SecretAccessKey>s3cr3t-one"
+            b"</SecretAccessKey><SessionToken>s3cr3t-two</SessionToken></Credentials>"
+        ),
+        # a presigned URL
+        b"GET https://h/?X-Amz-Security-Token=s3cr3t-one&X-Amz-Signature=s3cr3t-two HTTP/1.1",
+    ],
+    ids=["sso", "sso-oidc", "container", "sts", "query"],
+)
+def test_botocore_debug_records_are_masked(body: bytes) -> None:
+    """Secret values in botocore's DEBUG records become ***; the record itself is kept."""
+    import logging
+
+    from iampg import AwsSigner
+
+    AwsSigner()  # installs the filters
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger("botocore.parsers")
+    handler = Keep(logging.DEBUG)
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        logger.debug("Response body:\n%r", body)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert len(seen) == 1
+    assert "s3cr3t" not in seen[0]
+    assert seen[0].count("***") == 2
+    assert seen[0].startswith("Response body:")

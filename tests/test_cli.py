@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -15,6 +16,8 @@ from urllib.parse import unquote, urlsplit
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
+import iampg
+from iampg import TokenProvider
 from iampg.cli import main
 from iampg.emulator import Emulator
 
@@ -151,18 +154,123 @@ def test_usage_errors_exit_2_without_traceback(capsys: pytest.CaptureFixture[str
     assert "Traceback" not in err
 
 
-def test_help_documents_exit_codes() -> None:
-    """Every command's --help, psql and doctor included, lists the exit codes."""
-    for args in ([], ["psql"], ["doctor"], ["token"]):
-        result = subprocess.run(
-            [sys.executable, "-m", "iampg.cli", *args, "--help"],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=60,
-        )
-        assert result.returncode == 0, result.stderr
-        assert "127 psql not found" in " ".join(result.stdout.split())
+# The exit codes each command can return; each one is produced by a test below (or, for
+# doctor and emulate, in test_cli_doctor.py and emulator/test_cli_emulate.py).
+EXIT_CODES = {
+    "iampg": {0, 1, 2, 127, 130},
+    "token": {0, 1, 2, 130},
+    "url": {0, 1, 2, 130},
+    "env": {0, 1, 2, 130},
+    "psql": {0, 1, 2, 3, 127, 130},
+    "doctor": {0, 1, 2, 130},
+    "emulate": {0, 1, 2},
+}
+
+
+@pytest.mark.parametrize("command", sorted(EXIT_CODES))
+def test_help_lists_exactly_the_exit_codes_the_command_returns(
+    capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """Each command's --help lists the exit codes it can return, and no other."""
+    assert main([] if command == "iampg" else [command, "--help"]) == (
+        2 if command == "iampg" else 0
+    )
+    if command == "iampg":
+        assert main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    listed = text.partition("exit codes:")[2]
+    assert {int(code) for code in re.findall(r"(?:^|[ (])(\d+) [a-zA-Z]", listed)} == (
+        EXIT_CODES[command]
+    )
+
+
+@pytest.mark.parametrize("command", ["token", "url", "env", "psql"])
+def test_signing_commands_fail_with_1_and_stop_with_130(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """No credentials: exit 1; Ctrl-C while signing: exit 130, one line, no traceback."""
+    monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("psql was started"))
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    assert main([command, HOST, "-U", "app"]) == 1
+    assert "no AWS credentials found" in capsys.readouterr().err
+
+    def interrupted(self: object) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TokenProvider, "token", interrupted)
+    assert main([command, HOST, "-U", "app"]) == 130
+    assert capsys.readouterr().err == "iampg: interrupted\n"
+
+
+@pytest.mark.parametrize("command", ["token", "url", "env"])
+def test_signing_commands_succeed_with_0_and_refuse_with_2(
+    capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """A good endpoint: exit 0 and output; a bad one: exit 2 and one line on stderr."""
+    assert main([command, HOST, "-U", "app"]) == 0
+    assert capsys.readouterr().out
+    assert main([command, HOST, "-U", "app", "--port", "0"]) == 2
+    assert capsys.readouterr().err.startswith(f"iampg {command}: port must be")
+
+
+def test_version_and_python_dash_m(capsys: pytest.CaptureFixture[str]) -> None:
+    """``iampg --version`` prints the version; ``python -m iampg`` is the same command."""
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"iampg {iampg.__version__}\n"
+    result = subprocess.run(
+        [sys.executable, "-m", "iampg", "token", HOST, "-U", "app"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{HOST}:5432/?Action=connect&DBUser=app&")
+    assert result.stdout.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "ours", "psqls"),
+    [
+        (["-c", "select 1"], [], ["-c", "select 1"]),
+        ([HOST, "-U", "app", "-tAc", "select 1"], [HOST, "-U", "app"], ["-tAc", "select 1"]),
+        (["-Xq", "-p", "5433", "-cselect 1"], ["-p", "5433"], ["-Xq", "-cselect 1"]),
+        (
+            ["--command=select 1", "--set", "X=1", "-d", "shop", "--csv"],
+            ["-d", "shop"],
+            ["--command=select 1", "--set", "X=1", "--csv"],
+        ),
+        (["-v", "ON_ERROR_STOP=1", "-f", "x.sql", "-H", HOST], ["-H", HOST], None),
+        (["--port=5433", "-Usomeone", "-l"], ["--port=5433", "-Usomeone"], ["-l"]),
+    ],
+)
+def test_psql_options_are_told_apart_from_iampgs(
+    args: list[str], ours: list[str], psqls: list[str] | None
+) -> None:
+    """psql's own options go to psql in order, with their values; iampg keeps its own."""
+    from iampg.cli import _parser, _split_psql, _subparser
+
+    mine, theirs = _split_psql(args, _subparser(_parser(), "psql"))
+    assert mine == ours
+    assert theirs == (psqls if psqls is not None else [a for a in args if a not in ours])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--frobnicate"], "unknown option --frobnicate: put psql's options after --"),
+        (["-tU", "app"], "unknown option -U in -tU: give iampg's options separately"),
+        (["-?"], "unknown option -? in -?"),
+    ],
+)
+def test_psql_options_that_are_unclear_are_refused(
+    capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    """An option neither iampg nor psql has, or a cluster mixing both: exit 2, what to do."""
+    assert main(["psql", HOST, "-U", "app", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"iampg psql: {message}")
+    assert err.count("\n") == 1
 
 
 # -- psql -----------------------------------------------------------------------------------
@@ -231,11 +339,33 @@ def test_psql_gets_the_token_in_its_environment_only(emulator: Emulator, tmp_pat
 
 
 @pytest.mark.skipif(PSQL is None, reason="needs the psql program")
-def test_psql_exit_code_is_psqls(emulator: Emulator) -> None:
-    """A failing query makes psql, and so ``iampg psql``, exit 1 with psql's message."""
-    result = run_cli(["psql", *emulator_args(emulator), "--", "-X", "-c", "select 1/0"])
-    assert result.returncode == 1
-    assert "division by zero" in result.stderr
+def test_psql_exit_code_is_psqls(emulator: Emulator, tmp_path: Path) -> None:
+    """psql's options need no --; its exit code is iampg psql's: 0, 1, 2 and 3."""
+    ok = run_cli(["psql", *emulator_args(emulator), "-XtAc", "select current_user"])
+    assert (ok.returncode, ok.stdout) == (0, "postgres\n"), ok.stderr
+    error = run_cli(["psql", *emulator_args(emulator), "-X", "-c", "select 1/0"])
+    assert error.returncode == 1
+    assert "division by zero" in error.stderr
+    script = tmp_path / "script.sql"
+    script.write_text("select 1/0;\nselect 2;\n")
+    failed = run_cli(
+        ["psql", *emulator_args(emulator), "-X", "-v", "ON_ERROR_STOP=1", "-f", str(script)]
+    )
+    assert failed.returncode == 3
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    args = emulator_args(emulator)
+    args[args.index("--port") + 1] = str(port)
+    refused = run_cli(["psql", *args, "-X", "-c", "select 1"])
+    assert refused.returncode == 2
+    assert "refused" in refused.stderr
+
+
+def test_psql_usage_error_is_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad endpoint stops iampg psql before psql starts: exit 2."""
+    assert main(["psql", HOST, "-U", "app", "-p", "0", "-c", "select 1"]) == 2
+    assert capsys.readouterr().err.startswith("iampg psql: port must be")
 
 
 def test_psql_missing_is_exit_127(tmp_path: Path) -> None:
@@ -269,3 +399,28 @@ def test_ctrl_c_exits_130_without_traceback() -> None:
     assert proc.returncode == 130
     assert "Traceback" not in err
     assert "interrupted" in err
+
+
+def test_doctor_takes_a_preset_in_any_spelling(
+    capsys: pytest.CaptureFixture[str], emulator: Emulator
+) -> None:
+    """doctor --preset reaches the connection: accepted spellings pass, a mismatch is exit 2."""
+    args = ["doctor", *emulator_args(emulator), "--timeout", "5"]
+    assert main([*args, "--preset", "Aurora_Express"]) == 0, capsys.readouterr().out
+    capsys.readouterr()
+    assert main([*args, "--preset", "dsql"]) == 2
+    assert "'dsql' does not fit a rds endpoint" in capsys.readouterr().err
+    assert main([*args, "--preset", "serverless"]) == 2
+    assert "unknown preset 'serverless'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["token", "url", "env"])
+def test_allow_insecure_lets_a_plaintext_sslmode_through(
+    capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """--sslmode disable is refused towards a remote host unless --allow-insecure is given."""
+    args = [command, HOST, "-U", "app", "--sslmode", "disable"]
+    assert main(args) == 2
+    assert "--allow-insecure" in capsys.readouterr().err
+    assert main([*args, "--allow-insecure"]) == 0
+    assert capsys.readouterr().out

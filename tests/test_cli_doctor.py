@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from iampg.cli import main
 from iampg.emulator import Backend, Emulator
+from support import EmulatorFactory
 
 CHECKS = ["endpoint", "credentials", "token", "dns", "tcp", "tls", "authentication", "query"]
 
@@ -79,10 +79,9 @@ def test_json_report_lists_every_check(
 
 
 @pytest.fixture
-def elsewhere(backend: Backend) -> Iterator[Emulator]:
+def elsewhere(start_emulator: EmulatorFactory) -> Emulator:
     """An emulator whose host name does not imply a region, in us-east-1."""
-    with Emulator(backend.dsn, hostnames=("db.emulator.test",), region="us-east-1") as emu:
-        yield emu
+    return start_emulator(hostnames=("db.emulator.test",), region="us-east-1")
 
 
 def test_wrong_region_fails_authentication_with_its_causes(

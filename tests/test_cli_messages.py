@@ -59,8 +59,6 @@ def test_mistakes_are_explained_in_cli_terms(  # noqa: PLR0917 -- fixtures and p
     named: list[str],
 ) -> None:
     """Each configuration mistake names the flags and variables to fix it, never a keyword."""
-    if "--allow-insecure" in named and command == "token":
-        pytest.skip("a token is not sent anywhere: no sslmode to refuse")
     for name, value in environ.items():
         if value is None:
             monkeypatch.delenv(name, raising=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from urllib.parse import parse_qs, urlsplit
 
@@ -11,25 +10,22 @@ import pytest
 
 import iampg
 from iampg import TokenProvider
-from iampg.emulator import Backend, CredentialsServer, CredentialStore, Emulator
-from support import endpoint_for, use_credentials_server
+from iampg.emulator import CredentialsServer, CredentialStore, Emulator
+from support import EmulatorFactory, endpoint_for, use_credentials_server
 
 ROLE = "arn:aws:iam::123456789012:role/app"
 LIFETIME = 120.0  # emulated seconds the container credentials live: well under 15 minutes
 BUFFER = 30.0
 
 
-@pytest.fixture(autouse=True)
-def _quiet_botocore(caplog: pytest.LogCaptureFixture) -> None:
-    """Keep botocore's DEBUG lines (which show signatures) out of failure reports."""
-    caplog.set_level(logging.WARNING, logger="botocore")
+# Keep botocore's DEBUG lines (which show signatures) out of failure reports.
+pytestmark = pytest.mark.usefixtures("quiet_botocore")
 
 
 @pytest.fixture
-def emu(backend: Backend) -> Iterator[Emulator]:
+def emu(start_emulator: EmulatorFactory) -> Emulator:
     """Return an emulator on real time whose known keys live in a shared store."""
-    with Emulator(backend.dsn, credentials=CredentialStore()) as emulator:
-        yield emulator
+    return start_emulator(credentials=CredentialStore())
 
 
 @pytest.fixture

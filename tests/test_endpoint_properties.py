@@ -87,3 +87,44 @@ def test_from_env_returns_an_endpoint_or_a_configuration_error(environ: dict[str
     except ConfigurationError:
         return
     assert ep.host
+
+
+ANY_TEXT = st.text(alphabet=st.characters(), max_size=20)  # NUL and lone surrogates included
+FIELD_VALUES = st.fixed_dictionaries(
+    {},
+    optional={
+        "user": ANY_TEXT,
+        "dbname": ANY_TEXT,
+        "application_name": ANY_TEXT,
+        "sslrootcert": ANY_TEXT,
+        "options": ANY_TEXT,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(host=st.one_of(ANY_TEXT, st.just("db.internal")), fields=FIELD_VALUES)
+def test_rendered_connection_strings_read_back_whole(host: str, fields: dict[str, Any]) -> None:
+    """Any field text gives a ConfigurationError or a conninfo and URL libpq reads back whole.
+
+    Nothing is cut at a NUL byte, and sslmode and the password always survive.
+    """
+    from psycopg.conninfo import conninfo_to_dict
+
+    import iampg
+
+    fields.setdefault("user", "app")
+    try:
+        ep = Endpoint(host, region="us-east-1", sslmode="verify-full", **fields)
+    except ConfigurationError as exc:
+        assert str(exc)  # noqa: PT017 -- the message must say something
+        return
+    for text in (iampg.conninfo(ep), iampg.url(ep)):
+        back = conninfo_to_dict(text)
+        assert back["sslmode"] == "verify-full"
+        assert back["password"]
+        assert back["host"] == ep.host
+        assert back["user"] == ep.user
+        assert back["dbname"] == ep.dbname
+        for key, value in ep.params.items():
+            assert back[key] == value

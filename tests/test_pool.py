@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
 
 import psycopg
 import psycopg_pool
@@ -13,18 +12,16 @@ from psycopg.conninfo import make_conninfo
 
 import iampg
 from fakes import CountingSigner
-from iampg import Endpoint, SignedToken, TokenProvider
-from iampg._aws import AwsSigner
+from iampg import Endpoint, TokenProvider
 from iampg._dsn import connect_params
-from iampg.emulator import Backend, Emulator
-from support import endpoint_for
+from iampg.emulator import Emulator
+from support import RecordingSigner, TamperingSigner, endpoint_for
 
 
 @pytest.fixture
-def moved_emulator(backend: Backend) -> Iterator[Emulator]:
+def moved_emulator(emulator: Emulator) -> Emulator:
     """An emulator whose clock the test moves; providers share it as their monotonic clock."""
-    with Emulator(backend.dsn) as emu:
-        yield emu
+    return emulator
 
 
 def test_connect_runs_a_query(emulator: Emulator) -> None:
@@ -90,37 +87,6 @@ def test_async_pool_keeps_working_across_token_expiry(moved_emulator: Emulator) 
         return first, second
 
     assert asyncio.run(main()) == ((1,), (2,))
-
-
-class RecordingSigner:
-    """Signs real tokens through botocore and counts them."""
-
-    def __init__(self) -> None:
-        self.inner = AwsSigner()
-        self.calls = 0
-
-    def sign(self, endpoint: Endpoint, lifetime: float = 900.0) -> SignedToken:
-        self.calls += 1
-        return self.inner.sign(endpoint, lifetime)
-
-
-class TamperingSigner(RecordingSigner):
-    """Signs real tokens, then damages one part of the first ``times`` of them."""
-
-    def __init__(self, damage: str, times: int = 1_000) -> None:
-        super().__init__()
-        self.damage = damage
-        self.times = times
-
-    def sign(self, endpoint: Endpoint, lifetime: float = 900.0) -> SignedToken:
-        token = super().sign(endpoint, lifetime).token
-        if self.calls > self.times:
-            return SignedToken(token, 900.0)
-        if self.damage == "signature":
-            token = token[:-1] + ("0" if token[-1] != "0" else "1")
-        elif self.damage == "user":
-            token = token.replace("DBUser=postgres", "DBUser=someone")
-        return SignedToken(token, 900.0)
 
 
 @pytest.mark.parametrize("damage", ["signature", "user"])

@@ -9,14 +9,18 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
+import psycopg
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from iampg import ConfigurationError, Endpoint, _trust
+from iampg import ConfigurationError, Endpoint, TokenProvider, _trust
+from iampg.emulator import Emulator
+from support import endpoint_for
 
 ROOT = Path(__file__).resolve().parent.parent
 STORE = ROOT / "src" / "iampg" / "_trust"
@@ -45,16 +49,15 @@ def _make_cert(
     key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | None = None,
     not_before: dt.datetime | None = None,
     not_after: dt.datetime | None = None,
-    rds: bool = True,
+    org: str = "Amazon Web Services, Inc.",
 ) -> x509.Certificate:
     """Return a self-signed certificate named like an RDS CA (or just ``cn``)."""
     key = key or ec.generate_private_key(ec.SECP384R1())
     attrs = [x509.NameAttribute(NameOID.COUNTRY_NAME, "US")]
-    if rds:
-        attrs += [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Amazon Web Services, Inc."),
-            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "Amazon RDS"),
-        ]
+    attrs += [
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "Amazon RDS"),
+    ]
     attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
     name = x509.Name(attrs)
     return (
@@ -112,6 +115,8 @@ def test_builder_rejects_a_subject_that_does_not_match_the_role() -> None:
     """A CA given as an RDS CA or as an Amazon root, but named otherwise, is refused."""
     with pytest.raises(builder.TrustStoreError, match="given as an RDS CA"):
         builder.check_certificate(_make_cert("Totally Legit Root CA"), "rds", now=NOW)
+    with pytest.raises(builder.TrustStoreError, match="given as an RDS CA"):
+        builder.check_certificate(_make_cert(GOOD_CN, org="Example Corp"), "rds", now=NOW)
     with pytest.raises(builder.TrustStoreError, match="given as an Amazon public root"):
         builder.check_certificate(_make_cert("Amazon Root CA 1"), "amazon-root", now=NOW)
 
@@ -280,6 +285,30 @@ def test_describe_summarises_shipped_files_only(tmp_path: Path) -> None:
     assert _trust.describe(STORE / "manifest.json") is None
 
 
+def test_root_file_verifies_through_the_emulator(
+    emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libpq verifies the emulator with the file root_file() names, and refuses it without."""
+    endpoint = endpoint_for(emulator)
+    token = TokenProvider(endpoint).token()
+    params = {k: v for k, v in endpoint.params.items() if k != "sslrootcert"}
+    connect: dict[str, Any] = {
+        "host": endpoint.host,
+        "hostaddr": endpoint.hostaddr,
+        "port": endpoint.port,
+    }
+    connect |= {"user": endpoint.user, "dbname": endpoint.dbname, **params}
+    shipped = _trust.root_file(endpoint)  # a non-AWS name: the region's RDS CAs + roots
+    assert shipped.parent == STORE
+    with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
+        psycopg.connect(**connect, sslrootcert=str(shipped), password=token)
+    monkeypatch.setenv("IAMPG_SSLROOTCERT", str(emulator.ca_file))
+    chosen = _trust.root_file(endpoint)
+    assert chosen == emulator.ca_file
+    with psycopg.connect(**connect, sslrootcert=str(chosen), password=token) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
 def test_import_iampg_loads_no_trust_data() -> None:
     """Importing iampg reads no trust store file and imports no cryptography."""
     code = (
@@ -289,3 +318,67 @@ def test_import_iampg_loads_no_trust_data() -> None:
         "assert t._shipped.cache_info().currsize == 0"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# -- iampg ca -----------------------------------------------------------------------------
+
+
+def test_ca_command_summarises_the_store(capsys: pytest.CaptureFixture[str]) -> None:
+    """`iampg ca` prints the store's directory, build date and age, and what it holds."""
+    from iampg.cli import main
+
+    assert main(["ca"]) == 0
+    out = capsys.readouterr().out
+    assert f"trust store: {STORE}\n" in out
+    assert f"built: {_trust.built().isoformat()}, " in out
+    manifest = json.loads((STORE / "manifest.json").read_text(encoding="utf-8"))
+    files, certs = len(manifest["files"]), len(manifest["certificates"])
+    assert f"contents: {files} files, {certs} certificates (" in out
+    assert "earliest expiry: " in out
+    assert "us-east-1" in out
+
+
+def test_ca_command_prints_the_endpoints_file(capsys: pytest.CaptureFixture[str]) -> None:
+    """`iampg ca HOST` prints the file and its summary; --path prints only the path."""
+    from iampg.cli import main
+
+    assert main(["ca", "db.abc123.eu-west-1.rds.amazonaws.com"]) == 0
+    path, summary = capsys.readouterr().out.splitlines()
+    assert path == str(STORE / "rds-eu-west-1.pem")
+    assert summary.startswith("iampg's RDS CA set for eu-west-1: 3 certificates, built ")
+    assert main(["ca", "--path", "--host", "p.proxy-abc.us-east-1.rds.amazonaws.com"]) == 0
+    assert capsys.readouterr().out == f"{STORE / 'amazon-roots.pem'}\n"
+    assert main(["ca", "--path", "-H", "db.internal.example", "-r", "us-west-2"]) == 0
+    assert capsys.readouterr().out == f"{STORE / 'aws-us-west-2.pem'}\n"
+
+
+def test_ca_command_shows_what_replaces_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An explicit sslrootcert or IAMPG_SSLROOTCERT is what `iampg ca` reports for an endpoint."""
+    from iampg.cli import main
+
+    bundle = tmp_path / "global-bundle.pem"
+    bundle.write_bytes(b"")
+    host = "db.abc123.eu-west-1.rds.amazonaws.com"
+    assert main(["ca", host, "--sslrootcert", str(bundle)]) == 0
+    assert capsys.readouterr().out == f"{bundle}\nnot one of iampg's files (sslrootcert given)\n"
+    monkeypatch.setenv("IAMPG_SSLROOTCERT", str(bundle))
+    assert main(["ca", "--path", host]) == 0
+    assert capsys.readouterr().out == f"{bundle}\n"
+    assert main(["ca"]) == 0
+    assert f"IAMPG_SSLROOTCERT={bundle}: used instead" in capsys.readouterr().out
+
+
+def test_ca_command_refuses_a_missing_override(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing IAMPG_SSLROOTCERT file is a one-line usage error (exit 2), no traceback."""
+    from iampg.cli import main
+
+    monkeypatch.setenv("IAMPG_SSLROOTCERT", str(tmp_path / "missing.pem"))
+    for argv in (["ca"], ["ca", "db.abc123.eu-west-1.rds.amazonaws.com"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("iampg ca: IAMPG_SSLROOTCERT names ")
+        assert "Traceback" not in err

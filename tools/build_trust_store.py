@@ -50,6 +50,10 @@ Typical runs::
 
     python tools/build_trust_store.py --check   # shipped files match the manifest
 
+    # the wheel carries the store (hatchling packages every file under src/iampg):
+    python -m build --wheel --outdir /tmp/iampg-wheel . && \
+        unzip -l /tmp/iampg-wheel/iampg-*.whl | grep -c 'iampg/_trust/'   # files + 2
+
 Exit status: 0 written (or checked), 1 a certificate or file failed a check, 2 bad usage.
 """
 

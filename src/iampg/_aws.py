@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import threading
 import weakref
 from typing import Any, NamedTuple
@@ -34,11 +35,79 @@ class _DropSigningDetails(logging.Filter):
         return record.msg not in self._SECRET_MESSAGES
 
 
+# Names whose values are secrets, wherever botocore or urllib3 show them: credentials in STS
+# (XML), container and SSO (JSON) answers, SSO/OIDC tokens, and the session token and
+# signature of the requests botocore sends (headers and query strings).
+_MASKED_FIELDS = (
+    "SecretAccessKey|SessionToken|Token|AccessToken|RefreshToken|IdToken|ClientSecret|"
+    "X-Amz-Security-Token|X-Amz-Signature|Authorization|X-aws-ec2-metadata-token"
+)
+_MASK = "***"
+
+# The loggers of botocore and urllib3 that show requests, answers or credentials at DEBUG
+# (a logger's filters see only the records logged on it, so each one is named).
+_MASKED_LOGGERS = (
+    "botocore.auth",
+    "botocore.awsrequest",
+    "botocore.credentials",
+    "botocore.endpoint",
+    "botocore.httpsession",
+    "botocore.parsers",
+    "botocore.retryhandler",
+    "botocore.tokens",
+    "botocore.utils",
+    "urllib3.connectionpool",
+)
+
+
+class _MaskCredentials(logging.Filter):
+    """Mask secret values in botocore's and urllib3's DEBUG records; let the record through.
+
+    With DEBUG on, botocore logs the body and headers of every answer it parses: for STS
+    ``AssumeRole``, SSO and container credentials that is the role's secret key and session
+    token. It also logs each request it sends, with the session token of the credentials that
+    signed it. A record whose text names one of these secrets gets that value replaced by
+    ``***`` (the rest of the record, useful for debugging, stays).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        import re  # noqa: PLC0415 -- compiled when the first AwsSigner is made
+
+        names = _MASKED_FIELDS
+        self._patterns = (
+            # "Name": "value", 'Name': b'value', Name=value (JSON, dict reprs, query strings)
+            re.compile(rf"""(?i)((?<![\w-])["']?(?:{names})["']?\s*[:=]\s*b?["']?)[^"'&\s,}}]+"""),
+            # <Name>value</Name> (STS's XML)
+            re.compile(rf"(?i)(<(?:{names})>)[^<]+"),
+            # the signature in an Authorization header value
+            re.compile(r"(?i)(Signature=)[0-9a-f]{16,}"),
+        )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 -- a broken record is logging's to report, not ours
+            return True
+        masked = text
+        for pattern in self._patterns:
+            masked = pattern.sub(rf"\g<1>{_MASK}", masked)
+        if masked != text:
+            record.msg, record.args = masked, ()
+        return True
+
+
 def _redact_botocore_signing_logs() -> None:
     auth = logging.getLogger("botocore.auth")
     if not any(isinstance(f, _DropSigningDetails) for f in auth.filters):
         auth.addFilter(_DropSigningDetails())
         _logger.debug("botocore.auth debug records with signing details are dropped")
+    mask: _MaskCredentials | None = None
+    for name in _MASKED_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _MaskCredentials) for f in logger.filters):
+            mask = mask or _MaskCredentials()
+            logger.addFilter(mask)
 
 
 # botocore's name for where credentials came from, and what it means to a reader.
@@ -78,8 +147,37 @@ class CredentialsInfo(NamedTuple):
     expires_in: float | None
 
 
+# What botocore's default chain reads from the environment to find credentials: when one of
+# these changes (new keys, a new container credentials endpoint or token), a signer that
+# resolved from the chain resolves again.
+_CHAIN_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_CREDENTIAL_EXPIRATION",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+)
+
+
+def _chain_environment() -> int:
+    """Return a fingerprint of the credential variables (a hash: it holds no secret)."""
+    environ = os.environ
+    return hash(tuple(environ.get(name) for name in _CHAIN_VARIABLES))
+
+
 _shared: weakref.WeakValueDictionary[tuple[object, ...], AwsSigner] = weakref.WeakValueDictionary()
 _shared_lock = threading.Lock()
+_signers: weakref.WeakSet[AwsSigner] = weakref.WeakSet()  # every signer, for the fork handler
 
 
 class AwsSigner:
@@ -92,7 +190,9 @@ class AwsSigner:
 
     botocore logs the parts of each signature at DEBUG, which for an IAM token amounts to
     the token: an ``AwsSigner`` adds a filter to the ``botocore.auth`` logger that
-    drops those three records, and nothing else.
+    drops those three records. It also logs the answers it parses (with a role's, SSO's or
+    a container's secret key and session token) and the requests it sends (with their session
+    token): those records are kept with each secret value replaced by ``***``.
 
     An ``AwsSigner`` is thread-safe and may serve any number of providers: providers made
     with the same credential arguments share one automatically.
@@ -193,7 +293,11 @@ class AwsSigner:
         _redact_botocore_signing_logs()
         self._signing_session: Any = None
         self._credentials_source: Any = None
+        # Credentials found by botocore's chain follow the environment they came from.
+        self._follows_environment = session is None and self._keys is None
+        self._environment: int | None = None
         self._lock = threading.Lock()
+        _signers.add(self)
 
     @classmethod
     def shared(cls, **options: Any) -> AwsSigner:
@@ -272,11 +376,18 @@ class AwsSigner:
         return session
 
     def _credentials(self, region: str | None) -> Any:
-        """Return the botocore credentials object that signs (made once; it refreshes itself)."""
+        """Return the botocore credentials object that signs (made once; it refreshes itself).
+
+        Made again when the environment the default chain read has changed since.
+        """
         credentials = self._credentials_source
-        if credentials is not None:
+        environment = _chain_environment() if self._follows_environment else None
+        if credentials is not None and environment == self._environment:
             return credentials
         with self._lock:
+            if self._credentials_source is not None and environment != self._environment:
+                _logger.info("the AWS credential variables changed: resolving credentials again")
+                self._signing_session = self._credentials_source = None
             if self._credentials_source is None:
                 if self._signing_session is None:
                     self._signing_session = self._make_signing_session(region)
@@ -286,11 +397,48 @@ class AwsSigner:
 
                     raise botocore.exceptions.NoCredentialsError
                 self._credentials_source = credentials
+                self._environment = environment
             return self._credentials_source
 
-    def _credentials_ttl(self) -> float | None:
-        """Return the seconds the signing credentials have left, or None if they don't expire."""
-        credentials = self._credentials_source
+    def _after_fork_in_child(self) -> None:
+        """Make the copy a forked child inherited usable: only the forking thread survived.
+
+        Another thread of the parent may have held this signer's lock, or botocore's refresh
+        lock of the credentials, at the moment of the fork: the child gets a new lock and
+        resolves its own credentials (a session you gave keeps its credentials object, with
+        a new refresh lock).
+        """
+        self._lock = threading.Lock()
+        if self._session is None or self._role is not None:
+            self._signing_session = self._credentials_source = None
+        elif hasattr(self._credentials_source, "_refresh_lock"):
+            self._credentials_source._refresh_lock = threading.Lock()  # noqa: SLF001
+
+    def refresh_credentials(self) -> None:
+        """Fetch the credentials again before the next token (after a refused token).
+
+        Credentials from the default chain, a profile or a role are resolved anew: the chain
+        runs again (environment, container endpoint, SSO ...) and a role is assumed again.
+        Refreshable credentials of a ``session`` you gave are made to refresh now. Static
+        keys have nothing to fetch.
+        """
+        with self._lock:
+            credentials = self._credentials_source
+            if self._session is None or self._role is not None:
+                self._signing_session = self._credentials_source = None
+                _logger.debug("%r: credentials dropped; the next token resolves them", self)
+                return
+        # A session of the caller's keeps its own credentials object: refresh it in place,
+        # under its own lock, as botocore does when they are about to expire.
+        refresh = getattr(credentials, "_protected_refresh", None)
+        lock = getattr(credentials, "_refresh_lock", None)
+        if callable(refresh) and lock is not None:
+            with lock:
+                refresh(is_mandatory=True)
+
+    @staticmethod
+    def _credentials_ttl(credentials: Any) -> float | None:
+        """Return the seconds ``credentials`` have left, or None if they don't expire."""
         # botocore keeps the expiry of refreshable credentials here; static ones have none.
         expiry = getattr(credentials, "_expiry_time", None)
         if not isinstance(expiry, dt.datetime):
@@ -319,7 +467,7 @@ class AwsSigner:
             source=_SOURCES.get(method, method),
             temporary=bool(frozen.token),
             key_suffix=key[-_SHOWN_KEY:] if len(key) > _SHORT_KEY else "",
-            expires_in=self._credentials_ttl(),
+            expires_in=self._credentials_ttl(credentials),
         )
 
     # -- signing --------------------------------------------------------------------------
@@ -332,7 +480,7 @@ class AwsSigner:
             lifetime: Seconds a DSQL token lasts (1 to 604 800). RDS tokens last 900 s.
         """
         credentials = self._credentials(endpoint.region)
-        ttl = self._credentials_ttl()
+        ttl = self._credentials_ttl(credentials)
         if endpoint.kind == "dsql":
             token = _presign(
                 credentials,
@@ -353,10 +501,21 @@ class AwsSigner:
                 expires=int(RDS_TOKEN_LIFETIME),
             )
         # Read again: signing may have refreshed the credentials (a later expiry).
-        after = self._credentials_ttl()
+        after = self._credentials_ttl(credentials)
         if ttl is None or (after is not None and after > ttl):
             ttl = after
         return SignedToken(token, lifetime, ttl)
+
+
+def _after_fork_in_child() -> None:
+    global _shared_lock  # noqa: PLW0603 -- replaced, as the parent's may be held
+    _shared_lock = threading.Lock()
+    for signer in list(_signers):
+        signer._after_fork_in_child()  # noqa: SLF001 -- the module's own class
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _presign(

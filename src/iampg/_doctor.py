@@ -121,6 +121,8 @@ class Doctor:
         out: Where each check's line is written as soon as it is done, or ``None``.
         allow_insecure: Allow an ``sslmode`` that may send the token unencrypted to a host
             other than loopback (as :func:`iampg.connect` does).
+        preset: The service preset whose connection defaults apply (see
+            :func:`iampg.connect`); by default the endpoint's service's.
 
     Raises:
         ConfigurationError: ``timeout`` is not a positive number of seconds.
@@ -134,6 +136,7 @@ class Doctor:
         timeout: float = 10.0,
         out: TextIO | None = None,
         allow_insecure: bool = False,
+        preset: str | None = None,
     ) -> None:
         if not timeout > 0:
             raise ConfigurationError(f"the timeout must be more than 0 seconds, not {timeout}")
@@ -142,6 +145,7 @@ class Doctor:
         self.timeout = float(timeout)
         self.out = out
         self.allow_insecure = allow_insecure
+        self.preset = preset  # the service's connection defaults (None: from the endpoint)
         self.endpoint: Endpoint | None = None
         self.params: dict[str, str] = {}
         self.provider: TokenProvider | None = None
@@ -393,6 +397,7 @@ class Doctor:
                 connect_timeout=str(max(1, round(self.timeout))),
                 autocommit=True,
                 allow_insecure=self.allow_insecure,
+                preset=self.preset,
             )
         except AuthenticationError as exc:
             raise _CheckFailedError(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
 from collections.abc import Iterator, Mapping
-from typing import Any, Literal
+from dataclasses import FrozenInstanceError
+from typing import Any, Literal, NoReturn
 
 from iampg._options import option
 from iampg.errors import ConfigurationError
@@ -28,6 +30,81 @@ _DSQL_HOST = re.compile(rf"^[a-z0-9]+\.dsql(?:-[a-z0-9]+)?\.(?P<region>{_REGION}
 _DSQL_CLUSTER_ID = re.compile(r"^[a-z0-9]{20,40}$")
 _REGION_ONLY = re.compile(rf"^{_REGION}$")
 _DEFAULT_PORT = 5432
+
+# Every connection keyword libpq 18 knows (PQconndefaults()), a superset of older versions'.
+# Kept here, not asked of libpq, so that checking an endpoint never needs libpq loaded.
+LIBPQ_KEYWORDS: frozenset[str] = frozenset(
+    {
+        "application_name",
+        "channel_binding",
+        "client_encoding",
+        "connect_timeout",
+        "dbname",
+        "fallback_application_name",
+        "gssdelegation",
+        "gssencmode",
+        "gsslib",
+        "host",
+        "hostaddr",
+        "keepalives",
+        "keepalives_count",
+        "keepalives_idle",
+        "keepalives_interval",
+        "krbsrvname",
+        "load_balance_hosts",
+        "max_protocol_version",
+        "min_protocol_version",
+        "oauth_client_id",
+        "oauth_client_secret",
+        "oauth_issuer",
+        "oauth_scope",
+        "options",
+        "passfile",
+        "password",
+        "port",
+        "replication",
+        "require_auth",
+        "requirepeer",
+        "scram_client_key",
+        "scram_server_key",
+        "service",
+        "ssl_max_protocol_version",
+        "ssl_min_protocol_version",
+        "sslcert",
+        "sslcertmode",
+        "sslcompression",
+        "sslcrl",
+        "sslcrldir",
+        "sslkey",
+        "sslkeylogfile",
+        "sslmode",
+        "sslnegotiation",
+        "sslpassword",
+        "sslrootcert",
+        "sslsni",
+        "target_session_attrs",
+        "tcp_user_timeout",
+        "user",
+    }
+)
+# What people write for a libpq keyword that spelling distance does not find.
+_KEYWORD_ALIASES = {
+    "database": "dbname",
+    "db": "dbname",
+    "username": "user",
+    "ssl": "sslmode",
+    "timeout": "connect_timeout",
+    "sslca": "sslrootcert",
+    "sslrootcertificate": "sslrootcert",
+}
+SSLMODES: tuple[str, ...] = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# What a host name is made of (an IP address literal is checked apart).
+_HOST_CHARS = re.compile(r"[a-z0-9_.-]+")
+# libpq's complaints about a key it does not know, in a URL or a key=value string.
+_LIBPQ_UNKNOWN = re.compile(
+    r'(?:invalid URI query parameter: |invalid connection option )"(?P<key>[^"]*)"'
+)
+_CONNINFO = re.compile(r"^\s*[A-Za-z_]+\s*=|://")
 
 # Keys of a connection string that cannot work with IAM tokens.
 _REFUSED_KEYS = {
@@ -68,7 +145,18 @@ class Endpoint:
     emulator on loopback). Any other libpq parameter (``sslmode``, ``sslrootcert``,
     ``connect_timeout``, ``application_name`` …) is kept in :attr:`params` and passed through.
 
-    Endpoints are immutable and hashable; :meth:`replace` returns a modified copy.
+    Endpoints are immutable and hashable: assigning or deleting an attribute raises
+    :class:`dataclasses.FrozenInstanceError` (an :class:`AttributeError`); :meth:`replace`
+    returns a modified copy.
+
+    The constructor takes a host name; a ``postgresql://`` URL or a ``host=...`` string is
+    refused with a pointer to :meth:`parse`, which reads both. Every value is checked when
+    the endpoint is made, without loading libpq: a parameter libpq (up to version 18) does
+    not know, an ``sslmode`` other than libpq's six, a NUL byte or text that is not valid
+    Unicode (as an undecodable environment variable gives) in any field, or a host name
+    with a character no host name has (``/``, ``@``, ``?``, ``#``, a space...) raises
+    :class:`~iampg.ConfigurationError` naming the field and, for a misspelt parameter, the
+    nearest valid one.
 
     Args:
         host: The database host name, or a bare DSQL cluster id with ``kind="dsql"``.
@@ -94,6 +182,7 @@ class Endpoint:
     region: str
     kind: Kind
     hostaddr: str | None
+    _params: tuple[tuple[str, str], ...]
 
     def __init__(
         self,
@@ -117,20 +206,51 @@ class Endpoint:
         ):
             if value is not None and not isinstance(value, str):
                 raise ConfigurationError(f"{name} must be a string, not {type(value).__name__}")
+            if value is not None:
+                _check_text(name, value)
+        if host and _CONNINFO.search(host):
+            # Never echo it: a URL or connection string may carry a password.
+            raise ConfigurationError(
+                "Endpoint() takes a host name: read a postgresql:// URL or a 'host=...' "
+                "connection string with Endpoint.parse(...)"
+            )
+        if isinstance(port, str):
+            _check_text("port", port)
+        extra = _params(params)
         kind, host, region = _locate(host, kind, region)
-        self.host = host
-        self.kind = kind
-        self.region = region
-        self.user = _user(user, kind)
-        self.port = _port(port)
-        self.dbname = dbname or ("postgres" if kind == "dsql" else self.user)
-        self.hostaddr = _hostaddr(hostaddr)
-        for key in params:
-            if key in _REFUSED_KEYS:
-                raise ConfigurationError(f"{key} given: {_REFUSED_KEYS[key]}")
-        self._params: tuple[tuple[str, str], ...] = tuple(
-            sorted((k, str(v)) for k, v in params.items() if v is not None)
+        user = _user(user, kind)
+        _freeze(
+            self,
+            (
+                host,
+                user,
+                _port(port),
+                dbname or ("postgres" if kind == "dsql" else user),
+                region,
+                kind,
+                _hostaddr(hostaddr),
+                extra,
+            ),
         )
+
+    def __setattr__(self, name: str, value: object) -> NoReturn:
+        raise FrozenInstanceError(
+            f"cannot assign to {name!r}: an Endpoint is immutable; use replace() for a copy"
+        )
+
+    def __delattr__(self, name: str) -> NoReturn:
+        raise FrozenInstanceError(
+            f"cannot delete {name!r}: an Endpoint is immutable; use replace() for a copy"
+        )
+
+    def __reduce__(self) -> tuple[Any, tuple[object, ...]]:
+        return _restore, self._key()
+
+    def __copy__(self) -> Endpoint:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Endpoint:
+        return self
 
     # -- constructors ---------------------------------------------------------------------
 
@@ -160,6 +280,7 @@ class Endpoint:
             raise ConfigurationError(
                 f"expected a host name, URL or connection string, not {type(spec).__name__}"
             )
+        _check_text("the connection string", spec)
         text = spec.strip()
         given = _parse_conninfo(text) if "://" in text or "=" in text else _parse_host(text)
         given = {k: v for k, v in given.items() if v is not None and v != ""}
@@ -172,6 +293,8 @@ class Endpoint:
                 # The host name says which region it is in: a default region must not win.
                 del fields["region"]
         fields.setdefault("host", "")
+        if isinstance(fields["host"], str) and fields["host"].strip():
+            _check_host(fields["host"].strip())  # before the constructor's "use parse()"
         return cls(**fields)
 
     @classmethod
@@ -263,6 +386,82 @@ class Endpoint:
         )
 
 
+_FIELDS = ("host", "user", "port", "dbname", "region", "kind", "hostaddr", "_params")
+
+
+def _freeze(ep: Endpoint, key: tuple[object, ...]) -> None:
+    """Set an endpoint's fields, in :meth:`Endpoint._key` order, past its immutability."""
+    for name, value in zip(_FIELDS, key, strict=True):
+        object.__setattr__(ep, name, value)
+
+
+def _restore(*key: object) -> Endpoint:
+    """Rebuild a pickled endpoint from its fields, as they were checked when it was made."""
+    ep = object.__new__(Endpoint)
+    _freeze(ep, key)
+    return ep
+
+
+def _check_text(name: str, value: str) -> None:
+    """Refuse a NUL byte or an unencodable character; the message names, never shows, it."""
+    if "\0" in value:
+        raise ConfigurationError(
+            f"{name} contains a NUL byte, which libpq would silently cut the connection "
+            "string at: remove it"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigurationError(
+            f"{name} holds bytes that are not UTF-8 (as an environment variable in another "
+            "encoding gives): set it to valid text"
+        ) from None
+
+
+def _nearest_keyword(key: str) -> str | None:
+    """Return the libpq keyword ``key`` was probably meant to be, if any."""
+    lowered = key.lower().replace("-", "_")
+    if lowered in LIBPQ_KEYWORDS:
+        return lowered
+    if lowered in _KEYWORD_ALIASES:
+        return _KEYWORD_ALIASES[lowered]
+    close = difflib.get_close_matches(lowered, sorted(LIBPQ_KEYWORDS), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def unknown_keyword(key: str) -> ConfigurationError:
+    """Return the error for a connection parameter libpq does not know."""
+    nearest = _nearest_keyword(key)
+    advice = (
+        f"did you mean {nearest!r}?"
+        if nearest
+        else "see the parameter key words in libpq's documentation"
+    )
+    return ConfigurationError(f"unknown connection parameter {key[:64]!r}: {advice}")
+
+
+def _params(params: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """Check the extra libpq parameters; return them sorted, as strings, ``None`` dropped."""
+    items: list[tuple[str, str]] = []
+    for key, raw in params.items():
+        if key in _REFUSED_KEYS:
+            raise ConfigurationError(f"{key} given: {_REFUSED_KEYS[key]}")
+        if key not in LIBPQ_KEYWORDS:
+            raise unknown_keyword(key)
+        if raw is None:
+            continue
+        value = str(raw)
+        _check_text(key, value)
+        if key == "sslmode" and value not in SSLMODES:
+            nearest = difflib.get_close_matches(value.lower(), SSLMODES, n=1, cutoff=0.5)
+            advice = (
+                f"did you mean {nearest[0]!r}?" if nearest else f"use one of {', '.join(SSLMODES)}"
+            )
+            raise ConfigurationError(f"sslmode {value[:32]!r} is not a libpq SSL mode: {advice}")
+        items.append((key, value))
+    return tuple(sorted(items))
+
+
 def _locate(host: str, kind: str | None, region: str | None) -> tuple[Kind, str, str]:
     """Validate the host; return the service kind, the full host name and the region."""
     host = (host or "").strip().lower().rstrip(".")
@@ -270,14 +469,7 @@ def _locate(host: str, kind: str | None, region: str | None) -> tuple[Kind, str,
         raise ConfigurationError(
             f"no host: pass the endpoint (host name, URL or 'host=...' string) or {option('host')}"
         )
-    if "," in host:
-        raise ConfigurationError(
-            "several hosts given: an IAM token is signed for one host; pass one endpoint"
-        )
-    if host.startswith(("/", "@")):
-        raise ConfigurationError(
-            f"host {host!r} is a Unix socket: IAM authentication needs the TCP host name"
-        )
+    _check_host(host)
     if kind is not None and kind not in _KINDS:
         raise ConfigurationError(f"kind must be 'rds' or 'dsql', not {kind!r}")
     inferred_kind, inferred_region = _infer(host)
@@ -302,6 +494,25 @@ def _locate(host: str, kind: str | None, region: str | None) -> tuple[Kind, str,
             f"({option('region', 'us-east-1')})"
         )
     return kind, host, region
+
+
+def _check_host(host: str) -> None:
+    """Refuse a Unix socket or a character no host name has (it would also break a URL)."""
+    if "," in host:
+        raise ConfigurationError(
+            "several hosts given: an IAM token is signed for one host; pass one endpoint"
+        )
+    if host.startswith(("/", "@")):
+        raise ConfigurationError(
+            f"host {host!r} is a Unix socket: IAM authentication needs the TCP host name"
+        )
+    if not _HOST_CHARS.fullmatch(host) and not _is_ip(host):
+        # Not echoed: it may be a URL with a password in it.
+        raise ConfigurationError(
+            "host contains a character no host name has (such as '/', '@', '?', '#', ':', a "
+            "quote or a space): pass the bare host name (letters, digits, '-', '_', '.') or an "
+            "IP address; a URL goes to Endpoint.parse"
+        )
 
 
 def _dsql_host(cluster_id: str, region: str | None) -> str:
@@ -366,10 +577,16 @@ def _env_fields(environ: Mapping[str, str]) -> dict[str, Any]:
         "sslmode": "PGSSLMODE",
         "sslrootcert": "PGSSLROOTCERT",
     }
-    fields: dict[str, Any] = {k: environ[v] for k, v in names.items() if environ.get(v)}
-    region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
-    if region:
-        fields["region"] = region
+    fields: dict[str, Any] = {}
+    for field, name in names.items():
+        if value := environ.get(name):
+            _check_text(name, value)
+            fields[field] = value
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        if region := environ.get(name):
+            _check_text(name, region)
+            fields["region"] = region
+            break
     return fields
 
 
@@ -395,6 +612,8 @@ def _parse_conninfo(text: str) -> dict[str, Any]:
         params = conninfo_to_dict(text)
     except ProgrammingError as exc:
         # libpq's message names the offending syntax, never a value worth hiding.
+        if m := _LIBPQ_UNKNOWN.search(str(exc)):
+            raise unknown_keyword(m["key"]) from None
         raise ConfigurationError(f"cannot parse the connection string: {exc}") from None
     fields: dict[str, Any] = {}
     for key, value in params.items():

@@ -3,31 +3,144 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
-
-import psycopg
-import psycopg_pool
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from iampg import _refresh
-from iampg._lost import apurge, purge
-from iampg.errors import ConfigurationError
+from iampg.errors import ConfigurationError, Error
 
-__all__ = ["RETRYABLE_SQLSTATES", "aretry_transaction", "is_retryable", "retry_transaction"]
+if TYPE_CHECKING:
+    import psycopg
+    import psycopg_pool
+
+__all__ = [
+    "RETRYABLE_SQLSTATES",
+    "aretry_transaction",
+    "arun",
+    "check_options",
+    "conflict_sqlstate",
+    "is_connection_lost",
+    "is_retryable",
+    "retry_transaction",
+    "run",
+]
 
 logger = logging.getLogger("iampg.retry")
 
 T = TypeVar("T")
+C = TypeVar("C")
 
 RETRYABLE_SQLSTATES = frozenset({"40001", "OC000", "OC001"})
 """Serialization failure, and DSQL's optimistic-concurrency conflicts on data and schema."""
 
+# The server ended the session: an administrator, a shutdown, a crash (class 08 is the
+# client's own connection exceptions, asyncpg's ConnectionDoesNotExistError included).
+_LOST_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """Yield ``exc`` and the errors it wraps: ``orig`` (SQLAlchemy), causes and contexts.
+
+    Drivers and ORMs re-raise the driver's error as their own (SQLAlchemy's
+    ``DBAPIError.orig``, Django's ``__cause__``); a context counts unless it was suppressed
+    (``raise ... from None``), as in a printed traceback. Each error is visited once.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        error = pending.pop(0)
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        yield error
+        orig = getattr(error, "orig", None)
+        linked = [orig, error.__cause__]
+        if not error.__suppress_context__:
+            linked.append(error.__context__)
+        pending.extend(e for e in linked if isinstance(e, BaseException))
+
+
+def _sqlstate(error: BaseException) -> str | None:
+    """Return the SQLSTATE a driver attached to ``error``, if any.
+
+    psycopg and asyncpg call it ``sqlstate``, psycopg2 ``pgcode``; pg8000 passes the server's
+    fields as a dict whose ``C`` is the code.
+    """
+    for name in ("sqlstate", "pgcode"):
+        value = getattr(error, name, None)
+        if isinstance(value, str) and value:
+            return value
+    fields = error.args[0] if error.args else None
+    if isinstance(fields, dict) and isinstance(fields.get("C"), str):
+        return str(fields["C"])
+    return None
+
+
+def conflict_sqlstate(exc: BaseException) -> str | None:
+    """Return the conflict SQLSTATE (``OC000``, ``OC001``, ``40001``) found in ``exc``'s chain."""
+    for error in _chain(exc):
+        code = _sqlstate(error)
+        if code in RETRYABLE_SQLSTATES:
+            return code
+    return None
+
 
 def is_retryable(exc: BaseException) -> bool:
-    """Tell whether the error is a concurrency conflict, after which a rerun may succeed."""
-    return isinstance(exc, psycopg.Error) and exc.sqlstate in RETRYABLE_SQLSTATES
+    """Tell whether the error is a concurrency conflict, after which a rerun may succeed.
+
+    The conflict may be wrapped by an ORM or driver (SQLAlchemy, Django …): the whole chain
+    is searched.
+    """
+    return conflict_sqlstate(exc) is not None
+
+
+def is_connection_lost(exc: BaseException) -> bool:
+    """Tell whether the error says the connection itself was lost, whoever wrapped it.
+
+    Recognised: SQLAlchemy's ``connection_invalidated``, a SQLSTATE of class ``08`` or an
+    administrator's or crash shutdown (``57P01``-``57P03``), and :class:`ConnectionError`.
+    """
+    for error in _chain(exc):
+        if getattr(error, "connection_invalidated", False) is True:
+            return True
+        if isinstance(error, ConnectionError):
+            return True
+        code = _sqlstate(error)
+        if code is not None and (code.startswith("08") or code in _LOST_SQLSTATES):
+            return True
+    return False
+
+
+def retry_reason(
+    exc: BaseException,
+    *,
+    broken: bool,
+    replaceable: bool,
+    committing: bool,
+    idempotent: bool,
+) -> str | None:
+    """Say why the transaction may run again, or None if it must not.
+
+    Args:
+        exc: What the attempt raised.
+        broken: The driver says the attempt's connection is gone, whatever ``exc`` says.
+        replaceable: The next attempt gets another connection (a pool, an engine); a
+            caller's own connection cannot be replaced, so its loss is not retried.
+        committing: ``fn`` had returned: the break may have come after the server committed.
+        idempotent: Running ``fn`` twice is harmless.
+    """
+    if any(isinstance(error, Error) for error in _chain(exc)):
+        return None  # iampg's own verdicts (a refused token, a service still unavailable)
+    code = conflict_sqlstate(exc)
+    if code is not None:
+        return f"conflict ({code})"
+    lost = broken or is_connection_lost(exc)
+    if replaceable and lost and (idempotent or not committing):
+        return "connection lost" + (" during COMMIT" if committing else "")
+    return None
 
 
 def _retry_reason(
@@ -37,20 +150,18 @@ def _retry_reason(
     committing: bool,
     idempotent: bool,
 ) -> str | None:
-    """Say why the transaction may run again, or None if it must not.
-
-    ``conn`` is the pooled connection the attempt used (None for a caller's own connection,
-    which cannot be replaced); ``committing`` tells that ``fn`` had returned, so the break
-    may have come after the server committed.
-    """
-    if is_retryable(exc):
-        return f"conflict ({exc.sqlstate})"
-    if conn is not None and conn.broken and (idempotent or not committing):
-        return "connection lost" + (" during COMMIT" if committing else "")
-    return None
+    """Say why a psycopg transaction may run again; ``conn`` is the pooled one, or None."""
+    return retry_reason(
+        exc,
+        broken=conn is not None and conn.broken,
+        replaceable=conn is not None,
+        committing=committing,
+        idempotent=idempotent,
+    )
 
 
-def _check(attempts: int, base: float, cap: float) -> None:
+def check_options(attempts: int, base: float, cap: float) -> None:
+    """Refuse ``attempts`` below 1 and backoff steps that are not ``0 < base <= cap``."""
     if attempts < 1:
         raise ConfigurationError(f"attempts must be 1 or more, not {attempts!r}")
     if not (base > 0 and cap >= base):
@@ -95,7 +206,12 @@ def retry_transaction(
         psycopg.Error: The last attempt's error, or any error that is not retryable.
         ConfigurationError: Bad ``attempts``, ``base`` or ``cap``.
     """
-    _check(attempts, base, cap)
+    import psycopg  # noqa: PLC0415 -- psycopg loads when a psycopg helper is used
+    import psycopg_pool  # noqa: PLC0415
+
+    from iampg._lost import purge  # noqa: PLC0415
+
+    check_options(attempts, base, cap)
     for attempt in range(1, attempts + 1):
         conn: psycopg.Connection[Any] | None = None
         committing = False
@@ -133,7 +249,12 @@ async def aretry_transaction(
 
     The asynchronous twin of :func:`retry_transaction`.
     """
-    _check(attempts, base, cap)
+    import psycopg  # noqa: PLC0415 -- psycopg loads when a psycopg helper is used
+    import psycopg_pool  # noqa: PLC0415
+
+    from iampg._lost import apurge  # noqa: PLC0415
+
+    check_options(attempts, base, cap)
     for attempt in range(1, attempts + 1):
         conn: psycopg.AsyncConnection[Any] | None = None
         committing = False
@@ -156,6 +277,101 @@ async def aretry_transaction(
                 and isinstance(target, psycopg_pool.AsyncConnectionPool)
             ):
                 await apurge(target)
+            await asyncio.sleep(_next_delay(reason, attempt, attempts, base, cap))
+        else:
+            return result
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def run(
+    transaction: Callable[[], contextlib.AbstractContextManager[C]],
+    fn: Callable[[C], T],
+    *,
+    replaceable: bool,
+    broken: Callable[[], bool] | None = None,
+    lost: Callable[[], None] | None = None,
+    attempts: int = 5,
+    base: float = 0.02,
+    cap: float = 1.0,
+    idempotent: bool = False,
+) -> T:
+    """Run ``fn`` in ``transaction()`` with the retry policy of :func:`retry_transaction`.
+
+    The driver-neutral loop the integrations use: ``transaction()`` opens one attempt's
+    transaction (committing on a normal exit) and yields what ``fn`` receives.
+
+    Args:
+        transaction: Opens one attempt's transaction.
+        fn: The transaction's work.
+        replaceable: See :func:`retry_reason`.
+        broken: Called after a failed attempt: whether the driver found its connection gone.
+        lost: Called after an attempt lost its connection, before the next one (to check
+            the pool's idle connections, say).
+        attempts: How many times to try at most.
+        base: First backoff step in seconds.
+        cap: Largest backoff step in seconds.
+        idempotent: Also run again when the connection broke during ``COMMIT``.
+
+    Raises:
+        ConfigurationError: Bad ``attempts``, ``base`` or ``cap``.
+    """
+    check_options(attempts, base, cap)
+    for attempt in range(1, attempts + 1):
+        committing = False
+        try:
+            with transaction() as target:
+                result = fn(target)
+                committing = True
+        except Exception as exc:
+            reason = retry_reason(
+                exc,
+                broken=broken() if broken is not None else False,
+                replaceable=replaceable,
+                committing=committing,
+                idempotent=idempotent,
+            )
+            if reason is None or attempt == attempts:
+                raise
+            if lost is not None and reason.startswith("connection lost"):
+                lost()
+            time.sleep(_next_delay(reason, attempt, attempts, base, cap))
+        else:
+            return result
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def arun(
+    transaction: Callable[[], contextlib.AbstractAsyncContextManager[C]],
+    fn: Callable[[C], Awaitable[T]],
+    *,
+    replaceable: bool,
+    broken: Callable[[], bool] | None = None,
+    lost: Callable[[], Awaitable[None]] | None = None,
+    attempts: int = 5,
+    base: float = 0.02,
+    cap: float = 1.0,
+    idempotent: bool = False,
+) -> T:
+    """The asynchronous twin of :func:`run`."""
+    check_options(attempts, base, cap)
+    for attempt in range(1, attempts + 1):
+        committing = False
+        try:
+            async with transaction() as target:
+                result = await fn(target)
+                committing = True
+        except Exception as exc:
+            reason = retry_reason(
+                exc,
+                broken=broken() if broken is not None else False,
+                replaceable=replaceable,
+                committing=committing,
+                idempotent=idempotent,
+            )
+            if reason is None or attempt == attempts:
+                raise
+            if lost is not None and reason.startswith("connection lost"):
+                await lost()
             await asyncio.sleep(_next_delay(reason, attempt, attempts, base, cap))
         else:
             return result

@@ -153,7 +153,7 @@ class EnvSigner:
         ValueError: A key is empty.
     """
 
-    __slots__ = ("_access_key_id", "_expires_at", "_secret_access_key", "_session_token", "_wall")
+    __slots__ = ("_endpoint", "_environ", "_keys", "_wall")
 
     def __init__(
         self,
@@ -166,11 +166,16 @@ class EnvSigner:
     ) -> None:
         if not access_key_id or not secret_access_key:
             raise ValueError("EnvSigner needs a non-empty access key id and secret key")
-        self._access_key_id = access_key_id
-        self._secret_access_key = secret_access_key
-        self._session_token = session_token or None
-        self._expires_at = expires_at
+        # One tuple, replaced whole by refresh_credentials(): a signing never mixes two keys.
+        self._keys: tuple[str, str, str | None, float | None] = (
+            access_key_id,
+            secret_access_key,
+            session_token or None,
+            expires_at,
+        )
         self._wall = wall
+        self._environ: Mapping[str, str] | None = None  # where from_environ read the keys
+        self._endpoint: Endpoint | None = None
 
     @classmethod
     def from_environ(
@@ -212,9 +217,29 @@ class EnvSigner:
                 return None
         if endpoint is not None and not cls.supports(endpoint):
             return None
-        return cls(
+        signer = cls(
             access_key_id, secret_access_key, session_token, expires_at=expires_at, wall=wall
         )
+        signer._environ, signer._endpoint = env, endpoint
+        return signer
+
+    def refresh_credentials(self) -> None:
+        """Read the keys from the environment again (a signer made by :meth:`from_environ`).
+
+        A :class:`iampg.TokenProvider` calls this when the server refused a token: keys
+        rotated in the environment since are used from the next token on. Keys that this
+        signer cannot use (removed, or no longer plain keys) leave the current ones in place.
+        """
+        if self._environ is None:
+            return
+        fresh = EnvSigner.from_environ(self._environ, endpoint=self._endpoint, wall=self._wall)
+        if fresh is None:
+            logger.debug("the environment has no usable keys now; keeping the current ones")
+            return
+        keys = fresh._keys  # noqa: SLF001 -- another instance of this class
+        if keys != self._keys:
+            logger.info("new AWS keys in the environment: signing with them from now on")
+            self._keys = keys
 
     @staticmethod
     def supports(endpoint: Endpoint) -> bool:
@@ -222,8 +247,9 @@ class EnvSigner:
         return _SIMPLE_HOST.fullmatch(endpoint.host) is not None
 
     def __repr__(self) -> str:
-        temporary = ", temporary" if self._session_token is not None else ""
-        return f"EnvSigner({self._access_key_id[:4]}…{temporary})"
+        access_key_id, _, session_token, _ = self._keys
+        temporary = ", temporary" if session_token is not None else ""
+        return f"EnvSigner({access_key_id[:4]}…{temporary})"
 
     def sign(self, endpoint: Endpoint, lifetime: float = _RDS_LIFETIME) -> SignedToken:
         """Sign a token for ``endpoint``; no I/O, a few microseconds.
@@ -236,8 +262,9 @@ class EnvSigner:
             TokenError: The keys have expired (``AWS_CREDENTIAL_EXPIRATION`` has passed).
             ValueError: The endpoint's host name cannot be signed (see :meth:`supports`).
         """
+        access_key_id, secret_access_key, session_token, expires_at = self._keys
         now = self._wall()
-        ttl = None if self._expires_at is None else self._expires_at - now
+        ttl = None if expires_at is None else expires_at - now
         if ttl is not None and ttl <= 0:
             raise TokenError(
                 "the AWS credentials in the environment have expired "
@@ -253,9 +280,9 @@ class EnvSigner:
                 service="dsql",
                 params=(("Action", dsql_action(endpoint.user)),),
                 expires=expires,
-                access_key_id=self._access_key_id,
-                secret_access_key=self._secret_access_key,
-                session_token=self._session_token,
+                access_key_id=access_key_id,
+                secret_access_key=secret_access_key,
+                session_token=session_token,
                 amz_date=amz_date,
             )
         else:
@@ -267,9 +294,9 @@ class EnvSigner:
                 service="rds-db",
                 params=(("Action", "connect"), ("DBUser", endpoint.user)),
                 expires=expires,
-                access_key_id=self._access_key_id,
-                secret_access_key=self._secret_access_key,
-                session_token=self._session_token,
+                access_key_id=access_key_id,
+                secret_access_key=secret_access_key,
+                session_token=session_token,
                 amz_date=amz_date,
             )
         return SignedToken(token, float(expires), ttl)

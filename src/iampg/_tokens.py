@@ -7,6 +7,8 @@ import logging
 import os
 import threading
 import time
+import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from iampg import _refresh
@@ -35,6 +37,7 @@ RefreshStrategy = Literal["lazy", "ahead"]
 other frozen CPUs). ``ahead``: a background thread refreshes it before it is due."""
 
 _AHEAD_MAX_SLEEP = 60.0  # the background refresher re-checks at least this often (seconds)
+_CREDENTIALS_RETRY = 30.0  # a refused token re-fetches credentials at most this often (seconds)
 
 
 # TokenStats is a named tuple, not a dataclass: making a dataclass at import costs ~1 ms,
@@ -178,18 +181,37 @@ class TokenProvider:
         self._refreshes = 0
         self._failed = 0
         self._last_duration: float | None = None
+        self._credentials_refreshed_at: float | None = None
         # One in-flight refresh per event loop, so tasks queue on a future, not on threads.
         self._inflight: dict[asyncio.AbstractEventLoop, asyncio.Future[str]] = {}
         self._strategy: RefreshStrategy = refresh
         self._stop = threading.Event()
         self._ahead: threading.Thread | None = None
         if refresh == "ahead":
-            self._ahead = threading.Thread(
-                target=self._refresh_ahead,
-                name=f"iampg-refresh-{self._endpoint.host}",
-                daemon=True,
-            )
-            self._ahead.start()
+            self._start_ahead()
+        _providers.add(self)
+
+    def _start_ahead(self) -> None:
+        self._ahead = threading.Thread(
+            target=self._refresh_ahead,
+            name=f"iampg-refresh-{self._endpoint.host}",
+            daemon=True,
+        )
+        self._ahead.start()
+
+    def _after_fork_in_child(self) -> None:
+        """Make the copy a forked child inherited usable: only the forking thread survived.
+
+        A lock held by another thread of the parent (signing at the moment of the fork)
+        would never be released: the child gets new locks, forgets in-flight refreshes of
+        the parent's event loops, and restarts the ahead refresher that did not survive.
+        The cached token still works (a token is not tied to a process).
+        """
+        self._lock = threading.Lock()
+        self._inflight = {}
+        if self._ahead is not None and not self._stop.is_set():
+            self._stop = threading.Event()
+            self._start_ahead()
 
     @property
     def endpoint(self) -> Endpoint:
@@ -262,14 +284,35 @@ class TokenProvider:
         """Forget the cached token so the next caller signs a new one.
 
         Call it after the server refused the token. Pass the refused ``token`` to forget it
-        only if it is still the cached one (a newer token is kept).
+        only if it is still the cached one (a newer token is kept). A refused token that was
+        the current one also makes the signer fetch its credentials again (when it has a
+        ``refresh_credentials()`` method, as :class:`iampg.AwsSigner` does), so keys that were
+        revoked or rotated are not signed with until they expire; at most once every
+        30 seconds, so a refusal for another reason does not hammer the credentials service.
         """
+        refresh: Callable[[], None] | None = None
         with self._lock:
             cached = self._cached
             if cached is not None and (token is None or token == cached.token):
                 logger.debug("token invalidated for %s", self._endpoint.host)
                 self._cached = None
                 self._retry_at = 0.0
+                now = self._clock()
+                if token is not None and (
+                    self._credentials_refreshed_at is None
+                    or now - self._credentials_refreshed_at >= _CREDENTIALS_RETRY
+                ):
+                    refresh = getattr(self._signer, "refresh_credentials", None)
+                    self._credentials_refreshed_at = now
+        if refresh is not None:
+            logger.info(
+                "token refused by %s; fetching the credentials again before the next token",
+                self._endpoint.host,
+            )
+            try:
+                refresh()
+            except Exception as exc:  # noqa: BLE001 -- the next signing reports the failure
+                logger.debug("dropping the signer's credentials failed: %s", type(exc).__name__)
 
     def stats(self) -> TokenStats:
         """Return the provider's counters and the cached token's remaining time."""
@@ -401,6 +444,19 @@ class TokenProvider:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+# Every provider, for the fork handler below (weakly: a provider no one uses may go).
+_providers: weakref.WeakSet[TokenProvider] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for provider in list(_providers):
+        provider._after_fork_in_child()  # noqa: SLF001 -- the module's own class
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _lifetime(endpoint: Endpoint, lifetime: float | None) -> float:

@@ -1,15 +1,15 @@
 """The ``iampg`` command: tokens, URLs, environments, psql, a connection doctor and the emulator.
 
-Exit codes, for every command:
+Exit codes (each command's ``--help`` lists the ones it returns):
 
-- ``0``: success (``doctor``: every check passed).
+- ``0``: success (``doctor``: every check passed; ``emulate``: stopped with Ctrl-C).
 - ``1``: the work failed: no credentials, a token could not be signed, a ``doctor`` check
-  failed, the emulator crashed.
+  failed, the emulator could not run.
 - ``2``: usage error: bad arguments or an invalid endpoint.
 - ``127``: ``psql`` was not found.
 - ``130``: interrupted with Ctrl-C.
 
-``iampg psql`` replaces itself with psql, so its exit code is psql's.
+``iampg psql`` replaces itself with psql, so once psql runs the exit code is psql's.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
 from iampg._dsn import alembic_url, connect_params, conninfo, env, pgpass, sqlalchemy_url, url
@@ -40,26 +40,54 @@ EXIT_USAGE = 2  # bad arguments or configuration
 EXIT_NOT_FOUND = 127  # psql is not installed (the shell's "command not found")
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
-_EXIT_CODES = """\
-exit codes: 0 success; 1 failure (no credentials, signing failed, a doctor check failed);
-2 usage error (bad arguments or endpoint); 127 psql not found; 130 interrupted (Ctrl-C)."""
+_SIGNING = "1 no AWS credentials or signing failed"
+_USAGE = "2 usage error (bad arguments or endpoint)"
+_INTERRUPTED = "130 interrupted (Ctrl-C)"
+# What each command can return; its --help prints this line.
+_EXIT_CODES: dict[str, str] = {
+    "iampg": "0 success; 1 the work failed; 2 usage error; 127 psql not found; "
+    "130 interrupted (Ctrl-C)",
+    "token": f"0 success; {_SIGNING}; {_USAGE}; {_INTERRUPTED}",
+    "url": f"0 success; {_SIGNING}; {_USAGE}; {_INTERRUPTED}",
+    "env": f"0 success; {_SIGNING}; {_USAGE}; {_INTERRUPTED}",
+    "psql": "psql's own once it runs (0 success, 1 error, 2 connection failed or lost, "
+    f"3 script error with ON_ERROR_STOP); before that {_SIGNING}; {_USAGE}; "
+    f"127 psql not found; {_INTERRUPTED}",
+    "doctor": f"0 every check passed; 1 a check failed; {_USAGE}; {_INTERRUPTED}",
+    "ca": "0 printed; 1 the trust store cannot be read; 2 usage error (bad arguments or "
+    f"endpoint, or IAMPG_SSLROOTCERT names a file that does not exist); {_INTERRUPTED}",
+    "emulate": "0 stopped (Ctrl-C or SIGTERM); 1 the emulator could not run (backend "
+    "unreachable, port busy...); 2 usage error (bad options, no PostgreSQL binaries)",
+}
 
-_ENDPOINT_HELP = f"""\
+
+def _exit_codes(command: str) -> str:
+    import textwrap  # noqa: PLC0415
+
+    return textwrap.fill(f"exit codes: {_EXIT_CODES[command]}.", width=92)
+
+
+_ENDPOINT_TEXT = """\
 The endpoint is a host name, a postgresql:// URL or a libpq "key=value" string; options
 override it, and PGHOST, PGPORT, PGUSER, PGDATABASE, PGHOSTADDR and AWS_REGION fill what
-neither gives. Credentials come from the AWS default chain (environment, profile, SSO, role).
+neither gives. Credentials come from the AWS default chain (environment, profile, SSO, role)."""
 
-{_EXIT_CODES}"""
+
+def _endpoint_help(command: str) -> str:
+    return f"{_ENDPOINT_TEXT}\n\n{_exit_codes(command)}"
+
 
 _PSQL_HELP = f"""\
 psql gets the token in PGPASSWORD and every other setting in PG* variables (PGHOST,
 PGHOSTADDR, PGPORT, PGUSER, PGDATABASE, PGSSLMODE …), never on its command line, where other
 users of the machine could read it. PGSERVICE and PGPASSFILE are removed from its
-environment. Arguments after "--" go to psql unchanged, e.g.
-  iampg psql mydb.cluster-abc.us-east-1.rds.amazonaws.com -U app -- -c 'select 1'
+environment. psql's own options (-c, -f, -v, -X, -A, -t, …) go to psql; -d, -p, -U and -H
+are iampg's (the token is signed for them). Arguments after "--" go to psql unchanged, e.g.
+  iampg psql mydb.cluster-abc.us-east-1.rds.amazonaws.com -U app -c 'select 1'
+  iampg psql mydb.cluster-abc.us-east-1.rds.amazonaws.com -U app -- -H -c 'select 1'
 The token lets psql open new connections for 15 minutes; an open session outlives it.
 
-{_ENDPOINT_HELP}"""
+{_endpoint_help("psql")}"""
 
 _DOCTOR_HELP = f"""\
 Checks, in order: endpoint (host, kind, region), credentials (their source; no secret is
@@ -69,7 +97,7 @@ sslmode=verify-ca/verify-full), authentication (a real connection with the token
 warned (sslmode=require: encrypted, not authenticated); a check whose prerequisite failed is
 skipped. Exit code 0 when no check failed (warnings included), 1 when one failed.
 
-{_ENDPOINT_HELP}"""
+{_endpoint_help("doctor")}"""
 
 # Variables that would make libpq use another password or another server than ours.
 _PSQL_DROPPED_ENV = ("PGSERVICE", "PGSERVICEFILE", "PGPASSFILE")
@@ -117,7 +145,8 @@ def _endpoint(args: argparse.Namespace) -> Endpoint:
 
 def _provider(args: argparse.Namespace) -> TokenProvider:
     endpoint = _endpoint(args)
-    connect_params(endpoint)  # refuses settings that could send the token unencrypted
+    # Refuse settings that could send the token unencrypted (unless --allow-insecure).
+    connect_params(endpoint, allow_insecure=args.allow_insecure)
     return TokenProvider(endpoint, profile=args.profile)
 
 
@@ -211,6 +240,7 @@ def _cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
         timeout=args.timeout,
         out=None if args.json else out,
         allow_insecure=args.allow_insecure,
+        preset=args.preset,
     )
     report = doctor.run()
     out.write((report.to_json() if args.json else report.summary()) + "\n")
@@ -230,6 +260,35 @@ def _missing_emulator(args: argparse.Namespace, out: TextIO) -> int:  # noqa: AR
     raise ConfigurationError("the emulator needs extra packages: pip install 'iampg[emulator]'")
 
 
+# -- ca -----------------------------------------------------------------------------------
+
+
+def _cmd_ca(args: argparse.Namespace, out: TextIO) -> int:
+    from iampg import _trust  # noqa: PLC0415
+
+    if not (args.endpoint or args.host):
+        override = _trust.override()
+        lines = [str(_trust.directory())] if args.path else _trust.report()
+        if override and not args.path:
+            lines.append(f"{_trust.ENV_VAR}={override}: used instead of the files above")
+        out.write("".join(f"{line}\n" for line in lines))
+        return EXIT_OK
+    if args.user is None:  # the CA file does not depend on the user: do not require one
+        args.user = "postgres"
+    endpoint = _endpoint(args)
+    given = endpoint.params.get("sslrootcert")
+    path = given or str(_trust.root_file(endpoint))
+    if args.path:
+        out.write(f"{path}\n")
+        return EXIT_OK
+    source = (
+        "sslrootcert given" if given else _trust.ENV_VAR if os.environ.get(_trust.ENV_VAR) else ""
+    )
+    summary = _trust.describe(path) or f"not one of iampg's files ({source})"
+    out.write(f"{path}\n{summary}\n")
+    return EXIT_OK
+
+
 # -- the parser ---------------------------------------------------------------------------
 
 
@@ -238,9 +297,10 @@ def _parser() -> argparse.ArgumentParser:
         prog="iampg",
         description="IAM-authenticated PostgreSQL on AWS: tokens, URLs, psql, a connection "
         "doctor, and a local emulator.",
-        epilog=_EXIT_CODES,
+        epilog=_exit_codes("iampg"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"iampg {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help_text: str, description: str, epilog: str) -> Any:
@@ -250,15 +310,17 @@ def _parser() -> argparse.ArgumentParser:
             description=description,
             epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
+            allow_abbrev=False,  # psql's options must not pass for abbreviations of ours
         )
 
     token = command(
         "token",
         "print an IAM authentication token",
         "Print a token for the endpoint; it is valid for 15 minutes.",
-        _ENDPOINT_HELP,
+        _endpoint_help("token"),
     )
     _add_endpoint_arguments(token)
+    _add_insecure_argument(token)
     token.set_defaults(func=_cmd_token)
 
     url_parser = command(
@@ -266,7 +328,7 @@ def _parser() -> argparse.ArgumentParser:
         "print a connection URL with a token, percent-encoded",
         "Print a postgresql:// URL (or another connection string) carrying a token, for "
         "tools that take one. The output is a credential valid for 15 minutes.",
-        _ENDPOINT_HELP,
+        _endpoint_help("url"),
     )
     _add_endpoint_arguments(url_parser)
     _add_insecure_argument(url_parser)
@@ -290,7 +352,7 @@ def _parser() -> argparse.ArgumentParser:
         "print shell export lines for PG* variables with a token",
         'Print `export PGHOST=… PGPASSWORD=<token> …` lines: eval "$(iampg env ...)" and '
         "run any libpq tool. The output is a credential valid for 15 minutes.",
-        _ENDPOINT_HELP,
+        _endpoint_help("env"),
     )
     _add_endpoint_arguments(env_parser)
     _add_insecure_argument(env_parser)
@@ -330,6 +392,13 @@ def _parser() -> argparse.ArgumentParser:
         help="time limit of each network check (default: %(default)s)",
     )
     doctor.add_argument("--json", action="store_true", help="print one JSON report instead")
+    doctor.add_argument(
+        "--preset",
+        type=_preset,
+        metavar="{rds,aurora-serverless,aurora-express,dsql}",
+        help="the service's connection defaults (connect timeout, waiting for a paused "
+        "cluster); default: dsql for DSQL hosts, else rds",
+    )
     doctor.set_defaults(func=_cmd_doctor)
 
     emulate = command(
@@ -337,7 +406,7 @@ def _parser() -> argparse.ArgumentParser:
         "run the local IAM emulator in front of a real PostgreSQL",
         "Run a PostgreSQL gateway that checks IAM tokens like RDS/Aurora does, in front of a "
         "real PostgreSQL (a DSN, or a throwaway cluster). Stop it with Ctrl-C.",
-        _EXIT_CODES,
+        _exit_codes("emulate"),
     )
     try:
         from iampg.emulator import _cli  # noqa: PLC0415
@@ -346,7 +415,136 @@ def _parser() -> argparse.ArgumentParser:
     else:
         _cli.add_arguments(emulate)
         emulate.set_defaults(func=_cmd_emulate)
+
+    ca = command(
+        "ca",
+        "show the shipped AWS trust store, or the CA file an endpoint uses",
+        "Without an endpoint: print where iampg's AWS trust store is, when it was built and "
+        "what it holds. With one: print the CA file (sslrootcert) its connections verify the "
+        "server with, and what that file is. IAMPG_SSLROOTCERT=FILE replaces the store.",
+        _endpoint_help("ca"),
+    )
+    _add_endpoint_arguments(ca)
+    ca.add_argument("--path", action="store_true", help="print only the file's path")
+    ca.set_defaults(func=_cmd_ca)
     return parser
+
+
+def _version() -> str:
+    from iampg import __version__  # noqa: PLC0415
+
+    return __version__
+
+
+def _preset(value: str) -> str:
+    """Return the canonical preset name for argparse, or refuse it as argparse does."""
+    from iampg._defaults import canonical_preset  # noqa: PLC0415
+
+    try:
+        return canonical_preset(value)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# psql's own options (psql 12 to 17), so that `iampg psql HOST -c 'select 1'` reaches psql.
+# Its connection options -h, -p, -U, -d are iampg's: the token is signed for them.
+_PSQL_SHORT_VALUE = frozenset("cfvLoFPRT")
+_PSQL_SHORT_FLAG = frozenset("lVX1abeEnqsSAtxz0wW")
+_PSQL_LONG_VALUE = frozenset(
+    {
+        "--command",
+        "--file",
+        "--set",
+        "--variable",
+        "--log-file",
+        "--output",
+        "--field-separator",
+        "--pset",
+        "--record-separator",
+        "--table-attr",
+    }
+)
+_PSQL_LONG_FLAG = frozenset(
+    {
+        "--list",
+        "--version",
+        "--no-psqlrc",
+        "--single-transaction",
+        "--echo-all",
+        "--echo-errors",
+        "--echo-queries",
+        "--echo-hidden",
+        "--no-readline",
+        "--quiet",
+        "--single-step",
+        "--single-line",
+        "--no-align",
+        "--csv",
+        "--html",
+        "--tuples-only",
+        "--expanded",
+        "--field-separator-zero",
+        "--record-separator-zero",
+        "--no-password",
+        "--password",
+    }
+)
+
+
+class _UsageError(Exception):
+    """A command line that cannot be split unambiguously; the message says what to do."""
+
+
+def _split_psql(arguments: list[str], ours: argparse.ArgumentParser) -> tuple[list[str], list[str]]:
+    """Split ``iampg psql`` arguments into iampg's and psql's own options, keeping order.
+
+    Raises:
+        _UsageError: An option neither iampg nor psql knows, or a cluster mixing both.
+    """
+    takes_value = {
+        flag: action.nargs != 0
+        for action in ours._actions  # noqa: SLF001 -- argparse has no public list
+        for flag in action.option_strings
+    }
+    mine: list[str] = []
+    psql: list[str] = []
+    rest = iter(arguments)
+    for arg in rest:
+        name = arg.partition("=")[0] if arg.startswith("--") else arg[:2]
+        if not arg.startswith("-") or arg == "-":
+            mine.append(arg)
+        elif name in takes_value:
+            attached = "=" in arg if arg.startswith("--") else len(arg) > 2  # noqa: PLR2004
+            mine.append(arg)
+            if takes_value[name] and not attached:
+                mine.extend(_next(rest))
+        elif arg.startswith("--"):
+            if name not in _PSQL_LONG_VALUE | _PSQL_LONG_FLAG:
+                raise _UsageError(f"unknown option {name}: put psql's options after --")
+            psql.append(arg)
+            if name in _PSQL_LONG_VALUE and "=" not in arg:
+                psql.extend(_next(rest))
+        else:
+            psql.extend(_psql_short(arg, rest))
+    return mine, psql
+
+
+def _psql_short(arg: str, rest: Iterator[str]) -> list[str]:
+    """Return psql's short options ``arg`` (``-tAc``) and the value its last one takes."""
+    for i, char in enumerate(arg[1:], start=1):
+        if char in _PSQL_SHORT_VALUE:  # the rest of the cluster, or the next argument
+            return [arg, *_next(rest)] if i == len(arg) - 1 else [arg]
+        if char not in _PSQL_SHORT_FLAG:
+            raise _UsageError(
+                f"unknown option -{char} in {arg}: give iampg's options separately, "
+                "and put other psql options after --"
+            )
+    return [arg]
+
+
+def _next(rest: Iterator[str]) -> list[str]:
+    """Return the next argument as a list, or none at the end (argparse or psql complains)."""
+    return [arg for arg in [next(rest, None)] if arg is not None]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -357,9 +555,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         cut = arguments.index("--")
         arguments, passthrough = arguments[:cut], arguments[cut + 1 :]
     try:
+        parser = _parser()
+        command = next((arg for arg in arguments if not arg.startswith("-")), None)
+        if command == "psql":
+            at = arguments.index("psql") + 1
+            try:
+                mine, psql_options = _split_psql(arguments[at:], _subparser(parser, "psql"))
+            except _UsageError as exc:
+                print(f"iampg psql: {exc}", file=sys.stderr)  # noqa: T201
+                return EXIT_USAGE
+            arguments = [*arguments[:at], *mine]
+            passthrough = [*psql_options, *passthrough]
         try:
-            args = _parser().parse_args(arguments)
-        except SystemExit as exc:  # --help, or a usage error already printed
+            args = parser.parse_args(arguments)
+        except SystemExit as exc:  # --help, --version, or a usage error already printed
             return exc.code if isinstance(exc.code, int) else EXIT_USAGE
         if passthrough and args.command != "psql":
             print(  # noqa: T201
@@ -373,6 +582,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("iampg: interrupted", file=sys.stderr)  # noqa: T201
         return EXIT_INTERRUPTED
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:  # noqa: SLF001 -- argparse has no public lookup
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            found: argparse.ArgumentParser = action.choices[name]
+            return found
+    raise LookupError(name)
 
 
 def _run(func: Callable[[argparse.Namespace, TextIO], int], args: argparse.Namespace) -> int:

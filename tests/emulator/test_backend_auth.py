@@ -6,7 +6,6 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import logging
 import socket
 import struct
 import threading
@@ -25,10 +24,8 @@ if TYPE_CHECKING:
 PASSWORD = "backend-sekret"
 
 
-@pytest.fixture(autouse=True)
-def _quiet_botocore(caplog: pytest.LogCaptureFixture) -> None:
-    """Keep botocore's DEBUG lines (which show signatures) out of failure reports."""
-    caplog.set_level(logging.WARNING, logger="botocore")
+# Keep botocore's DEBUG lines (which show signatures) out of failure reports.
+pytestmark = pytest.mark.usefixtures("quiet_botocore")
 
 
 def mint(emu: Emulator, user: str = "app") -> str:

@@ -28,22 +28,20 @@ from iampg.emulator import (
     EmulatorClock,
 )
 from iampg.errors import ConfigurationError
+from support import EmulatorFactory
 
 ROLE = "arn:aws:iam::123456789012:role/app"
 PAM = 'PAM authentication failed for user "postgres"'
 
 
-@pytest.fixture(autouse=True)
-def _quiet_botocore(caplog: pytest.LogCaptureFixture) -> None:
-    """Keep botocore's DEBUG lines (which show signatures) out of failure reports."""
-    caplog.set_level(logging.WARNING, logger="botocore")
+# Keep botocore's DEBUG lines (which show signatures) out of failure reports.
+pytestmark = pytest.mark.usefixtures("quiet_botocore")
 
 
 @pytest.fixture
-def emu(backend: Backend) -> Iterator[Emulator]:
+def emu(start_emulator: EmulatorFactory) -> Emulator:
     """Return a running real-time emulator whose keys live in a shared CredentialStore."""
-    with Emulator(backend.dsn, credentials=CredentialStore()) as emulator:
-        yield emulator
+    return start_emulator(credentials=CredentialStore())
 
 
 @pytest.fixture

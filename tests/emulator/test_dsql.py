@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import re
 import socket
 import ssl
@@ -17,9 +16,10 @@ import pytest
 from iampg import Endpoint
 from iampg.emulator import FAKE_CREDENTIALS, Emulator, Event
 from iampg.emulator._sigv4 import presign
+from support import EmulatorFactory
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
 
     from iampg.emulator import Backend
 
@@ -32,10 +32,8 @@ ROLE = "iampg_dsql_role"
 WAIT = 10.0  # real seconds any background decision may take to show
 
 
-@pytest.fixture(autouse=True)
-def _quiet_botocore(caplog: pytest.LogCaptureFixture) -> None:
-    """Keep botocore's DEBUG lines (which show signatures) out of failure reports."""
-    caplog.set_level(logging.WARNING, logger="botocore")
+# Keep botocore's DEBUG lines (which show signatures) out of failure reports.
+pytestmark = pytest.mark.usefixtures("quiet_botocore")
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +44,9 @@ def roles(backend: Backend) -> None:
 
 
 @pytest.fixture
-def dsql(backend: Backend, roles: None) -> Iterator[Emulator]:
+def dsql(start_emulator: EmulatorFactory, roles: None) -> Emulator:
     """Return a running DSQL emulator (the dsql profile) on real time."""
-    with Emulator(backend.dsn, service="dsql") as emu:
-        yield emu
+    return start_emulator(service="dsql")
 
 
 def mint(emu: Emulator, *, admin: bool = True, expires: int = 900, host: str | None = None) -> str:

@@ -27,13 +27,18 @@ from iampg import TokenProvider
 from iampg.emulator import FAKE_CREDENTIALS, Credentials, Emulator, EmulatorClock, Event
 from iampg.emulator._gateway import _ProtocolViolationError, _startup_parameters
 from iampg.errors import ConfigurationError
-from support import endpoint_for, examples, open_sockets, sessions_left, sessions_of
+from support import (
+    EmulatorFactory,
+    endpoint_for,
+    examples,
+    open_sockets,
+    sessions_left,
+    sessions_of,
+)
 
 LIBPQ = psycopg.pq.version()  # the libpq psycopg runs on, e.g. 170005 or 180001
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from iampg.emulator import Backend
 
 PAM = 'PAM authentication failed for user "postgres"'
@@ -77,17 +82,14 @@ def last_event(emu: Emulator) -> Event:
     return emu.events[-1]
 
 
-@pytest.fixture(autouse=True)
-def _quiet_botocore(caplog: pytest.LogCaptureFixture) -> None:
-    """Keep botocore's DEBUG lines (which show signatures) out of failure reports."""
-    caplog.set_level(logging.WARNING, logger="botocore")
+# Keep botocore's DEBUG lines (which show signatures) out of failure reports.
+pytestmark = pytest.mark.usefixtures("quiet_botocore")
 
 
 @pytest.fixture
-def emu(backend: Backend) -> Iterator[Emulator]:
+def emu(start_emulator: EmulatorFactory) -> Emulator:
     """Return a running emulator on real time that knows the fake keys and OTHER."""
-    with Emulator(backend.dsn, credentials=(FAKE_CREDENTIALS, OTHER)) as emulator:
-        yield emulator
+    return start_emulator(credentials=(FAKE_CREDENTIALS, OTHER))
 
 
 def test_botocore_token_connects_with_verify_full(emu: Emulator) -> None:

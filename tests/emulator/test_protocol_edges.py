@@ -5,20 +5,18 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
-from collections.abc import Iterator
 
 import pytest
 
 import iampg
-from iampg.emulator import Backend, Emulator
+from iampg.emulator import Emulator
 from support import endpoint_for
 
 
 @pytest.fixture
-def emu(backend: Backend) -> Iterator[Emulator]:
+def emu(emulator: Emulator) -> Emulator:
     """Return a running RDS-mode emulator on real time."""
-    with Emulator(backend.dsn) as emulator:
-        yield emulator
+    return emulator
 
 
 def startup(**params: str) -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -12,27 +11,23 @@ import psycopg
 import pytest
 
 from iampg.emulator import Emulator, Event
+from support import EmulatorFactory
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from iampg.emulator import Backend
 
 WAIT = 10.0  # real seconds any background decision may take to show
 SCALE = 100.0  # emulated seconds per real second: a 16 s resume takes 0.16 s
 
 
-@pytest.fixture(autouse=True)
-def _quiet_botocore(caplog: pytest.LogCaptureFixture) -> None:
-    """Keep botocore's DEBUG lines (which show signatures) out of failure reports."""
-    caplog.set_level(logging.WARNING, logger="botocore")
+# Keep botocore's DEBUG lines (which show signatures) out of failure reports.
+pytestmark = pytest.mark.usefixtures("quiet_botocore")
 
 
 @pytest.fixture
-def express(backend: Backend) -> Iterator[Emulator]:
+def express(start_emulator: EmulatorFactory) -> Emulator:
     """Return an aurora-express emulator whose 3.5 s latency is off (tests turn it on)."""
-    with Emulator(backend.dsn, profile="aurora-express", connect_latency=0.0) as emu:
-        yield emu
+    return start_emulator(profile="aurora-express", connect_latency=0.0)
 
 
 def mint(emu: Emulator) -> str:

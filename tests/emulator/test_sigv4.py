@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import calendar
-import logging
 import time
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, quote
@@ -29,10 +28,8 @@ SESSION = Credentials("ASIAEXAMPLEEXAMPLE00", "c2VjcmV0IGtleSBmb3IgdGVzdHM", "Fw
 RULES = TokenRules.rds(region=REGION, hostnames={HOST}, port=PORT)
 
 
-@pytest.fixture(autouse=True)
-def _quiet_botocore(caplog: pytest.LogCaptureFixture) -> None:
-    """Keep botocore's DEBUG lines (which show signatures) out of failure reports."""
-    caplog.set_level(logging.WARNING, logger="botocore")
+# Keep botocore's DEBUG lines (which show signatures) out of failure reports.
+pytestmark = pytest.mark.usefixtures("quiet_botocore")
 
 
 class FakeWall:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import socket
 import time
 from collections.abc import Iterator
@@ -13,23 +12,20 @@ import pytest
 import iampg
 from iampg import Endpoint, TokenProvider
 from iampg.emulator import Backend, CredentialsServer, CredentialStore, Emulator, EmulatorClock
-from support import endpoint_for, use_credentials_server
+from support import EmulatorFactory, endpoint_for, use_credentials_server
 
 SKEW = 600.0  # seconds: the local clock is ten minutes off
 HANG_BOUND = 30.0  # real seconds a hung credentials server may hold a caller, at most
 
 
-@pytest.fixture(autouse=True)
-def _quiet_botocore(caplog: pytest.LogCaptureFixture) -> None:
-    """Keep botocore's DEBUG lines (which show signatures) out of failure reports."""
-    caplog.set_level(logging.WARNING, logger="botocore")
+# Keep botocore's DEBUG lines (which show signatures) out of failure reports.
+pytestmark = pytest.mark.usefixtures("quiet_botocore")
 
 
 @pytest.fixture
-def emu(backend: Backend) -> Iterator[Emulator]:
+def emu(start_emulator: EmulatorFactory) -> Emulator:
     """Return an emulator on real time whose known keys live in a shared store."""
-    with Emulator(backend.dsn, credentials=CredentialStore()) as emulator:
-        yield emulator
+    return start_emulator(credentials=CredentialStore())
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import random
 import socket
 import struct
@@ -27,10 +26,8 @@ CANCEL = struct.pack("!II", 16, 80877102)
 PROTOCOL_3 = struct.pack("!I", 196608)
 
 
-@pytest.fixture(autouse=True)
-def _quiet_botocore(caplog: pytest.LogCaptureFixture) -> None:
-    """Keep botocore's DEBUG lines (which show signatures) out of failure reports."""
-    caplog.set_level(logging.WARNING, logger="botocore")
+# Keep botocore's DEBUG lines (which show signatures) out of failure reports.
+pytestmark = pytest.mark.usefixtures("quiet_botocore")
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,18 @@ import io
 import logging
 import sys
 import time
+from collections.abc import Iterator
 
 import psycopg
 import pytest
 
 import iampg
 from iampg import TokenProvider, cli
-from iampg.emulator import Backend, Emulator, EmulatorClock
+from iampg.emulator import Backend, CredentialsServer, CredentialStore, Emulator, EmulatorClock
 from secret_guard import PRINTS_TOKEN, SENTINEL_PASSWORD, SecretGuard, secrets_of
-from support import endpoint_for
+from support import endpoint_for, use_credentials_server
+
+ROLE = "arn:aws:iam::123456789012:role/app"
 
 
 def test_guard_catches_a_planted_leak() -> None:
@@ -158,4 +161,54 @@ def test_backend_password_stays_out_of_reprs(backend: Backend, secret_guard: Sec
         assert SENTINEL_PASSWORD not in repr(emu)
         with iampg.connect(endpoint_for(emu)) as conn:
             conn.execute("SELECT 1")
+    assert not secret_guard.leaks()
+
+
+@pytest.fixture
+def every_logger_at_debug() -> Iterator[None]:
+    """Set every logger that exists (botocore's and urllib3's included) and the root to DEBUG."""
+    import botocore.session  # the modules whose loggers matter exist before the levels are set
+
+    botocore.session.Session().create_client("sts", region_name="us-east-1")
+    names = [None, *logging.root.manager.loggerDict]
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+@pytest.mark.usefixtures("every_logger_at_debug")
+@pytest.mark.parametrize("source", ["assumed role", "container", "container, then role"])
+def test_fetched_credentials_stay_out_of_debug_logs(
+    backend: Backend,
+    secret_guard: SecretGuard,
+    monkeypatch: pytest.MonkeyPatch,
+    source: str,
+) -> None:
+    """Credentials from AssumeRole or a container endpoint are in no log record at DEBUG."""
+    with (
+        Emulator(backend.dsn, credentials=CredentialStore()) as emu,
+        CredentialsServer.for_emulator(emu) as server,
+    ):
+        options: dict[str, str] = {}
+        if source != "assumed role":
+            use_credentials_server(monkeypatch, server)
+            secret_guard.add_secret(server.env()["AWS_CONTAINER_AUTHORIZATION_TOKEN"])
+        if source != "container":
+            options = {"role_arn": ROLE, "sts_endpoint_url": server.url}
+        provider = TokenProvider(endpoint_for(emu), **options)  # type: ignore[arg-type]
+        with iampg.connect(provider=provider) as conn:
+            conn.execute("SELECT 1")
+        issued = server.issued
+    assert issued
+    assert bool(server.assume_role_calls) is (source != "container")
+    for credentials in issued:
+        secret_guard.add_secret(credentials.secret_access_key)
+        secret_guard.add_secret(credentials.session_token or credentials.secret_access_key)
+    botocore_records = [r for r in secret_guard.recorder.records if r.name.startswith("botocore")]
+    assert len(botocore_records) > 10  # botocore did log at DEBUG: the check has material
     assert not secret_guard.leaks()

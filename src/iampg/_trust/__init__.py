@@ -51,7 +51,7 @@ from iampg.errors import ConfigurationError
 if TYPE_CHECKING:
     from iampg._endpoint import Endpoint
 
-__all__ = ["ENV_VAR", "describe", "directory", "root_file"]
+__all__ = ["ENV_VAR", "describe", "directory", "override", "root_file"]
 
 ENV_VAR = "IAMPG_SSLROOTCERT"
 """The environment variable that names a CA file to use instead of the shipped store."""
@@ -77,8 +77,13 @@ def _regional(prefix: str, region: str) -> Path:
     return _DIR / (name if name in _shipped() else GLOBAL)
 
 
-def _override(environ: Mapping[str, str]) -> Path | None:
-    value = environ.get(ENV_VAR, "")
+def override(environ: Mapping[str, str] | None = None) -> Path | None:
+    """Return the CA file ``IAMPG_SSLROOTCERT`` names, or None when it is not set.
+
+    Raises:
+        ConfigurationError: It names a file that does not exist.
+    """
+    value = (os.environ if environ is None else environ).get(ENV_VAR, "")
     if not value:
         return None
     if value == "system":
@@ -107,8 +112,8 @@ def root_file(endpoint: Endpoint, *, environ: Mapping[str, str] | None = None) -
     Raises:
         ConfigurationError: ``IAMPG_SSLROOTCERT`` names a file that does not exist.
     """
-    if (override := _override(os.environ if environ is None else environ)) is not None:
-        return override
+    if (chosen := override(environ)) is not None:
+        return chosen
     if endpoint.kind == "dsql":
         return _DIR / AMAZON_ROOTS
     host = endpoint.host.lower()

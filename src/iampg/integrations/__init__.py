@@ -1,9 +1,9 @@
-"""Thin glue for SQLAlchemy, asyncpg and Django; each submodule imports its framework lazily.
+"""Thin glue for SQLAlchemy, asyncpg, Django and psycopg2; each submodule imports its own.
 
 Importing :mod:`iampg` never imports this package, and importing this package imports no
-framework: use ``iampg.integrations.sqlalchemy``, ``iampg.integrations.asyncpg`` or
-``iampg.integrations.django`` (each needs the extra of the same name, e.g.
-``pip install "iampg[sqlalchemy]"``).
+framework: use ``iampg.integrations.sqlalchemy``, ``iampg.integrations.asyncpg``,
+``iampg.integrations.django`` or ``iampg.integrations.psycopg2`` (each needs the extra of the
+same name, e.g. ``pip install "iampg[sqlalchemy]"``).
 """
 
 from __future__ import annotations

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import logging
 import shlex
 import ssl
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
+from iampg import _retry
 from iampg._connecting import INSECURE_SSLMODES, check_extra, connect_params, is_loopback
 from iampg._endpoint import Endpoint
 from iampg._tokens import TokenProvider
 from iampg.errors import ConfigurationError
 from iampg.integrations import EndpointOrProvider, _resolve
 
-__all__ = ["connect", "connect_kwargs", "create_pool", "ssl_context"]
+__all__ = ["connect", "connect_kwargs", "create_pool", "retry_transaction", "ssl_context"]
 
 logger = logging.getLogger("iampg.integrations.asyncpg")
 
@@ -302,3 +306,156 @@ def create_pool(
         return await _connect(user_connect, provider, *args, **connect_kwargs)
 
     return asyncpg.create_pool(connect=connect_with_feedback, **kwargs)
+
+
+# -- transactions that run again after a conflict or a lost connection ----------------------
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+@overload
+def retry_transaction(
+    target: Any,
+    fn: Callable[[Any], Awaitable[T]],
+    *,
+    attempts: int = ...,
+    base: float = ...,
+    cap: float = ...,
+    idempotent: bool = ...,
+) -> Awaitable[T]: ...
+@overload
+def retry_transaction(
+    target: Any,
+    fn: None = ...,
+    *,
+    attempts: int = ...,
+    base: float = ...,
+    cap: float = ...,
+    idempotent: bool = ...,
+) -> Callable[[Callable[Concatenate[Any, P], Awaitable[T]]], Callable[P, Awaitable[T]]]: ...
+def retry_transaction(
+    target: Any,
+    fn: Callable[[Any], Awaitable[T]] | None = None,
+    *,
+    attempts: int = 5,
+    base: float = 0.02,
+    cap: float = 1.0,
+    idempotent: bool = False,
+) -> Any:
+    """Run ``await fn(conn)`` in a transaction, again if it lost a race or its connection.
+
+    :func:`iampg.aretry_transaction` for asyncpg: a conflict (``OC000``, ``OC001``,
+    ``40001``: asyncpg's ``SerializationError`` among them) rolls back and ``fn`` runs again,
+    with exponential backoff and jitter (``base`` doubling up to ``cap`` seconds). Each
+    attempt is ``async with conn.transaction()``; ``fn`` may begin with ``SET TRANSACTION
+    ISOLATION LEVEL …``.
+
+    With an :class:`asyncpg.Pool`, each attempt acquires a connection, so a connection lost
+    before ``COMMIT`` was sent (a failover, an idle cut, DSQL's one-hour cap) is replaced and
+    ``fn`` runs again; lost during ``COMMIT``, the outcome is unknown and the error is raised
+    unless ``idempotent=True``. A connection (or one acquired from a pool) cannot be replaced:
+    its loss is raised. ``fn`` must be safe to repeat: no side effects outside the database.
+
+    Without ``fn``, returns a decorator for coroutine functions whose first argument is the
+    connection, which their callers leave out::
+
+        @retry_transaction(pool)
+        async def transfer(conn, source, target, amount): ...
+
+        await transfer(1, 2, 10)
+
+    Args:
+        target: An :class:`asyncpg.Pool`, or a connection not inside a transaction.
+        fn: The transaction's work; its return value is returned.
+        attempts: How many times to try at most.
+        base: First backoff step in seconds.
+        cap: Largest backoff step in seconds.
+        idempotent: Also run again when the connection broke during ``COMMIT``.
+
+    Raises:
+        asyncpg.PostgresError: The last attempt's error, or one that is not retryable.
+        ConfigurationError: Bad ``attempts``, ``base`` or ``cap``, or an unknown ``target``.
+    """
+    attempt = _Attempt(target)
+    _retry.check_options(attempts, base, cap)
+
+    async def run(work: Callable[[Any], Awaitable[T]]) -> T:
+        return await _retry.arun(
+            attempt.transaction,
+            work,
+            replaceable=attempt.replaceable,
+            broken=attempt.broken,
+            attempts=attempts,
+            base=base,
+            cap=cap,
+            idempotent=idempotent,
+        )
+
+    if fn is not None:
+        return run(fn)
+
+    def decorate(work: Callable[Concatenate[Any, P], Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+        @functools.wraps(work)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            return await run(lambda conn: work(conn, *args, **kwargs))
+
+        return wrapper
+
+    return decorate
+
+
+class _Attempt:
+    """Opens each attempt's transaction on a pool or a connection; tells if it was lost.
+
+    asyncpg reports a pooled connection lost mid-transaction as ``InterfaceError``
+    ("released back to the pool", "the underlying connection is closed") with no SQLSTATE:
+    the pool has already detached it. Seen from inside the attempt, a detached connection
+    is a lost one.
+    """
+
+    def __init__(self, target: Any) -> None:
+        import asyncpg  # noqa: PLC0415
+        import asyncpg.pool  # noqa: PLC0415
+
+        if isinstance(target, asyncpg.Pool):
+            self.replaceable = True
+        elif isinstance(target, asyncpg.Connection | asyncpg.pool.PoolConnectionProxy):
+            self.replaceable = False
+        else:
+            raise ConfigurationError(
+                "retry_transaction needs an asyncpg Pool or Connection, "
+                f"not {type(target).__name__}"
+            )
+        self.target = target
+        self.lost = False
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Any]:
+        """Run one attempt's transaction, noting whether its connection was lost."""
+        self.lost = False
+        if not self.replaceable:
+            async with self.target.transaction():
+                yield self.target
+            return
+        async with self.target.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    yield conn
+            except Exception:
+                self.lost = _detached(conn)
+                raise
+
+    def broken(self) -> bool:
+        """Tell whether the last attempt's pooled connection was lost."""
+        return self.lost
+
+
+def _detached(conn: Any) -> bool:
+    """Tell whether asyncpg took a pooled connection back because it was lost."""
+    import asyncpg  # noqa: PLC0415
+
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.InterfaceError:  # released back to the pool while still held
+        return True

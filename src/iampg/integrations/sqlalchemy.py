@@ -2,27 +2,43 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeAlias, TypeVar, overload
 
 import psycopg
 import sqlalchemy
 from sqlalchemy import event
 
+from iampg import _retry
 from iampg._connecting import Secret, explain, prepare
 from iampg._defaults import defaults_for
+from iampg._retry import check_options
 from iampg.integrations import EndpointOrProvider, _resolve
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
     from sqlalchemy.engine.interfaces import DBAPIConnection, Dialect
-    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.ext.asyncio import (
+        AsyncConnection,
+        AsyncEngine,
+        AsyncSession,
+        async_sessionmaker,
+    )
+    from sqlalchemy.orm import Session, sessionmaker
     from sqlalchemy.pool import ConnectionPoolEntry
 
     from iampg._endpoint import Endpoint
 
-__all__ = ["create_async_engine", "create_engine", "install"]
+__all__ = [
+    "aretry_transaction",
+    "create_async_engine",
+    "create_engine",
+    "install",
+    "retry_transaction",
+]
 
 logger = logging.getLogger("iampg.integrations.sqlalchemy")
 
@@ -181,3 +197,238 @@ def create_async_engine(
     engine = sa_create_async_engine(_url(endpoint), **engine_kwargs)
     install(engine.sync_engine, provider, preset=preset, allow_insecure=allow_insecure)
     return engine
+
+
+# -- transactions that run again after a conflict or a lost connection ----------------------
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+SyncBind: TypeAlias = "sqlalchemy.Engine | sqlalchemy.Connection | Session | sessionmaker[Any]"
+AsyncBind: TypeAlias = "AsyncEngine | AsyncConnection | AsyncSession | async_sessionmaker[Any]"
+
+
+@overload
+def retry_transaction(
+    bind: sqlalchemy.Engine | sqlalchemy.Connection,
+    fn: Callable[[sqlalchemy.Connection], T],
+    *,
+    attempts: int = ...,
+    base: float = ...,
+    cap: float = ...,
+    idempotent: bool = ...,
+) -> T: ...
+@overload
+def retry_transaction(
+    bind: Session | sessionmaker[Any],
+    fn: Callable[[Session], T],
+    *,
+    attempts: int = ...,
+    base: float = ...,
+    cap: float = ...,
+    idempotent: bool = ...,
+) -> T: ...
+@overload
+def retry_transaction(
+    bind: SyncBind,
+    fn: None = ...,
+    *,
+    attempts: int = ...,
+    base: float = ...,
+    cap: float = ...,
+    idempotent: bool = ...,
+) -> Callable[[Callable[Concatenate[Any, P], T]], Callable[P, T]]: ...
+def retry_transaction(
+    bind: SyncBind,
+    fn: Callable[[Any], T] | None = None,
+    *,
+    attempts: int = 5,
+    base: float = 0.02,
+    cap: float = 1.0,
+    idempotent: bool = False,
+) -> Any:
+    """Run ``fn`` in a transaction, again if it lost a concurrency race or its connection.
+
+    :func:`iampg.retry_transaction` for SQLAlchemy, with any dialect: the conflict
+    (``OC000``, ``OC001``, ``40001``) or the lost connection is found inside SQLAlchemy's
+    exception (``exc.orig`` and its causes). Each attempt runs in its own transaction:
+
+    - on an :class:`~sqlalchemy.Engine` (``engine.begin()``) or a
+      :class:`~sqlalchemy.orm.sessionmaker` (``Session.begin()``), with a new connection or
+      session; ``fn`` gets the :class:`~sqlalchemy.Connection` or the
+      :class:`~sqlalchemy.orm.Session`;
+    - on a :class:`~sqlalchemy.Connection` or a :class:`~sqlalchemy.orm.Session` not inside
+      a transaction, which ``fn`` gets, inside ``begin()``.
+
+    A connection lost before ``COMMIT`` was sent is replaced (SQLAlchemy reconnects an
+    invalidated connection) and ``fn`` runs again; lost during ``COMMIT``, the outcome is
+    unknown and the error is raised unless ``idempotent=True``. ``fn`` must be safe to
+    repeat: no side effects outside the database. Between attempts, waits with exponential
+    backoff and jitter (``base`` doubling up to ``cap`` seconds).
+
+    Without ``fn``, returns a decorator: the decorated function takes the connection or
+    session as its first argument, which its callers leave out::
+
+        @retry_transaction(Session)  # a sessionmaker
+        def transfer(session, source, target, amount): ...
+
+        transfer(1, 2, 10)
+
+    Args:
+        bind: Where each attempt's transaction runs.
+        fn: The transaction's work; its return value is returned.
+        attempts: How many times to try at most.
+        base: First backoff step in seconds.
+        cap: Largest backoff step in seconds.
+        idempotent: Also run again when the connection broke during ``COMMIT``.
+
+    Raises:
+        sqlalchemy.exc.DBAPIError: The last attempt's error, or one that is not retryable.
+        ConfigurationError: Bad ``attempts``, ``base`` or ``cap``, or an unknown ``bind``.
+    """
+    transaction = _transaction(bind)
+    check_options(attempts, base, cap)
+
+    def run(work: Callable[[Any], T]) -> T:
+        return _retry.run(
+            transaction,
+            work,
+            replaceable=True,
+            attempts=attempts,
+            base=base,
+            cap=cap,
+            idempotent=idempotent,
+        )
+
+    if fn is not None:
+        return run(fn)
+
+    def decorate(work: Callable[Concatenate[Any, P], T]) -> Callable[P, T]:
+        @functools.wraps(work)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            return run(lambda target: work(target, *args, **kwargs))
+
+        return wrapper
+
+    return decorate
+
+
+@overload
+def aretry_transaction(
+    bind: AsyncEngine | AsyncConnection,
+    fn: Callable[[AsyncConnection], Awaitable[T]],
+    *,
+    attempts: int = ...,
+    base: float = ...,
+    cap: float = ...,
+    idempotent: bool = ...,
+) -> Awaitable[T]: ...
+@overload
+def aretry_transaction(
+    bind: AsyncSession | async_sessionmaker[Any],
+    fn: Callable[[AsyncSession], Awaitable[T]],
+    *,
+    attempts: int = ...,
+    base: float = ...,
+    cap: float = ...,
+    idempotent: bool = ...,
+) -> Awaitable[T]: ...
+@overload
+def aretry_transaction(
+    bind: AsyncBind,
+    fn: None = ...,
+    *,
+    attempts: int = ...,
+    base: float = ...,
+    cap: float = ...,
+    idempotent: bool = ...,
+) -> Callable[[Callable[Concatenate[Any, P], Awaitable[T]]], Callable[P, Awaitable[T]]]: ...
+def aretry_transaction(
+    bind: AsyncBind,
+    fn: Callable[[Any], Awaitable[T]] | None = None,
+    *,
+    attempts: int = 5,
+    base: float = 0.02,
+    cap: float = 1.0,
+    idempotent: bool = False,
+) -> Any:
+    """Run ``await fn(...)`` in a transaction, again after a conflict or a lost connection.
+
+    The asynchronous twin of :func:`retry_transaction`.
+
+    For an :class:`~sqlalchemy.ext.asyncio.AsyncEngine` or ``async_sessionmaker`` (a new
+    connection or session per attempt), or an ``AsyncConnection`` or ``AsyncSession`` not
+    inside a transaction. Without ``fn``, a decorator for coroutine functions::
+
+        @aretry_transaction(async_session)
+        async def transfer(session, source, target, amount): ...
+
+        await transfer(1, 2, 10)
+    """
+    transaction = _atransaction(bind)
+    check_options(attempts, base, cap)
+
+    async def run(work: Callable[[Any], Awaitable[T]]) -> T:
+        return await _retry.arun(
+            transaction,
+            work,
+            replaceable=True,
+            attempts=attempts,
+            base=base,
+            cap=cap,
+            idempotent=idempotent,
+        )
+
+    if fn is not None:
+        return run(fn)
+
+    def decorate(work: Callable[Concatenate[Any, P], Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+        @functools.wraps(work)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            return await run(lambda target: work(target, *args, **kwargs))
+
+        return wrapper
+
+    return decorate
+
+
+def _transaction(bind: object) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """Return what opens one attempt's transaction on ``bind``."""
+    from sqlalchemy.orm import Session, sessionmaker  # noqa: PLC0415
+
+    if isinstance(bind, sqlalchemy.Engine | sessionmaker):
+        return bind.begin
+    if isinstance(bind, sqlalchemy.Connection | Session):
+        target = bind
+
+        @contextlib.contextmanager
+        def begun() -> Iterator[Any]:
+            with target.begin():
+                yield target
+
+        return begun
+    raise _unknown_bind(bind, "an Engine, Connection, Session or sessionmaker")
+
+
+def _atransaction(bind: object) -> Callable[[], contextlib.AbstractAsyncContextManager[Any]]:
+    """Return what opens one attempt's transaction on an asyncio ``bind``."""
+    from sqlalchemy.ext import asyncio as sa_asyncio  # noqa: PLC0415
+
+    if isinstance(bind, sa_asyncio.AsyncEngine | sa_asyncio.async_sessionmaker):
+        return bind.begin
+    if isinstance(bind, sa_asyncio.AsyncConnection | sa_asyncio.AsyncSession):
+        target = bind
+
+        @contextlib.asynccontextmanager
+        async def begun() -> AsyncIterator[Any]:
+            async with target.begin():
+                yield target
+
+        return begun
+    raise _unknown_bind(bind, "an AsyncEngine, AsyncConnection, AsyncSession or async_sessionmaker")
+
+
+def _unknown_bind(bind: object, expected: str) -> Exception:
+    from iampg.errors import ConfigurationError  # noqa: PLC0415
+
+    return ConfigurationError(f"retry_transaction needs {expected}, not {type(bind).__name__}")

@@ -19,15 +19,19 @@ after the first token expired still authenticate. Importing this module imports 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import contextlib
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, ParamSpec, TypeVar, overload
 
 import psycopg
 
+from iampg import _retry
 from iampg._connecting import Target, prepare, sync_class
+from iampg._lost import purge
 from iampg.integrations import EndpointOrProvider
 
-__all__ = ["ENGINE", "database"]
+__all__ = ["ENGINE", "database", "retry_transaction"]
 
 ENGINE = "iampg.integrations.django"
 """The value of ``DATABASES[...]["ENGINE"]`` for this backend."""
@@ -114,3 +118,149 @@ def database(
     entry["OPTIONS"] = opts
     entry.update(settings)
     return entry
+
+
+# -- transactions that run again after a conflict or a lost connection ----------------------
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+@overload
+def retry_transaction(
+    fn: Callable[[], T],
+    *,
+    using: str | None = ...,
+    attempts: int = ...,
+    base: float = ...,
+    cap: float = ...,
+    idempotent: bool = ...,
+) -> T: ...
+@overload
+def retry_transaction(
+    fn: None = ...,
+    *,
+    using: str | None = ...,
+    attempts: int = ...,
+    base: float = ...,
+    cap: float = ...,
+    idempotent: bool = ...,
+) -> Callable[[Callable[P, T]], Callable[P, T]]: ...
+def retry_transaction(
+    fn: Callable[[], T] | None = None,
+    *,
+    using: str | None = None,
+    attempts: int = 5,
+    base: float = 0.02,
+    cap: float = 1.0,
+    idempotent: bool = False,
+) -> Any:
+    """Run ``fn()`` in ``transaction.atomic``, again if it lost a race or its connection.
+
+    :func:`iampg.retry_transaction` for Django: the conflict (``OC000``, ``OC001``,
+    ``40001``) is found behind Django's :class:`django.db.utils.OperationalError` (its
+    ``__cause__``), the transaction is rolled back and ``fn`` runs again, with exponential
+    backoff and jitter (``base`` doubling up to ``cap`` seconds). A connection lost before
+    ``COMMIT`` was sent (a failover, an idle cut, DSQL's one-hour cap) is dropped by Django,
+    and the next attempt opens a new one (or takes one from the native pool); lost during
+    ``COMMIT``, the outcome is unknown and the error is raised unless ``idempotent=True``.
+
+    Each attempt is ``transaction.atomic(using=using, durable=True)``: a transaction of its
+    own, so this cannot run inside another atomic block (``ATOMIC_REQUESTS`` included; Django
+    raises :class:`RuntimeError`), where a conflict would have doomed the outer transaction.
+    ``fn`` must be safe to repeat: no side effects outside the database.
+
+    Without ``fn``, returns a decorator; the decorated function keeps its arguments::
+
+        @retry_transaction(attempts=10)
+        def transfer(source_id, target_id, amount): ...
+
+    Args:
+        fn: The transaction's work, called without arguments; its return value is returned.
+        using: The database alias (default: ``"default"``).
+        attempts: How many times to try at most.
+        base: First backoff step in seconds.
+        cap: Largest backoff step in seconds.
+        idempotent: Also run again when the connection broke during ``COMMIT``.
+
+    Raises:
+        django.db.DatabaseError: The last attempt's error, or one that is not retryable.
+        ConfigurationError: Bad ``attempts``, ``base`` or ``cap``.
+    """
+    _retry.check_options(attempts, base, cap)
+
+    def run(work: Callable[[], T]) -> T:
+        attempt = _Attempt(using)
+        return _retry.run(
+            attempt.transaction,
+            lambda _: work(),
+            replaceable=True,
+            broken=attempt.broken,
+            lost=attempt.lost,
+            attempts=attempts,
+            base=base,
+            cap=cap,
+            idempotent=idempotent,
+        )
+
+    if fn is not None:
+        return run(fn)
+
+    def decorate(work: Callable[P, T]) -> Callable[P, T]:
+        @functools.wraps(work)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            return run(lambda: work(*args, **kwargs))
+
+        return wrapper
+
+    return decorate
+
+
+class _Attempt:
+    """Opens each attempt's durable atomic block; tells whether its connection was lost."""
+
+    def __init__(self, using: str | None) -> None:
+        self.using = using
+        self.driver: Any = None
+
+    def _connection(self) -> Any:
+        from django.db import transaction  # noqa: PLC0415
+
+        return transaction.get_connection(self.using)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Run one attempt inside ``transaction.atomic(using, durable=True)``."""
+        from django.db import transaction  # noqa: PLC0415
+
+        self.driver = None
+        with transaction.atomic(using=self.using, durable=True):
+            self.driver = self._connection().connection
+            yield
+
+    def broken(self) -> bool:
+        """Tell whether the attempt's connection, open at its start, was lost.
+
+        When the rollback after a failure fails too, Django drops the connection (and may
+        open another at once); psycopg marks one whose server went away ``broken``.
+        """
+        if self.driver is None:
+            return False
+        return self._connection().connection is not self.driver or _gone(self.driver)
+
+    def lost(self) -> None:
+        """Before the next attempt, make sure it gets a working connection.
+
+        A lost connection Django still holds is closed (Django would reuse it); a native pool
+        then checks its idle connections: what killed one (a restart, a failover) often
+        killed them all.
+        """
+        connection = self._connection()
+        if connection.connection is not None and _gone(connection.connection):
+            connection.close()
+        if connection.settings_dict["OPTIONS"].get("pool"):
+            purge(connection.pool)  # the pool this connection came from: it exists already
+
+
+def _gone(driver: Any) -> bool:
+    return bool(driver.closed or driver.broken)

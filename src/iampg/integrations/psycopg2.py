@@ -1,0 +1,260 @@
+"""psycopg2 connections and pools that authenticate every new connection with a token.
+
+Three entry points, one behaviour: :func:`connect` opens a connection,
+:class:`ThreadedConnectionPool` is psycopg2's own pool signing each new connection, and
+:func:`connection_factory` returns a ``connection_factory`` class for code that calls
+:func:`psycopg2.connect` itself. Each gives the endpoint's libpq parameters (``host``,
+``hostaddr``, ``sslmode`` …; the caller's win) and a current token to every new connection,
+checks the parameters libpq finally receives (TLS towards anything but loopback, and the host
+the token is signed for), forgets a token the server refused and raises
+:class:`AuthenticationError`, which is both a :class:`psycopg2.OperationalError` and an
+:class:`iampg.AuthenticationError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, cast
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.pool
+
+import iampg.errors
+from iampg._connecting import Attempts, Secret, Target, check_extra, explain, prepare
+from iampg._diagnose import failure_kind
+from iampg.integrations import EndpointOrProvider
+
+__all__ = [
+    "AuthenticationError",
+    "ThreadedConnectionPool",
+    "UnavailableError",
+    "connect",
+    "connection_factory",
+]
+
+logger = logging.getLogger("iampg.integrations.psycopg2")
+
+
+# The two bases type their ``diag`` differently; at runtime each is the driver's own.
+class AuthenticationError(iampg.errors.AuthenticationError, psycopg2.OperationalError):  # type: ignore[misc]
+    """The server refused the connection's token (or TLS was off); the likely causes listed.
+
+    Both a :class:`psycopg2.OperationalError`, so psycopg2 code that catches that keeps
+    working, and an :class:`iampg.AuthenticationError`; the server's own error is chained.
+    """
+
+    __module__ = "iampg.integrations.psycopg2"
+
+
+class UnavailableError(iampg.errors.UnavailableError, psycopg2.OperationalError):  # type: ignore[misc]
+    """The service kept turning new connections away until ``wait`` ran out.
+
+    Both a :class:`psycopg2.OperationalError` and an :class:`iampg.UnavailableError`.
+    """
+
+    __module__ = "iampg.integrations.psycopg2"
+
+
+def _translated(error: Exception) -> Exception:
+    """Return iampg's verdict on a failed connect as the psycopg2 flavour of its class."""
+    if isinstance(error, iampg.errors.AuthenticationError):
+        return AuthenticationError(str(error))
+    if isinstance(error, iampg.errors.UnavailableError):
+        return UnavailableError(str(error))
+    return error
+
+
+def _final_params(target: Target, dsn: str) -> dict[str, str]:
+    """Merge the caller's DSN over the endpoint's parameters; check what libpq will receive.
+
+    Raises:
+        ConfigurationError: The parameters would send the token to another host, address or
+            port than the one it is signed for, or without TLS to a non-loopback address, or
+            name a password, passfile or service.
+    """
+    given = psycopg2.extensions.parse_dsn(dsn) if dsn else {}
+    check_extra(given)
+    params = {**target.params, **given}
+    target.check(params)
+    return params
+
+
+def _factory(
+    connecting: Target, base: type[psycopg2.extensions.connection]
+) -> type[psycopg2.extensions.connection]:
+    """Subclass ``base``: each connection checked, signed, and its refusal explained."""
+    provider = connecting.provider
+
+    class IamConnection(base):  # type: ignore[valid-type,misc]
+        def __init__(self, dsn: str, *args: Any, **kwargs: Any) -> None:
+            params = _final_params(connecting, dsn)
+            token = Secret(provider.token())
+            try:
+                super().__init__(
+                    psycopg2.extensions.make_dsn(**params, password=token.value), *args, **kwargs
+                )
+            except psycopg2.OperationalError as exc:
+                error = explain(cast("Any", exc), provider, token)
+                if error is exc:
+                    raise
+                raise _translated(error) from exc
+
+    name = base.__name__
+    IamConnection.__name__ = IamConnection.__qualname__ = f"Iam{name[:1].upper()}{name[1:]}"
+    return IamConnection
+
+
+def connection_factory(
+    target: EndpointOrProvider,
+    *,
+    preset: str | None = None,
+    allow_insecure: bool = False,
+    base: type[psycopg2.extensions.connection] = psycopg2.extensions.connection,
+) -> type[psycopg2.extensions.connection]:
+    """Return a psycopg2 ``connection_factory`` that signs every connection it opens.
+
+    For code that calls :func:`psycopg2.connect` itself::
+
+        factory = connection_factory("postgresql://app@mydb.cluster-abc.us-east-1.rds.amazonaws.com/app")
+        conn = psycopg2.connect("application_name=reports", connection_factory=factory)
+
+    Each connection gets the endpoint's libpq parameters, under those given to
+    :func:`psycopg2.connect`, and a current token as its password. A token the server refuses
+    is forgotten, so the next connection signs a new one, and :class:`AuthenticationError`
+    is raised.
+
+    Args:
+        target: The endpoint (a provider is made for it) or the :class:`iampg.TokenProvider`
+            to share.
+        preset: ``rds``, ``aurora-serverless`` (or ``aurora-express``) or ``dsql``: the
+            service's ``connect_timeout``; defaults to the endpoint's service.
+        allow_insecure: Allow an ``sslmode`` that may send the token in plaintext to a
+            non-loopback host.
+        base: The connection class to extend (e.g. :class:`psycopg2.extras.DictConnection`).
+
+    Raises:
+        ConfigurationError: Bad endpoint or options (checked here, and again on each
+            connection's final parameters).
+    """
+    return _factory(prepare(target, None, preset, allow_insecure=allow_insecure), base)
+
+
+def connect(
+    target: EndpointOrProvider,
+    *,
+    preset: str | None = None,
+    wait: float | None = None,
+    allow_insecure: bool = False,
+    connection_factory: type[psycopg2.extensions.connection] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Open a psycopg2 connection that authenticates with a current IAM token.
+
+    Behaves as :func:`iampg.connect`: a refused token is forgotten and the connect tried once
+    more with a new one (temporary credentials rotated since the cached token was signed,
+    say); a second refusal raises :class:`AuthenticationError` with the likely causes. While
+    the service says it is waking up or rate-limiting connections (DSQL), or, for Aurora
+    Serverless, while a connect times out during a resume, the connect is retried with
+    backoff for up to ``wait`` seconds.
+
+    Args:
+        target: The endpoint (a provider is made for it) or the :class:`iampg.TokenProvider`
+            to share.
+        preset: ``rds``, ``aurora-serverless`` (or ``aurora-express``) or ``dsql``: the
+            service's ``connect_timeout`` and ``wait``; defaults to the endpoint's service.
+        wait: Seconds to keep retrying a cluster that is not accepting connections yet
+            (default from the preset); 0 disables it.
+        allow_insecure: Allow an ``sslmode`` that may send the token in plaintext to a
+            non-loopback host.
+        connection_factory: A :class:`psycopg2.extensions.connection` subclass to extend.
+        **kwargs: Passed to :func:`psycopg2.connect`: libpq parameters
+            (``application_name``, ``connect_timeout`` …, winning over the endpoint's),
+            ``cursor_factory``, ``async_``.
+
+    Returns:
+        A :class:`psycopg2.extensions.connection` (or of ``connection_factory``'s class).
+
+    Raises:
+        ConfigurationError: Bad endpoint or options.
+        TokenError: No token could be signed.
+        AuthenticationError: The server refused the token twice, or TLS was off.
+        UnavailableError: The service was still turning connections away after ``wait``.
+        psycopg2.OperationalError: The connection failed for another reason.
+    """
+    connecting = prepare(target, None, preset, allow_insecure=allow_insecure)
+    factory = _factory(connecting, connection_factory or psycopg2.extensions.connection)
+    attempts = Attempts(connecting, wait)
+    while True:
+        try:
+            return psycopg2.connect(connection_factory=factory, **kwargs)
+        except psycopg2.OperationalError as exc:
+            server = exc.__cause__ if isinstance(exc, iampg.errors.Error) else exc
+            try:
+                # The factory already forgot a refused token: nothing to forget here.
+                delay = attempts.failed(cast("Any", server), Secret(None))
+            except iampg.errors.Error as verdict:
+                raise _translated(verdict) from server
+        if delay:
+            time.sleep(delay)
+
+
+class ThreadedConnectionPool(psycopg2.pool.ThreadedConnectionPool):
+    """psycopg2's thread-safe pool, each new connection signed with a current token.
+
+    ``getconn()`` hands out pooled connections as usual; each new physical connection (the
+    ``minconn`` opened by the constructor, and those opened later up to ``maxconn``) asks
+    the provider for a token, so the pool keeps authenticating after the first token
+    expired. Open connections are not affected by token expiry. A refused token is forgotten
+    and the connect tried once more with a new one; a second refusal raises
+    :class:`AuthenticationError`.
+
+    Example::
+
+        pool = ThreadedConnectionPool(
+            1, 10, "postgresql://app@mydb.cluster-abc.us-east-1.rds.amazonaws.com/app"
+        )
+        conn = pool.getconn()
+        ...
+        pool.putconn(conn)
+
+    Args:
+        minconn: Connections opened at once.
+        maxconn: Most connections open at a time.
+        target: The endpoint (a provider is made for it) or the :class:`iampg.TokenProvider`
+            to share.
+        preset: See :func:`connection_factory`.
+        allow_insecure: See :func:`connect`.
+        connection_factory: A :class:`psycopg2.extensions.connection` subclass to extend.
+        **kwargs: Passed to :func:`psycopg2.connect` for every connection (libpq parameters,
+            ``cursor_factory`` …).
+
+    Raises:
+        ConfigurationError: Bad endpoint or options.
+    """
+
+    def __init__(
+        self,
+        minconn: int,
+        maxconn: int,
+        target: EndpointOrProvider,
+        *,
+        preset: str | None = None,
+        allow_insecure: bool = False,
+        connection_factory: type[psycopg2.extensions.connection] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        connecting = prepare(target, None, preset, allow_insecure=allow_insecure)
+        factory = _factory(connecting, connection_factory or psycopg2.extensions.connection)
+        super().__init__(minconn, maxconn, connection_factory=factory, **kwargs)
+
+    def _connect(self, key: Any = None) -> Any:
+        """Open a new pooled connection, once more if the server refused the token."""
+        try:
+            return super()._connect(key)  # type: ignore[misc]
+        except AuthenticationError as exc:
+            if failure_kind(exc) != "token":
+                raise
+            logger.info("token refused; retrying once with a new token")
+        return super()._connect(key)  # type: ignore[misc]
