@@ -107,5 +107,5 @@ def build(session: nox.Session) -> None:
 @nox.session
 def docs(session: nox.Session) -> None:
     """Build the documentation; any Sphinx warning fails the session."""
-    session.install("-e", ".[emulator,binary,sqlalchemy,asyncpg,django]", *_group("docs"))
+    session.install("-e", ".[emulator,binary,sqlalchemy,asyncpg,django,psycopg2]", *_group("docs"))
     session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
