@@ -574,9 +574,15 @@ class Backend:
         Args:
             overrides: libpq keywords and their values.
 
+        A new ``host`` clears the DSN's ``hostaddr`` (the address of the old host) unless
+        ``hostaddr`` is given too; cleared, not dropped, so that an exported ``PGHOSTADDR``
+        does not take its place.
+
         Returns:
             A ``key=value`` connection string.
         """
+        if "host" in overrides and "hostaddr" not in overrides:
+            overrides = {**overrides, "hostaddr": ""}
         return make_conninfo(self.dsn, **overrides)
 
     def stop(self) -> None:
