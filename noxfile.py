@@ -200,6 +200,8 @@ EXAMPLES = [
     "examples/alembic_migration/migrate.py",
     "examples/dsql_transaction.py",
     "examples/psycopg2_users.py",
+    "examples/django_users/app.py",
+    "examples/fastapi_users.py",
 ]
 EXAMPLE_TIMEOUT = 180.0  # seconds; a throwaway PostgreSQL starts in a few
 
