@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -14,13 +12,12 @@ from iampg import AwsSigner, Endpoint, SignedToken, TokenProvider
 from iampg._sigv4 import EnvSigner
 from iampg.emulator import (
     FAKE_CREDENTIALS,
-    Backend,
     Credentials,
     CredentialsServer,
     CredentialStore,
     Emulator,
 )
-from support import endpoint_for, use_credentials_server
+from support import EmulatorFactory, endpoint_for, use_credentials_server
 
 ROLE = "arn:aws:iam::123456789012:role/app"
 # The second documented example key pair (AWS's documentation uses both).
@@ -28,18 +25,14 @@ OTHER_KEYS = Credentials("AKIAI44QH8DHBEXAMPLE", "je7MtGbClwBF/2Zp9Utk/h3yCo8nvb
 EP = Endpoint("mydb.cluster-abc.us-east-1.rds.amazonaws.com", user="app")
 
 
-@pytest.fixture(autouse=True)
-def _quiet_botocore(caplog: pytest.LogCaptureFixture) -> None:
-    """Keep botocore's DEBUG lines out of failure reports."""
-    caplog.set_level(logging.WARNING, logger="botocore")
+# Keep botocore's DEBUG lines (which show signatures) out of failure reports.
+pytestmark = pytest.mark.usefixtures("quiet_botocore")
 
 
 @pytest.fixture
-def emu(backend: Backend) -> Iterator[Emulator]:
+def emu(start_emulator: EmulatorFactory) -> Emulator:
     """Return an emulator whose known keys live in a store the test can revoke keys from."""
-    store = CredentialStore([FAKE_CREDENTIALS, OTHER_KEYS])
-    with Emulator(backend.dsn, credentials=store) as emulator:
-        yield emulator
+    return start_emulator(credentials=CredentialStore([FAKE_CREDENTIALS, OTHER_KEYS]))
 
 
 def key_of(token: str) -> str:

@@ -30,6 +30,7 @@ from iampg.cli import main
 from iampg.emulator import Backend, Emulator
 from iampg.emulator._tls import make_certificates, server_context
 from iampg.integrations import sqlalchemy as iampg_sqlalchemy
+from support import EmulatorFactory
 
 HOST = "mydb.cluster-abc.us-east-1.rds.amazonaws.com"
 _SSL_REQUEST = 80877103
@@ -224,11 +225,10 @@ def test_explicit_require_is_the_opt_out_that_hands_over_the_token(trusted_mitm:
 
 
 @pytest.fixture
-def dsql(backend: Backend) -> Iterator[Emulator]:
+def dsql(backend: Backend, start_emulator: EmulatorFactory) -> Emulator:
     """A DSQL emulator whose admin role exists on the backend."""
     backend.ensure_role("admin")
-    with Emulator(backend.dsn, service="dsql") as emu:
-        yield emu
+    return start_emulator(service="dsql")
 
 
 @pytest.mark.skipif(shutil.which("psql") is None, reason="needs the psql program")

@@ -12,7 +12,6 @@ import sys
 import time
 import tracemalloc
 import warnings
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 import iampg
 from iampg.cli import main
 from iampg.emulator import Backend, Emulator
-from support import endpoint_for
+from support import EmulatorFactory, endpoint_for
 
 _SSL_REQUEST = struct.pack("!II", 8, 80877103)
 _UNASSIGNED = "192.0.2.1"  # TEST-NET-1: not loopback, and on no interface here
@@ -125,10 +124,9 @@ def test_cli_warns_in_one_line_on_stderr(
 
 
 @pytest.fixture
-def small(backend: Backend) -> Iterator[Emulator]:
+def small(start_emulator: EmulatorFactory) -> Emulator:
     """Return an emulator that allows two unauthenticated connections."""
-    with Emulator(backend.dsn, max_unauthenticated=2) as emu:
-        yield emu
+    return start_emulator(max_unauthenticated=2)
 
 
 def test_cap_refuses_with_53300_not_a_hang(small: Emulator) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -16,20 +15,19 @@ from iampg.emulator import Backend, Emulator
 from iampg.integrations import asyncpg as iampg_asyncpg
 from iampg.integrations import psycopg2 as iampg_psycopg2
 from iampg.integrations import sqlalchemy as iampg_sqlalchemy
-from support import ContendedCounter, endpoint_for
+from support import ContendedCounter, EmulatorFactory, endpoint_for
 
 TABLE = "iampg_retry_dsql"
 
 
 @pytest.fixture
-def dsql(backend: Backend) -> Iterator[Emulator]:
+def dsql(backend: Backend, start_emulator: EmulatorFactory) -> Emulator:
     """A DSQL-mode emulator; its admin role may create tables, as DSQL's admin can."""
     backend.ensure_role("admin")
     with psycopg.connect(backend.dsn, autocommit=True) as conn:
         conn.execute("grant create on schema public to admin")
         conn.execute(f"drop table if exists {TABLE}")
-    with Emulator(backend.dsn, service="dsql") as emu:
-        yield emu
+    return start_emulator(service="dsql")
 
 
 @pytest.fixture

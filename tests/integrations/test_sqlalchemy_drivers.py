@@ -17,9 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 import iampg
 from fakes import CountingSigner
 from iampg import Endpoint, TokenProvider
-from iampg.emulator import Backend, Emulator
+from iampg.emulator import Emulator
 from iampg.integrations import sqlalchemy as iampg_sqlalchemy
-from support import ContendedCounter, endpoint_for
+from support import ContendedCounter, EmulatorFactory, endpoint_for
 
 # (driver, asyncio?) as SQLAlchemy users pick them: postgresql+<driver>://
 DRIVERS = [
@@ -148,10 +148,9 @@ def test_refused_token_is_forgotten_and_explained(
 
 
 @pytest.fixture
-def unnamed(backend: Backend) -> Iterator[Emulator]:
+def unnamed(start_emulator: EmulatorFactory) -> Emulator:
     """An emulator on 127.0.0.2, an address its certificate does not name (it names 127.0.0.1)."""
-    with Emulator(backend.dsn, listen_host="127.0.0.2") as emu:
-        yield emu
+    return start_emulator(listen_host="127.0.0.2")
 
 
 @pytest.mark.parametrize(("driver", "is_async"), DRIVERS, ids=IDS)
