@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from iampg import _refresh
 from iampg.errors import ConfigurationError, Error
@@ -18,13 +20,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RETRYABLE_SQLSTATES",
+    "AsyncDecorator",
+    "Decorator",
     "aretry_transaction",
+    "aretrying",
     "arun",
+    "call_or_decorate",
     "check_options",
     "conflict_sqlstate",
     "is_connection_lost",
     "is_retryable",
     "retry_transaction",
+    "retrying",
     "run",
 ]
 
@@ -32,6 +39,26 @@ logger = logging.getLogger("iampg.retry")
 
 T = TypeVar("T")
 C = TypeVar("C")
+P = ParamSpec("P")
+
+
+class Decorator(Protocol):
+    """What ``retry_transaction(target)`` returns: its function gets the target first."""
+
+    def __call__(self, work: Callable[Concatenate[Any, P], T], /) -> Callable[P, T]:
+        """Return ``work`` retried, called without its first argument."""
+        ...
+
+
+class AsyncDecorator(Protocol):
+    """The coroutine-function form of :class:`Decorator`."""
+
+    def __call__(
+        self, work: Callable[Concatenate[Any, P], Awaitable[T]], /
+    ) -> Callable[P, Awaitable[T]]:
+        """Return ``work`` retried, called without its first argument."""
+        ...
+
 
 RETRYABLE_SQLSTATES = frozenset({"40001", "OC000", "OC001"})
 """Serialization failure, and DSQL's optimistic-concurrency conflicts on data and schema."""
@@ -316,6 +343,7 @@ def run(
         ConfigurationError: Bad ``attempts``, ``base`` or ``cap``.
     """
     check_options(attempts, base, cap)
+    policy = _Policy(attempts, broken, replaceable, idempotent)
     for attempt in range(1, attempts + 1):
         committing = False
         try:
@@ -323,14 +351,8 @@ def run(
                 result = fn(target)
                 committing = True
         except Exception as exc:
-            reason = retry_reason(
-                exc,
-                broken=broken() if broken is not None else False,
-                replaceable=replaceable,
-                committing=committing,
-                idempotent=idempotent,
-            )
-            if reason is None or attempt == attempts:
+            reason = policy.again(exc, attempt, committing=committing)
+            if reason is None:
                 raise
             if lost is not None and reason.startswith("connection lost"):
                 lost()
@@ -354,6 +376,7 @@ async def arun(
 ) -> T:
     """The asynchronous twin of :func:`run`."""
     check_options(attempts, base, cap)
+    policy = _Policy(attempts, broken, replaceable, idempotent)
     for attempt in range(1, attempts + 1):
         committing = False
         try:
@@ -361,14 +384,8 @@ async def arun(
                 result = await fn(target)
                 committing = True
         except Exception as exc:
-            reason = retry_reason(
-                exc,
-                broken=broken() if broken is not None else False,
-                replaceable=replaceable,
-                committing=committing,
-                idempotent=idempotent,
-            )
-            if reason is None or attempt == attempts:
+            reason = policy.again(exc, attempt, committing=committing)
+            if reason is None:
                 raise
             if lost is not None and reason.startswith("connection lost"):
                 await lost()
@@ -376,6 +393,133 @@ async def arun(
         else:
             return result
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+@dataclasses.dataclass(frozen=True)
+class _Policy:
+    """What :func:`run` and :func:`arun` were told about retrying."""
+
+    attempts: int
+    broken: Callable[[], bool] | None
+    replaceable: bool
+    idempotent: bool
+
+    def again(self, exc: Exception, attempt: int, *, committing: bool) -> str | None:
+        """Say why the loop tries again after ``exc``, or None if it must raise it."""
+        if attempt == self.attempts:
+            return None
+        return retry_reason(
+            exc,
+            broken=self.broken() if self.broken is not None else False,
+            replaceable=self.replaceable,
+            committing=committing,
+            idempotent=self.idempotent,
+        )
+
+
+def call_or_decorate(
+    once: Callable[[Callable[[Any], T]], T],
+    fn: Callable[[Any], T] | None,
+    *,
+    with_target: bool = True,
+) -> Any:
+    """Return ``once(fn)``, or without ``fn`` a decorator whose functions run through ``once``.
+
+    The two forms of the integrations' ``retry_transaction``. ``once(work)`` runs ``work``
+    (with retries) and returns its result; the decorated function is called as
+    ``work(target, *args, **kwargs)`` with what ``once`` hands it, or without the target
+    when ``with_target`` is false.
+    """
+    if fn is not None:
+        return once(fn)
+
+    def decorate(work: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(work)
+        def wrapper(*args: Any, **kwargs: Any) -> T:
+            if with_target:
+                return once(lambda target: work(target, *args, **kwargs))
+            return once(lambda _: work(*args, **kwargs))
+
+        return wrapper
+
+    return decorate
+
+
+def acall_or_decorate(
+    once: Callable[[Callable[[Any], Awaitable[T]]], Awaitable[T]],
+    fn: Callable[[Any], Awaitable[T]] | None,
+) -> Any:
+    """The asynchronous twin of :func:`call_or_decorate`: the decorator makes coroutines."""
+    if fn is not None:
+        return once(fn)
+
+    def decorate(work: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+        @functools.wraps(work)
+        async def wrapper(*args: Any, **kwargs: Any) -> T:
+            return await once(lambda target: work(target, *args, **kwargs))
+
+        return wrapper
+
+    return decorate
+
+
+def retrying(
+    transaction: Callable[[], contextlib.AbstractContextManager[Any]],
+    fn: Callable[[Any], T] | None,
+    *,
+    replaceable: bool,
+    broken: Callable[[], bool] | None = None,
+    attempts: int,
+    base: float,
+    cap: float,
+    idempotent: bool,
+) -> Any:
+    """Check the options, then :func:`run` ``fn`` or return a decorator for it.
+
+    The body of an integration's ``retry_transaction(target, fn=None, ...)``: see
+    :func:`run` for the arguments and :func:`call_or_decorate` for the two forms.
+
+    Raises:
+        ConfigurationError: Bad ``attempts``, ``base`` or ``cap``.
+    """
+    check_options(attempts, base, cap)
+    once: Callable[[Callable[[Any], T]], T] = functools.partial(
+        run,
+        transaction,
+        replaceable=replaceable,
+        broken=broken,
+        attempts=attempts,
+        base=base,
+        cap=cap,
+        idempotent=idempotent,
+    )
+    return call_or_decorate(once, fn)
+
+
+def aretrying(
+    transaction: Callable[[], contextlib.AbstractAsyncContextManager[Any]],
+    fn: Callable[[Any], Awaitable[T]] | None,
+    *,
+    replaceable: bool,
+    broken: Callable[[], bool] | None = None,
+    attempts: int,
+    base: float,
+    cap: float,
+    idempotent: bool,
+) -> Any:
+    """The asynchronous twin of :func:`retrying`, with :func:`arun`."""
+    check_options(attempts, base, cap)
+    once: Callable[[Callable[[Any], Awaitable[T]]], Awaitable[T]] = functools.partial(
+        arun,
+        transaction,
+        replaceable=replaceable,
+        broken=broken,
+        attempts=attempts,
+        base=base,
+        cap=cap,
+        idempotent=idempotent,
+    )
+    return acall_or_decorate(once, fn)
 
 
 def _next_delay(reason: str, attempt: int, attempts: int, base: float, cap: float) -> float:

@@ -15,11 +15,10 @@ the server refused and raises :class:`AuthenticationError`, which is both a
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast, overload
+from typing import Any, TypeVar, cast, overload
 
 import psycopg2
 import psycopg2.extensions
@@ -269,7 +268,6 @@ class ThreadedConnectionPool(psycopg2.pool.ThreadedConnectionPool):
 
 # -- transactions that run again after a conflict or a lost connection ----------------------
 
-P = ParamSpec("P")
 T = TypeVar("T")
 
 
@@ -292,7 +290,7 @@ def retry_transaction(
     base: float = ...,
     cap: float = ...,
     idempotent: bool = ...,
-) -> Callable[[Callable[Concatenate[Any, P], T]], Callable[P, T]]: ...
+) -> _retry.Decorator: ...
 def retry_transaction(
     target: Any,
     fn: Callable[[Any], T] | None = None,
@@ -337,31 +335,16 @@ def retry_transaction(
         ConfigurationError: Bad ``attempts``, ``base`` or ``cap``, or an unknown ``target``.
     """
     attempt = _Attempt(target)
-    _retry.check_options(attempts, base, cap)
-
-    def run(work: Callable[[Any], T]) -> T:
-        return _retry.run(
-            attempt.transaction,
-            work,
-            replaceable=attempt.replaceable,
-            broken=attempt.broken,
-            attempts=attempts,
-            base=base,
-            cap=cap,
-            idempotent=idempotent,
-        )
-
-    if fn is not None:
-        return run(fn)
-
-    def decorate(work: Callable[Concatenate[Any, P], T]) -> Callable[P, T]:
-        @functools.wraps(work)
-        def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-            return run(lambda conn: work(conn, *args, **kwargs))
-
-        return wrapper
-
-    return decorate
+    return _retry.retrying(
+        attempt.transaction,
+        fn,
+        replaceable=attempt.replaceable,
+        broken=attempt.broken,
+        attempts=attempts,
+        base=base,
+        cap=cap,
+        idempotent=idempotent,
+    )
 
 
 class _Attempt:
