@@ -9,7 +9,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
 from iampg import _refresh
 from iampg.errors import ConfigurationError, Error
@@ -21,7 +21,10 @@ if TYPE_CHECKING:
 __all__ = [
     "RETRYABLE_SQLSTATES",
     "AsyncDecorator",
+    "Attempts",
+    "Begin",
     "Decorator",
+    "PoolOrConnection",
     "aretry_transaction",
     "aretrying",
     "arun",
@@ -33,6 +36,7 @@ __all__ = [
     "retry_transaction",
     "retrying",
     "run",
+    "unknown_target",
 ]
 
 logger = logging.getLogger("iampg.retry")
@@ -40,6 +44,7 @@ logger = logging.getLogger("iampg.retry")
 T = TypeVar("T")
 C = TypeVar("C")
 P = ParamSpec("P")
+M_co = TypeVar("M_co", covariant=True)
 
 
 class Decorator(Protocol):
@@ -463,12 +468,73 @@ def acall_or_decorate(
     return decorate
 
 
+class Attempts(Protocol[M_co]):
+    """Where a retried transaction's attempts run: what :func:`retrying` needs to know."""
+
+    @property
+    def replaceable(self) -> bool:
+        """Whether each attempt gets another connection (a pool, an engine)."""
+        ...
+
+    def transaction(self) -> M_co:
+        """Open one attempt's transaction: a context manager yielding what ``fn`` receives."""
+        ...
+
+    def broken(self) -> bool:
+        """Tell whether the driver found the last attempt's connection gone."""
+        ...
+
+
+class PoolOrConnection:
+    """Attempts on a driver's pool (a connection each) or on one connection of the caller's.
+
+    Subclasses define ``transaction()`` and set ``lost`` when it finds that an attempt's
+    pooled connection was lost.
+    """
+
+    def __init__(
+        self,
+        target: Any,
+        *,
+        pool: type[Any] | tuple[type[Any], ...],
+        connection: type[Any] | tuple[type[Any], ...],
+        expected: str,
+    ) -> None:
+        if isinstance(target, pool):
+            self.replaceable = True
+        elif isinstance(target, connection):
+            self.replaceable = False
+        else:
+            raise unknown_target(target, expected)
+        self.target = target
+        self.lost = False
+
+    def broken(self) -> bool:
+        """Tell whether the last attempt's pooled connection was lost."""
+        return self.lost
+
+
+@dataclasses.dataclass(frozen=True)
+class Begin(Generic[M_co]):
+    """Attempts that each begin a transaction on something that replaces lost connections."""
+
+    transaction: Callable[[], M_co]
+    replaceable: bool = True
+
+    def broken(self) -> bool:
+        """Say no: the error itself tells whether the connection was lost."""
+        return False
+
+
+def unknown_target(target: object, expected: str) -> ConfigurationError:
+    """Return the error for a ``retry_transaction`` target that is not ``expected``."""
+    return ConfigurationError(f"retry_transaction needs {expected}, not {type(target).__name__}")
+
+
 def retrying(
-    transaction: Callable[[], contextlib.AbstractContextManager[Any]],
+    attempt: Attempts[contextlib.AbstractContextManager[Any]],
     fn: Callable[[Any], T] | None,
     *,
-    replaceable: bool,
-    broken: Callable[[], bool] | None = None,
     attempts: int,
     base: float,
     cap: float,
@@ -477,49 +543,41 @@ def retrying(
     """Check the options, then :func:`run` ``fn`` or return a decorator for it.
 
     The body of an integration's ``retry_transaction(target, fn=None, ...)``: see
-    :func:`run` for the arguments and :func:`call_or_decorate` for the two forms.
+    :func:`run` for the options and :func:`call_or_decorate` for the two forms.
 
     Raises:
         ConfigurationError: Bad ``attempts``, ``base`` or ``cap``.
     """
-    check_options(attempts, base, cap)
-    once: Callable[[Callable[[Any], T]], T] = functools.partial(
-        run,
-        transaction,
-        replaceable=replaceable,
-        broken=broken,
-        attempts=attempts,
-        base=base,
-        cap=cap,
-        idempotent=idempotent,
-    )
-    return call_or_decorate(once, fn)
+    options = {"attempts": attempts, "base": base, "cap": cap, "idempotent": idempotent}
+    return call_or_decorate(_bound(run, attempt, options), fn)
 
 
 def aretrying(
-    transaction: Callable[[], contextlib.AbstractAsyncContextManager[Any]],
+    attempt: Attempts[contextlib.AbstractAsyncContextManager[Any]],
     fn: Callable[[Any], Awaitable[T]] | None,
     *,
-    replaceable: bool,
-    broken: Callable[[], bool] | None = None,
     attempts: int,
     base: float,
     cap: float,
     idempotent: bool,
 ) -> Any:
     """The asynchronous twin of :func:`retrying`, with :func:`arun`."""
-    check_options(attempts, base, cap)
-    once: Callable[[Callable[[Any], Awaitable[T]]], Awaitable[T]] = functools.partial(
-        arun,
-        transaction,
-        replaceable=replaceable,
-        broken=broken,
-        attempts=attempts,
-        base=base,
-        cap=cap,
-        idempotent=idempotent,
+    options = {"attempts": attempts, "base": base, "cap": cap, "idempotent": idempotent}
+    return acall_or_decorate(_bound(arun, attempt, options), fn)
+
+
+def _bound(
+    runner: Callable[..., Any], attempt: Attempts[Any], options: dict[str, Any]
+) -> Callable[[Any], Any]:
+    """Check ``options``; bind them and ``attempt`` to ``runner`` (:func:`run`, :func:`arun`)."""
+    check_options(options["attempts"], options["base"], options["cap"])
+    return functools.partial(
+        runner,
+        attempt.transaction,
+        replaceable=attempt.replaceable,
+        broken=attempt.broken,
+        **options,
     )
-    return acall_or_decorate(once, fn)
 
 
 def _next_delay(reason: str, attempt: int, attempts: int, base: float, cap: float) -> float:

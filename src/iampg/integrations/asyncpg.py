@@ -452,12 +452,9 @@ def retry_transaction(
         asyncpg.PostgresError: The last attempt's error, or one that is not retryable.
         ConfigurationError: Bad ``attempts``, ``base`` or ``cap``, or an unknown ``target``.
     """
-    attempt = _Attempt(target)
     return _retry.aretrying(
-        attempt.transaction,
+        _Attempt(target),
         fn,
-        replaceable=attempt.replaceable,
-        broken=attempt.broken,
         attempts=attempts,
         base=base,
         cap=cap,
@@ -465,7 +462,7 @@ def retry_transaction(
     )
 
 
-class _Attempt:
+class _Attempt(_retry.PoolOrConnection):
     """Opens each attempt's transaction on a pool or a connection; tells if it was lost.
 
     asyncpg reports a pooled connection lost mid-transaction as ``InterfaceError``
@@ -478,17 +475,12 @@ class _Attempt:
         import asyncpg  # noqa: PLC0415
         import asyncpg.pool  # noqa: PLC0415
 
-        if isinstance(target, asyncpg.Pool):
-            self.replaceable = True
-        elif isinstance(target, asyncpg.Connection | asyncpg.pool.PoolConnectionProxy):
-            self.replaceable = False
-        else:
-            raise ConfigurationError(
-                "retry_transaction needs an asyncpg Pool or Connection, "
-                f"not {type(target).__name__}"
-            )
-        self.target = target
-        self.lost = False
+        super().__init__(
+            target,
+            pool=asyncpg.Pool,
+            connection=(asyncpg.Connection, asyncpg.pool.PoolConnectionProxy),
+            expected="an asyncpg Pool or Connection",
+        )
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Any]:
@@ -505,10 +497,6 @@ class _Attempt:
             except Exception:
                 self.lost = _detached(conn)
                 raise
-
-    def broken(self) -> bool:
-        """Tell whether the last attempt's pooled connection was lost."""
-        return self.lost
 
 
 def _detached(conn: Any) -> bool:

@@ -28,7 +28,6 @@ import iampg.errors
 from iampg import _retry
 from iampg._connecting import Attempts, Secret, Target, check_extra, explain, prepare
 from iampg._diagnose import failure_kind
-from iampg.errors import ConfigurationError
 from iampg.integrations import EndpointOrProvider
 
 __all__ = [
@@ -334,12 +333,9 @@ def retry_transaction(
         psycopg2.Error: The last attempt's error, or one that is not retryable.
         ConfigurationError: Bad ``attempts``, ``base`` or ``cap``, or an unknown ``target``.
     """
-    attempt = _Attempt(target)
     return _retry.retrying(
-        attempt.transaction,
+        _Attempt(target),
         fn,
-        replaceable=attempt.replaceable,
-        broken=attempt.broken,
         attempts=attempts,
         base=base,
         cap=cap,
@@ -347,21 +343,16 @@ def retry_transaction(
     )
 
 
-class _Attempt:
+class _Attempt(_retry.PoolOrConnection):
     """Opens each attempt's transaction on a pool or a connection; tells if it was lost."""
 
     def __init__(self, target: Any) -> None:
-        if isinstance(target, psycopg2.pool.AbstractConnectionPool):
-            self.replaceable = True
-        elif isinstance(target, psycopg2.extensions.connection):
-            self.replaceable = False
-        else:
-            raise ConfigurationError(
-                "retry_transaction needs a psycopg2 pool or connection, "
-                f"not {type(target).__name__}"
-            )
-        self.target = target
-        self.lost = False
+        super().__init__(
+            target,
+            pool=psycopg2.pool.AbstractConnectionPool,
+            connection=psycopg2.extensions.connection,
+            expected="a psycopg2 pool or connection",
+        )
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Any]:
@@ -380,7 +371,3 @@ class _Attempt:
             raise
         finally:
             self.target.putconn(conn, close=bool(conn.closed))
-
-    def broken(self) -> bool:
-        """Tell whether the last attempt's connection was lost (psycopg2 closed it)."""
-        return self.lost

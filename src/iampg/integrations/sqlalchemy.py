@@ -484,9 +484,8 @@ def retry_transaction(
         ConfigurationError: Bad ``attempts``, ``base`` or ``cap``, or an unknown ``bind``.
     """
     return _retry.retrying(
-        _transaction(bind),
+        _retry.Begin(_transaction(bind)),
         fn,
-        replaceable=True,
         attempts=attempts,
         base=base,
         cap=cap,
@@ -547,9 +546,8 @@ def aretry_transaction(
         await transfer(1, 2, 10)
     """
     return _retry.aretrying(
-        _atransaction(bind),
+        _retry.Begin(_atransaction(bind)),
         fn,
-        replaceable=True,
         attempts=attempts,
         base=base,
         cap=cap,
@@ -572,7 +570,7 @@ def _transaction(bind: object) -> Callable[[], contextlib.AbstractContextManager
                 yield target
 
         return begun
-    raise _unknown_bind(bind, "an Engine, Connection, Session or sessionmaker")
+    raise _retry.unknown_target(bind, "an Engine, Connection, Session or sessionmaker")
 
 
 def _atransaction(bind: object) -> Callable[[], contextlib.AbstractAsyncContextManager[Any]]:
@@ -590,10 +588,6 @@ def _atransaction(bind: object) -> Callable[[], contextlib.AbstractAsyncContextM
                 yield target
 
         return begun
-    raise _unknown_bind(bind, "an AsyncEngine, AsyncConnection, AsyncSession or async_sessionmaker")
-
-
-def _unknown_bind(bind: object, expected: str) -> Exception:
-    from iampg.errors import ConfigurationError  # noqa: PLC0415
-
-    return ConfigurationError(f"retry_transaction needs {expected}, not {type(bind).__name__}")
+    raise _retry.unknown_target(
+        bind, "an AsyncEngine, AsyncConnection, AsyncSession or async_sessionmaker"
+    )
