@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +34,10 @@ PROXY = "my-proxy.proxy-abc123.us-east-1.rds.amazonaws.com"  # RDS Proxy
 DSQL = "abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws"  # Aurora DSQL
 
 # Where the emulators listen: the port the host names imply (5432), on loopback addresses
-# other than 127.0.0.1, where the machine's own PostgreSQL listens.
-RDS_ADDRESS = "127.0.0.2"
-DSQL_ADDRESS = "127.0.0.3"
+# other than 127.0.0.1, where the machine's own PostgreSQL listens. 127.0.0.2 and 127.0.0.3
+# unless another run of these tests holds them (one machine, several worktrees): then the next
+# free ones, up to 127.0.0.31.
+ADDRESSES = [f"127.0.0.{n}" for n in range(2, 32)]
 PORT = 5432
 
 # Database users and databases the documentation logs in as or to.
@@ -92,17 +93,25 @@ def _prepare_backend(backend: Backend) -> None:
             )
 
 
-def _start(emulator: Emulator, address: str) -> Emulator:
-    """Start ``emulator`` or fail the session saying which address could not be bound."""
-    try:
-        emulator.start()
-    except OSError as exc:
-        pytest.fail(
-            f"the documentation tests need {address}:{PORT} free for the emulator "
-            f"({exc}); stop whatever listens there",
-            pytrace=False,
-        )
-    return emulator
+def _start(make: Callable[[str], Emulator], taken: set[str]) -> Emulator:
+    """Start an emulator on the first free address; fail the session if none is free."""
+    errors = []
+    for address in ADDRESSES:
+        if address in taken:
+            continue
+        emulator = make(address)
+        try:
+            emulator.start()
+        except OSError as exc:
+            errors.append(f"{address}: {exc.strerror or exc}")
+            continue
+        taken.add(address)
+        return emulator
+    pytest.fail(
+        f"the documentation tests need a free loopback address with port {PORT} free for the "
+        f"emulator, and found none ({'; '.join(errors[:3])} ...)",
+        pytrace=False,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -112,38 +121,39 @@ def docs_endpoints(
     """Run the emulators for the documentation's example endpoints."""
     _prepare_backend(backend)
     dsn = _pinned_dsn(backend.dsn)
+    taken: set[str] = set()
     rds = _start(
-        Emulator(
+        lambda address: Emulator(
             dsn,
             hostnames=[CLUSTER, PROXY, DEFAULT_HOSTNAME],  # the last one: the tutorial's
             region=REGION,
-            listen_host=RDS_ADDRESS,
+            listen_host=address,
             port=PORT,
         ),
-        RDS_ADDRESS,
+        taken,
     )
     try:
         dsql = _start(
-            Emulator(
+            lambda address: Emulator(
                 dsn,
                 hostnames=[DSQL],
                 region=REGION,
-                listen_host=DSQL_ADDRESS,
+                listen_host=address,
                 port=PORT,
-                profile="dsql",
+                preset="dsql",
             ),
-            DSQL_ADDRESS,
+            taken,
         )
         try:
             bundle = tmp_path_factory.mktemp("docs-ca") / "emulators.pem"
             bundle.write_text(rds.ca_file.read_text() + dsql.ca_file.read_text())
             environ = {
-                "PGHOSTADDR": RDS_ADDRESS,
+                "PGHOSTADDR": rds.listen_host,
                 "IAMPG_SSLROOTCERT": str(bundle),
             }
             banner = {
                 "PGHOST": DEFAULT_HOSTNAME,
-                "PGHOSTADDR": RDS_ADDRESS,
+                "PGHOSTADDR": rds.listen_host,
                 "PGPORT": str(PORT),
                 "PGUSER": "postgres",
                 "PGDATABASE": "postgres",
@@ -152,7 +162,7 @@ def docs_endpoints(
                 "AWS_REGION": REGION,
             }
             yield DocsEndpoints(
-                rds, dsql, dsn, environ, {"rds": RDS_ADDRESS, "dsql": DSQL_ADDRESS}, banner
+                rds, dsql, dsn, environ, {"rds": rds.listen_host, "dsql": dsql.listen_host}, banner
             )
         finally:
             dsql.stop()

@@ -71,6 +71,15 @@ def test_temporary_answers_on_tcp_and_unix_socket(cluster: Backend) -> None:
     assert row == (True,)  # NULL server address: a unix-socket session
 
 
+@pytest.mark.slow
+def test_temporary_ignores_exported_hostaddr_and_sslmode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PGHOSTADDR and PGSSLMODE exported for an emulated endpoint do not break a throwaway one."""
+    monkeypatch.setenv("PGHOSTADDR", "127.0.0.2")
+    monkeypatch.setenv("PGSSLMODE", "verify-full")
+    with Backend.temporary() as backend:
+        assert _select_one(backend.dsn) == 1
+
+
 def test_temporary_runs_unprivileged_in_a_private_directory(cluster: Backend) -> None:
     """As root the server runs as another user; its directory is private to that user."""
     assert cluster.socket_dir is not None

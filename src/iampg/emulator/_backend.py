@@ -471,8 +471,9 @@ class Backend:
                 except OSError as exc:
                     raise BackendError(f"could not start postgres: {exc}") from exc
             backend = cls(
-                # hostaddr too: an exported PGHOSTADDR (for an emulated endpoint, say) must not
-                # send the emulator's own backend connections elsewhere.
+                # hostaddr and sslmode too: the PGHOSTADDR and PGSSLMODE=verify-full that
+                # `iampg emulate` has users export must not redirect or break the emulator's
+                # own backend connections (the throwaway cluster has no TLS).
                 make_conninfo(
                     "",
                     host="127.0.0.1",
@@ -480,6 +481,7 @@ class Backend:
                     port=chosen,
                     user=_SUPERUSER,
                     dbname="postgres",
+                    sslmode="disable",
                 ),
                 kind="temporary",
                 socket_dir=tempdir,
@@ -572,9 +574,15 @@ class Backend:
         Args:
             overrides: libpq keywords and their values.
 
+        A new ``host`` clears the DSN's ``hostaddr`` (the address of the old host) unless
+        ``hostaddr`` is given too; cleared, not dropped, so that an exported ``PGHOSTADDR``
+        does not take its place.
+
         Returns:
             A ``key=value`` connection string.
         """
+        if "host" in overrides and "hostaddr" not in overrides:
+            overrides = {**overrides, "hostaddr": ""}
         return make_conninfo(self.dsn, **overrides)
 
     def stop(self) -> None:

@@ -34,7 +34,7 @@ from iampg.errors import ConfigurationError
 from . import _serverless as sl
 from ._clock import EmulatorClock
 from ._credentials import FAKE_CREDENTIALS, CredentialLookup, Credentials, CredentialStore
-from ._profiles import Profile, ProfileName, Service, dsql_hostname, get_profile
+from ._profiles import Preset, PresetName, Service, dsql_hostname, get_preset
 from ._sigv4 import MALFORMED, TokenRules, TokenVerificationError, verify_token
 from ._tls import ALPN_PROTOCOL, make_certificates, server_context
 
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
     from typing_extensions import Self, Unpack
 
-    from ._profiles import ProfileSettings
+    from ._profiles import PresetSettings
 
 __all__ = ["DEFAULT_HOSTNAME", "Emulator", "Event"]
 
@@ -623,10 +623,22 @@ class _Door:
 
 
 def _resolve_profile(
-    service: Service | None, profile: ProfileName | Profile | None, settings: dict[str, object]
-) -> Profile:
-    """Return the profile asked for, ``service`` and ``settings`` applied."""
-    chosen = get_profile(profile or ("dsql" if service == "dsql" else "rds"))
+    service: Service | None,
+    preset: PresetName | Preset | None,
+    profile: PresetName | Preset | None,
+    settings: dict[str, object],
+) -> Preset:
+    """Return the preset asked for (``profile`` is its deprecated name), settings applied."""
+    if profile is not None:
+        if preset is not None:
+            raise ConfigurationError("give preset=, not also its old name profile=")
+        warnings.warn(
+            "Emulator(profile=...) is deprecated: use preset=... (the same names)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        preset = profile
+    chosen = get_preset(preset or ("dsql" if service == "dsql" else "rds"))
     if service is not None:
         settings["service"] = service
     return chosen.replace(**settings) if settings else chosen
@@ -696,12 +708,15 @@ class Emulator:
         service: ``"rds"`` (tokens for ``rds-db``/``connect`` naming host, port and user)
             or ``"dsql"`` (``dsql``/``DbConnectAdmin`` for user ``admin``, ``DbConnect``
             for any other role; refusals as ``08006 unable to accept connection, access
-            denied`` with a HINT). Defaults to the profile's.
-        profile: The service's behaviour (:class:`Profile`): ``"rds"`` (tokens only, the
-            default), ``"aurora-express"`` (auto-pause, 16 s resume, 3.5 s connect latency,
-            5-minute idle cut) or ``"dsql"`` (SNI, 1-hour session cap, connection limits,
-            waking-up refusals; the default when ``service="dsql"``), or a
-            :class:`Profile`. Durations are emulated seconds (see ``time_scale``).
+            denied`` with a HINT). Defaults to the preset's.
+        preset: The service's behaviour (:class:`Preset`): ``"rds"`` (tokens only, the
+            default), ``"aurora-serverless"`` or ``"aurora-express"`` (auto-pause, 16 s
+            resume, 3.5 s connect latency, 5-minute idle cut) or ``"dsql"`` (SNI, 1-hour
+            session cap, connection limits, waking-up refusals; the default when
+            ``service="dsql"``), in any spelling :func:`iampg._defaults.canonical_preset`
+            accepts, or a :class:`Preset`. Durations are emulated seconds (see
+            ``time_scale``).
+        profile: Deprecated name of ``preset`` (warns).
         max_unauthenticated: How many connections may be open without having authenticated
             (before TLS, or waiting for the password); one more is refused with
             ``53300 sorry, too many clients already``. Bounds what a flood of idle
@@ -710,14 +725,15 @@ class Emulator:
             (TLS handshake done); else it is closed.
         auth_timeout: Real seconds a connection has from being accepted to being
             authenticated, as PostgreSQL's ``authentication_timeout``; else it is closed.
-        **settings: Any :class:`Profile` setting, overriding the profile's
+        **settings: Any :class:`Preset` setting, overriding the preset's
             (``auto_pause``, ``resume_delay``, ``paused_connect``, ``connect_latency``,
             ``idle_timeout``, ``idle_notice``, ``session_cap``, ``transaction_limit``,
             ``max_connections``, ``connection_rate``, ``connection_burst``,
             ``require_sni``).
 
     Without ``hostnames``, a DSQL emulator answers to a DSQL-shaped name
-    (``<26 characters>.dsql.<region>.on.aws``), an RDS one to :data:`DEFAULT_HOSTNAME`.
+    (``<26 characters>.dsql.<region>.on.aws``), an RDS one to :data:`DEFAULT_HOSTNAME` (with
+    ``region`` in place of ``us-east-1``).
 
     The emulator accepts tokens signed with the published example keys: on an address
     other than loopback (``listen_host="0.0.0.0"``), anyone who can reach it can log in to
@@ -739,17 +755,20 @@ class Emulator:
         clock: EmulatorClock | None = None,
         time_scale: float = 1.0,
         service: Service | None = None,
-        profile: ProfileName | Profile | None = None,
+        preset: PresetName | Preset | None = None,
+        profile: PresetName | Preset | None = None,
         max_unauthenticated: int = _MAX_UNAUTHENTICATED,
         tls_timeout: float = _TLS_TIMEOUT,
         auth_timeout: float = _AUTH_TIMEOUT,
-        **settings: Unpack[ProfileSettings],
+        **settings: Unpack[PresetSettings],
     ) -> None:
-        self._profile = _resolve_profile(service, profile, dict(settings))
+        self._profile = _resolve_profile(service, preset, profile, dict(settings))
         self._door = _Door.checked(max_unauthenticated, tls_timeout, auth_timeout)
         if hostnames is None:
             hostnames = (
-                (dsql_hostname(region),) if self._profile.service == "dsql" else (DEFAULT_HOSTNAME,)
+                (dsql_hostname(region),)
+                if self._profile.service == "dsql"
+                else (DEFAULT_HOSTNAME.replace(".us-east-1.", f".{region}."),)
             )
         if isinstance(hostnames, str):
             hostnames = (hostnames,)
@@ -862,8 +881,13 @@ class Emulator:
             return list(self._events)
 
     @property
-    def profile(self) -> Profile:
-        """The behaviour in force: the named profile with the keyword overrides applied."""
+    def preset(self) -> Preset:
+        """The behaviour in force: the named preset with the keyword overrides applied."""
+        return self._profile
+
+    @property
+    def profile(self) -> Preset:
+        """Deprecated name of :attr:`preset`."""
         return self._profile
 
     @property
