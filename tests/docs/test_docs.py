@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import doctest
+import gc
 import io
 import os
 import re
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import unittest
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -303,14 +305,29 @@ def _block_id(item: tuple[int, Example]) -> str:
     return f"{Path(example.path).relative_to(ROOT)}:{example.line}"
 
 
-def _close_pages() -> None:
-    for document in _started.values():
-        document.namespace["docs"].close()
-        for value in list(document.namespace.values()):
+def _close_page(document: Document) -> None:
+    """Close what a page's code left open (pools, connections, engines), as its exit would."""
+    document.namespace["docs"].close()
+    for value in list(document.namespace.values()):
+        module = type(value).__module__
+        if module.startswith(("psycopg", "iampg")):
             closer: Callable[[], object] | None = getattr(value, "close", None)
-            if type(value).__module__.startswith(("psycopg_pool", "iampg")) and closer:
-                with contextlib.suppress(Exception):
-                    closer()
+        elif module.startswith("sqlalchemy"):
+            closer = getattr(value, "dispose", None)
+        else:
+            continue
+        if callable(closer):
+            with contextlib.suppress(Exception):
+                closer()
+    # What the page dropped without closing is collected here, not in a later page's test.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+
+
+def _close_pages() -> None:
+    while _started:
+        _close_page(_started.popitem()[1])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -335,7 +352,8 @@ def test_block(
     """The block runs as written, and prints what the page shows after it."""
     index, example = item
     document = example.document
-    if id(document) not in _started:
+    if id(document) not in _started and id(document) not in _done:
+        _close_pages()  # the previous page ended
         _started[id(document)] = document
         document.namespace["docs"] = Page(Path(example.path), docs_endpoints)
     examples = list(document)
