@@ -21,7 +21,19 @@ from typing import Any
 
 from benchmarks._common import RESULTS, Result, emulator_process, isolate_aws_env
 
-GROUPS = ("token", "connect", "pool", "presets", "refresh", "stampede", "lost", "cold", "memory")
+GROUPS = (
+    "token",
+    "connect",
+    "tls",
+    "drivers",
+    "pool",
+    "presets",
+    "refresh",
+    "stampede",
+    "lost",
+    "cold",
+    "memory",
+)
 PACKAGES = (
     "iampg",
     "psycopg",
@@ -132,7 +144,17 @@ def main(argv: list[str] | None = None) -> int:
     groups = set(args.only or GROUPS)
     isolate_aws_env()
 
-    from benchmarks import cold, connect, lost, memory, pool, stampede, token_hit  # noqa: PLC0415
+    from benchmarks import (  # noqa: PLC0415
+        cold,
+        connect,
+        drivers,
+        lost,
+        memory,
+        pool,
+        stampede,
+        tls,
+        token_hit,
+    )
     from iampg.emulator import Backend  # noqa: PLC0415
 
     started = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
@@ -147,13 +169,15 @@ def main(argv: list[str] | None = None) -> int:
         steps: list[tuple[str, Callable[[], list[Result]]]] = [
             ("token", lambda: token_hit.run(quick=args.quick)),
             ("connect", lambda: connect.run(rds, dsql, quick=args.quick)),
+            ("tls", lambda: tls.run(rds, quick=args.quick)),
+            ("drivers", lambda: drivers.run(rds, quick=args.quick)),
             ("pool", lambda: pool.throughput(rds, quick=args.quick)),
             ("presets", lambda: pool.presets(rds, dsql, quick=args.quick)),
             ("refresh", lambda: pool.refresh_latency(rds, quick=args.quick)),
             ("stampede", lambda: stampede.run(rds, dsql, quick=args.quick)),
             ("lost", lambda: lost.run(rds, backend, quick=args.quick)),
             ("cold", lambda: cold.run(quick=args.quick)),
-            ("memory", lambda: memory.run(rds, quick=args.quick)),
+            ("memory", lambda: memory.run(rds, backend.dsn, quick=args.quick)),
         ]
         for name, step in steps:
             if name not in groups:

@@ -88,6 +88,8 @@ def run(provider: iampg.TokenProvider, expire: Callable[[], None]) -> None:
     finally:
         pool.closeall()
     print(f"tokens signed: {provider.stats().refreshes}")
+    if provider.stats().refreshes < 2:
+        raise SystemExit("the new connection did not sign a new token")
 
 
 @contextlib.contextmanager

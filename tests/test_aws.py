@@ -124,6 +124,7 @@ def test_static_keys_sign_and_are_not_shown() -> None:
         ({"profile": "a", "aws_access_key_id": "x", "aws_secret_access_key": "y"}, "one cred"),
         ({"aws_access_key_id": "x"}, "both"),
         ({"external_id": "x"}, "need role_arn"),
+        ({"sts_region": "eu-west-1"}, "sts_region and sts_endpoint_url need role_arn"),
         ({"role_arn": "myrole"}, "role ARN"),
         ({"role_arn": "arn:aws:iam::123456789012:role/a", "role_duration": 60}, "900"),
     ],

@@ -66,7 +66,7 @@ def test_env_prints_shell_exports(capsys: pytest.CaptureFixture[str]) -> None:
         text=True,
         check=True,
     )
-    assert result.stdout == f"{HOST}|shop|require"
+    assert result.stdout == f"{HOST}|shop|verify-full"
     assert "export PGPASSWORD=" in out
 
 
@@ -112,7 +112,7 @@ def test_url_sqlalchemy_format_reads_back(capsys: pytest.CaptureFixture[str]) ->
     parsed = make_url(capsys.readouterr().out.strip())
     assert parsed.drivername == "postgresql+psycopg"
     assert str(parsed.password).startswith(f"{HOST}:5432/?Action=connect&DBUser=app&")
-    assert parsed.query["sslmode"] == "require"
+    assert parsed.query["sslmode"] == "verify-full"
 
 
 def test_url_sqlalchemy_driver_is_validated(capsys: pytest.CaptureFixture[str]) -> None:

@@ -274,3 +274,16 @@ def test_doctor_runs_without_the_command_line(emulator: Emulator) -> None:
     assert statuses(out.getvalue()) == dict.fromkeys(CHECKS, "PASS")
     assert json.loads(report.to_json())["ok"] is True
     assert report.summary() == "all checks passed"
+
+
+def test_doctor_from_python_names_python_settings(emulator: Emulator) -> None:
+    """Run from Python, the doctor's fixes name keyword arguments, not command-line options."""
+    from iampg._doctor import Doctor
+    from support import endpoint_for
+
+    report = Doctor(endpoint_for(emulator, sslmode="require"), timeout=5).run()
+    tls = {c.name: c for c in report.checks}["tls"]
+    assert report.ok
+    assert tls.status == "warn"
+    assert "checks the chain only" in tls.detail  # a root certificate was given
+    assert tls.fix.startswith("use sslmode='verify-full' (with sslrootcert=... for")

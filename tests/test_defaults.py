@@ -11,6 +11,7 @@ import iampg
 from fakes import CountingSigner
 from iampg import Endpoint, TokenProvider, _defaults
 from iampg._lost import AsyncLivenessCheck, AsyncPurgingCheck, LivenessCheck, PurgingCheck
+from iampg._trust import root_file
 
 RDS = Endpoint("mydb.cluster-abc.us-east-1.rds.amazonaws.com", user="app")
 DSQL = Endpoint("abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws")
@@ -21,10 +22,10 @@ def provider(ep: Endpoint) -> TokenProvider:
 
 
 def test_rds_pool_keeps_psycopg_defaults_with_a_finite_connect_timeout() -> None:
-    """RDS: TLS required, a 10 s connect_timeout, psycopg_pool's own sizes."""
+    """RDS: TLS verified, a 10 s connect_timeout, psycopg_pool's own sizes."""
     pool = iampg.ConnectionPool(provider=provider(RDS), open=False)
     params = conninfo_to_dict(str(pool.conninfo))
-    assert (params["sslmode"], params["connect_timeout"]) == ("require", "10")
+    assert (params["sslmode"], params["connect_timeout"]) == ("verify-full", "10")
     assert (pool.min_size, pool.max_lifetime) == (4, 3600.0)
 
 
@@ -39,13 +40,13 @@ def test_aurora_serverless_pool_lets_the_cluster_pause() -> None:
 
 
 def test_dsql_pool_recycles_under_the_hour_and_checks_at_checkout() -> None:
-    """DSQL: max_lifetime 3300 s, a checkout health check, verify-full with system roots."""
+    """DSQL: max_lifetime 3300 s, a checkout health check, verify-full with the Amazon roots."""
     pool = iampg.ConnectionPool(provider=provider(DSQL), open=False)
     params = conninfo_to_dict(str(pool.conninfo))
     assert pool.max_lifetime == 3300.0
     assert isinstance(pool._check, PurgingCheck)  # a loss found also sweeps the idle ones
     assert isinstance(pool._check.check, LivenessCheck)  # a round trip only after idling
-    assert (params["sslmode"], params["sslrootcert"]) == ("verify-full", "system")
+    assert (params["sslmode"], params["sslrootcert"]) == ("verify-full", str(root_file(DSQL)))
     apool = iampg.AsyncConnectionPool(provider=provider(DSQL), open=False)
     assert isinstance(apool._check, AsyncPurgingCheck)
     assert isinstance(apool._check.check, AsyncLivenessCheck)

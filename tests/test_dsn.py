@@ -11,6 +11,7 @@ import iampg
 import iampg._dsn
 from fakes import CountingSigner
 from iampg import ConfigurationError, Endpoint, TokenProvider
+from iampg._trust import root_file
 
 NASTY = "h:5432/?Action=connect&DBUser=a%20b&X-Amz-Signature=+/=?#@'\\ x"
 
@@ -34,12 +35,12 @@ def provider(ep: Endpoint = EP) -> TokenProvider:
 
 
 def test_conninfo_round_trips_through_libpq() -> None:
-    """libpq reads back the token, the other fields, and a TLS default of require."""
+    """libpq reads back the token, the other fields, and a TLS default of verify-full."""
     params = conninfo_to_dict(iampg.conninfo(provider=provider()))
     assert params["password"] == NASTY
     assert params["user"] == "app user"
     assert params["dbname"] == "shop/db"
-    assert params["sslmode"] == "require"
+    assert params["sslmode"] == "verify-full"
     assert params["application_name"] == "api"
 
 
@@ -52,7 +53,7 @@ def test_url_encodes_everything_and_keeps_parameters() -> None:
     params = conninfo_to_dict(text)
     assert params["password"] == NASTY
     assert params["dbname"] == "shop/db"
-    assert params["sslmode"] == "require"
+    assert (params["sslmode"], params["sslrootcert"]) == ("verify-full", str(root_file(EP)))
     assert params["application_name"] == "api"
 
 
@@ -62,7 +63,7 @@ def test_env_gives_pg_variables() -> None:
     assert out["PGPASSWORD"] == NASTY
     assert out["PGHOST"] == EP.host
     assert out["PGAPPNAME"] == "api"
-    assert out["PGSSLMODE"] == "require"
+    assert (out["PGSSLMODE"], out["PGSSLROOTCERT"]) == ("verify-full", str(root_file(EP)))
 
 
 def test_insecure_sslmode_to_remote_host_is_refused_before_signing() -> None:
@@ -146,7 +147,11 @@ def test_sqlalchemy_url_reads_back() -> None:
     assert parsed.password == NASTY
     assert parsed.username == "app user"
     assert parsed.database == "shop/db"
-    assert dict(parsed.query) == {"application_name": "api", "sslmode": "require"}
+    assert dict(parsed.query) == {
+        "application_name": "api",
+        "sslmode": "verify-full",
+        "sslrootcert": str(root_file(EP)),
+    }
     assert make_url(iampg._dsn.sqlalchemy_url(provider=provider(), driver=None)).drivername == (
         "postgresql"
     )

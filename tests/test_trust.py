@@ -209,7 +209,7 @@ def test_every_region_file_holds_that_regions_three_cas() -> None:
         assert len(names) == 3, name
         for alg, subject in zip(("ECC384", "RSA2048", "RSA4096"), names, strict=True):
             assert f"Amazon RDS {info['region']} Root CA {alg} G1" in subject, name
-        expected = 3 if info["kind"] == "rds" else 8
+        expected = 3 if info["kind"] == "rds" else 4
         assert len(info["certificates"]) == expected, name
 
 
@@ -382,3 +382,21 @@ def test_ca_command_refuses_a_missing_override(
         err = capsys.readouterr().err
         assert err.startswith("iampg ca: IAMPG_SSLROOTCERT names ")
         assert "Traceback" not in err
+
+
+def test_ca_command_fails_when_the_store_cannot_be_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A store without its manifest is a one-line failure (exit 1), not a traceback."""
+    from iampg.cli import main
+
+    monkeypatch.setattr(_trust, "_DIR", tmp_path)
+    _trust._manifest.cache_clear()
+    try:
+        assert main(["ca"]) == 1
+    finally:
+        _trust._manifest.cache_clear()
+    err = capsys.readouterr().err
+    assert err.startswith("iampg ca: ")
+    assert "manifest.json" in err
+    assert "Traceback" not in err

@@ -4,8 +4,8 @@ The store holds, as small PEM files that libpq reads on every connection:
 
 - ``rds-<region>.pem``: the RDS certificate authorities of one region (rds-ca-rsa2048-g1,
   rds-ca-rsa4096-g1, rds-ca-ecc384-g1), for RDS and Aurora instance endpoints;
-- ``aws-<region>.pem``: the same plus the Amazon public roots, for Aurora cluster endpoints and
-  host names that are not AWS names (a tunnel alias, the emulator);
+- ``aws-<region>.pem``: the same plus Amazon Root CA 1, for Aurora cluster endpoints and host
+  names that are not AWS names (a tunnel alias, the emulator);
 - ``amazon-roots.pem``: Amazon Root CA 1-4 and Starfield Services Root CA G2, which RDS Proxy
   and Aurora DSQL certificates chain to;
 - ``rds-global.pem``: every region's RDS CAs and the public roots, for regions without a file
@@ -105,8 +105,9 @@ RDS_INTERMEDIATE_CN = re.compile(
 
 # The public roots that RDS Proxy, Aurora DSQL and other ACM-certified endpoints chain to,
 # by their exact subjects (RFC 4514 strings as cryptography writes them).
+ROOT_CA_1 = "CN=Amazon Root CA 1,O=Amazon,C=US"
 AMAZON_ROOTS = {
-    "CN=Amazon Root CA 1,O=Amazon,C=US": "Amazon Root CA 1",
+    ROOT_CA_1: "Amazon Root CA 1",
     "CN=Amazon Root CA 2,O=Amazon,C=US": "Amazon Root CA 2",
     "CN=Amazon Root CA 3,O=Amazon,C=US": "Amazon Root CA 3",
     "CN=Amazon Root CA 4,O=Amazon,C=US": "Amazon Root CA 4",
@@ -445,6 +446,10 @@ def plan_files(found: Collected) -> dict[str, tuple[dict[str, str], list[Entry]]
     rds = sorted((e for e in found.entries.values() if e.role == "rds"), key=_sort_key)
     roots = sorted((e for e in found.entries.values() if e.role == "amazon-root"), key=_sort_key)
     regions = sorted({e.region for e in rds if e.region})
+    # aws-<region>.pem adds only the root that AWS's ACM-fronted database endpoints are
+    # documented to need (DSQL: "trust Amazon Root CA 1"); each certificate in a file costs
+    # every connection (see src/iampg/_trust/__init__.py).
+    root_ca_1 = [e for e in roots if e.subject == ROOT_CA_1]
     files: dict[str, tuple[dict[str, str], list[Entry]]] = {
         "amazon-roots.pem": ({"kind": "amazon-roots"}, roots),
         "rds-global.pem": ({"kind": "aws", "region": "*"}, rds + roots),
@@ -452,7 +457,7 @@ def plan_files(found: Collected) -> dict[str, tuple[dict[str, str], list[Entry]]
     for region in regions:
         mine = [e for e in rds if e.region == region]
         files[f"rds-{region}.pem"] = ({"kind": "rds", "region": region}, mine)
-        files[f"aws-{region}.pem"] = ({"kind": "aws", "region": region}, mine + roots)
+        files[f"aws-{region}.pem"] = ({"kind": "aws", "region": region}, mine + root_ca_1)
     return files
 
 

@@ -255,10 +255,11 @@ class AwsSigner:
             )
         if aws_session_token is not None and aws_access_key_id is None:
             raise ConfigurationError("aws_session_token needs aws_access_key_id and its secret")
-        role_options = (external_id, role_session_name, role_duration, sts_endpoint_url)
+        role_options = (external_id, role_session_name, role_duration, sts_region, sts_endpoint_url)
         if role_arn is None and any(v is not None for v in role_options):
             raise ConfigurationError(
-                "external_id, role_session_name, role_duration and sts_endpoint_url need role_arn"
+                "external_id, role_session_name, role_duration, sts_region and sts_endpoint_url "
+                "need role_arn"
             )
         if role_arn is not None and not role_arn.startswith("arn:"):
             raise ConfigurationError(

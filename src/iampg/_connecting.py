@@ -20,7 +20,12 @@ import psycopg
 
 from iampg import _refresh
 from iampg._defaults import ServiceDefaults, canonical_preset, defaults_for
-from iampg._diagnose import authentication_error, failure_kind, transient_reason
+from iampg._diagnose import (
+    authentication_error,
+    certificate_error,
+    failure_kind,
+    transient_reason,
+)
 from iampg._endpoint import Endpoint
 from iampg._options import option
 from iampg._tokens import TokenProvider
@@ -48,7 +53,7 @@ CT = TypeVar("CT", bound="psycopg.Connection[Any]")
 ACT = TypeVar("ACT", bound="psycopg.AsyncConnection[Any]")
 
 INSECURE_SSLMODES = frozenset({"disable", "allow", "prefer"})
-_SYSTEM_ROOTS_LIBPQ = 160000  # sslrootcert=system needs libpq 16
+_VERIFYING = frozenset({"verify-ca", "verify-full"})
 
 # Arguments of psycopg's Connection.connect that are not libpq parameters.
 _NOT_LIBPQ = frozenset(
@@ -113,30 +118,26 @@ def resolve(
 def connect_params(endpoint: Endpoint, *, allow_insecure: bool = False) -> dict[str, str]:
     """Return the libpq parameters for ``endpoint``, without the password.
 
-    TLS is on unless asked otherwise: ``sslmode=require`` for RDS and Aurora, and
-    ``verify-full`` against the system's root certificates for DSQL (with libpq 16 or later;
-    ``require`` before). A token is a bearer credential, so a ``sslmode`` that may send it in
-    plaintext (``disable``, ``allow``, ``prefer``) is refused towards anything but loopback
-    unless ``allow_insecure`` is true.
+    TLS is verified unless asked otherwise: every service gets ``sslmode=verify-full`` with
+    ``sslrootcert`` set to iampg's shipped CA file for the endpoint (or the file
+    ``IAMPG_SSLROOTCERT`` names), which every libpq can read. An ``sslrootcert`` given wins;
+    ``sslmode=require`` is an explicit opt-out (encrypted, not authenticated). A token is a
+    bearer credential, so a ``sslmode`` that may send it in plaintext (``disable``,
+    ``allow``, ``prefer``) is refused towards anything but loopback unless
+    ``allow_insecure`` is true.
 
     Raises:
-        ConfigurationError: An insecure ``sslmode`` towards a non-loopback host.
+        ConfigurationError: An insecure ``sslmode`` towards a non-loopback host, or
+            ``IAMPG_SSLROOTCERT`` names a file that does not exist.
     """
     params = dict(endpoint)
-    if params.get("sslmode") is None:
-        if endpoint.kind == "dsql" and _libpq_version() >= _SYSTEM_ROOTS_LIBPQ:
-            params["sslmode"] = "verify-full"
-            params.setdefault("sslrootcert", "system")
-        else:
-            params["sslmode"] = "require"
+    params.setdefault("sslmode", "verify-full")
+    if params["sslmode"] in _VERIFYING and "sslrootcert" not in params:
+        from iampg import _trust  # noqa: PLC0415
+
+        params["sslrootcert"] = str(_trust.root_file(endpoint))
     check(endpoint, params, allow_insecure=allow_insecure)
     return params
-
-
-def _libpq_version() -> int:
-    from psycopg import pq  # noqa: PLC0415
-
-    return pq.version()
 
 
 def is_loopback(address: str) -> bool:
@@ -265,7 +266,15 @@ class Target(NamedTuple):
             ConfigurationError: See :func:`check` and :func:`check_extra`.
         """
         check_extra(extra)
-        merged: dict[str, Any] = {**self.params, **(extra or {})}
+        extra = extra or {}
+        merged: dict[str, Any] = {**self.params, **extra}
+        if (
+            extra.get("sslmode") not in (None, *_VERIFYING)
+            and "sslrootcert" not in extra
+            and "sslrootcert" not in self.endpoint.params
+        ):
+            # sslmode=require given: the opt-out, not libpq's verify-ca with iampg's CA file.
+            merged.pop("sslrootcert", None)
         self.check(final_params("", merged))
         return merged
 
@@ -298,14 +307,25 @@ def prepare(
 # -- refusals and retries -----------------------------------------------------------------
 
 
-def explain(error: psycopg.OperationalError, provider: TokenProvider, token: object) -> Exception:
-    """Forget a refused token; return the error to raise (explained if it was the token).
+def explain(
+    error: psycopg.OperationalError,
+    provider: TokenProvider,
+    token: object,
+    params: Mapping[str, Any] | None = None,
+) -> Exception:
+    """Forget a refused token; return the error to raise (explained if iampg knows why).
 
-    ``token`` is the token that was sent (a :class:`Secret`, a string, or None if unknown).
+    ``token`` is the token that was sent (a :class:`Secret`, a string, or None if unknown);
+    ``params`` the libpq parameters used, which say which CA file failed to verify the server.
     """
     kind = failure_kind(error)
     if kind is None:
         return error
+    if kind == "certificate":
+        rootcert = (params or {}).get("sslrootcert")
+        return certificate_error(
+            error, provider.endpoint, None if rootcert is None else str(rootcert)
+        )
     if kind == "token" and isinstance(token, Secret) and token.value is not None:
         provider.invalidate(token.value)
     elif kind == "token" and isinstance(token, str):
@@ -316,7 +336,10 @@ def explain(error: psycopg.OperationalError, provider: TokenProvider, token: obj
 class Attempts:
     """What to do after a failed connect: retry at once, wait and retry, or raise."""
 
-    def __init__(self, target: Target, wait: float | None) -> None:
+    def __init__(
+        self, target: Target, wait: float | None, params: Mapping[str, Any] | None = None
+    ) -> None:
+        self._params = params
         self._endpoint = target.endpoint
         self._provider = target.provider
         self._defaults = target.defaults
@@ -329,7 +352,7 @@ class Attempts:
         """Return the seconds to wait before the next attempt, or raise the error to surface."""
         kind = failure_kind(exc)
         if kind is not None:
-            error = explain(exc, self._provider, token)
+            error = explain(exc, self._provider, token, self._params)
             if kind == "token" and not self._refused:
                 self._refused = True
                 logger.info(
@@ -371,11 +394,12 @@ def sync_class(base: type[CT], target: Target) -> type[CT]:
         @classmethod
         def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
             token = Secret(kwargs.pop("password", None))
-            target.check(final_params(conninfo, kwargs))
+            params = final_params(conninfo, kwargs)
+            target.check(params)
             try:
                 return super().connect(conninfo, **kwargs, password=token.value)
             except psycopg.OperationalError as exc:
-                error = explain(exc, target.provider, token)
+                error = explain(exc, target.provider, token, params)
                 if error is exc:
                     raise
                 raise error from exc
@@ -391,11 +415,12 @@ def async_class(base: type[ACT], target: Target) -> type[ACT]:
         @classmethod
         async def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
             token = Secret(kwargs.pop("password", None))
-            target.check(final_params(conninfo, kwargs))
+            params = final_params(conninfo, kwargs)
+            target.check(params)
             try:
                 return await super().connect(conninfo, **kwargs, password=token.value)
             except psycopg.OperationalError as exc:
-                error = explain(exc, target.provider, token)
+                error = explain(exc, target.provider, token, params)
                 if error is exc:
                     raise
                 raise error from exc

@@ -7,9 +7,15 @@ from typing import Literal
 from iampg._endpoint import Endpoint
 from iampg.errors import AuthenticationError
 
-__all__ = ["authentication_error", "failure_kind", "transient_reason"]
+__all__ = [
+    "authentication_error",
+    "certificate_advice",
+    "certificate_error",
+    "failure_kind",
+    "transient_reason",
+]
 
-FailureKind = Literal["token", "tls"]
+FailureKind = Literal["token", "tls", "certificate"]
 
 # How the services word a refused token (FACTS.md): RDS/Aurora, DSQL, plain PostgreSQL.
 _TOKEN_REFUSED = (
@@ -18,6 +24,8 @@ _TOKEN_REFUSED = (
     "password authentication failed for user",
 )
 _NO_TLS = "no encryption"
+# How libpq words a server certificate that did not verify (chain or host name).
+_CERTIFICATE = ("certificate verify failed", "does not match host name")
 
 
 def failure_kind(exc: BaseException) -> FailureKind | None:
@@ -27,6 +35,8 @@ def failure_kind(exc: BaseException) -> FailureKind | None:
         return "token"
     if "pg_hba.conf rejects connection" in text and _NO_TLS in text:
         return "tls"
+    if any(marker in text for marker in _CERTIFICATE):
+        return "certificate"
     return None
 
 
@@ -91,6 +101,39 @@ def _causes(endpoint: Endpoint, kind: FailureKind) -> list[str]:
         f'the database user lacks the rds_iam role: GRANT rds_iam TO "{user}"',
         "IAM database authentication is not enabled on the cluster, instance or RDS Proxy",
     ]
+
+
+def certificate_advice(endpoint: Endpoint, rootcert: str | None) -> str:
+    """Say which CA set failed to verify the server as the endpoint, and what to do."""
+    from iampg import _trust  # noqa: PLC0415
+
+    if rootcert in (None, ""):
+        used = "libpq's default root certificate file (~/.postgresql/root.crt)"
+    elif rootcert == "system":
+        used = "the operating system's CA store (sslrootcert=system)"
+    else:
+        summary = _trust.describe(str(rootcert))
+        used = f"{rootcert} ({summary})" if summary else f"{rootcert} (your own CA file)"
+    return (
+        f"the server's certificate did not verify as {endpoint.host} against {used}.\n"
+        "  - if the database's CA is newer than that set, point IAMPG_SSLROOTCERT "
+        "(or sslrootcert=) at a current bundle, such as AWS's "
+        "https://truststore.pki.rds.amazonaws.com/global/global-bundle.pem\n"
+        "  - through a tunnel or load balancer, keep the database's name as host and dial "
+        "the other address with hostaddr\n"
+        "  - sslmode=require encrypts without checking who answers (an explicit opt-out)"
+    )
+
+
+def certificate_error(exc: BaseException, endpoint: Endpoint, rootcert: str | None) -> Exception:
+    """Return libpq's certificate error with :func:`certificate_advice` added.
+
+    The error is a :class:`psycopg.OperationalError`, as libpq's was.
+    """
+    import psycopg  # noqa: PLC0415
+
+    server = " ".join(str(exc).split())
+    return psycopg.OperationalError(f"{server}\n{certificate_advice(endpoint, rootcert)}")
 
 
 def authentication_error(

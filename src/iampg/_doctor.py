@@ -20,6 +20,7 @@ from typing import Any, Literal, TextIO
 
 from iampg._dsn import connect_params
 from iampg._endpoint import Endpoint, _infer
+from iampg._options import option
 from iampg._tokens import TokenProvider
 from iampg.errors import AuthenticationError, ConfigurationError, Error
 
@@ -271,7 +272,8 @@ class Doctor:
             raise _CheckFailedError(
                 f"cannot resolve {ep.host}: {exc}",
                 "check the host name for typos and that the cluster exists; a private endpoint "
-                "resolves only inside its VPC: connect through a tunnel and pass --hostaddr",
+                "resolves only inside its VPC: connect through a tunnel and pass "
+                f"{option('hostaddr')}",
             ) from exc
         return f"{ep.host} → {', '.join(self.addresses)}"
 
@@ -325,9 +327,10 @@ class Doctor:
         except ssl.SSLCertVerificationError as exc:
             raise _CheckFailedError(
                 f"the server certificate did not verify: {exc.verify_message}",
-                "pass the service's CA bundle with --sslrootcert (RDS: global-bundle.pem from "
-                "AWS; DSQL: sslrootcert=system), and connect with the cluster's own host name "
-                "(for tunnels keep --host and add --hostaddr)",
+                f"pass the service's CA bundle with {option('sslrootcert')} (RDS: "
+                "global-bundle.pem from AWS; DSQL: sslrootcert=system), and connect with the "
+                f"cluster's own host name (for tunnels keep {option('host')} and add "
+                f"{option('hostaddr')})",
             ) from exc
         except (OSError, ssl.SSLError) as exc:
             raise _CheckFailedError(
@@ -341,8 +344,8 @@ class Doctor:
             raise _Warned(
                 f"{found}; encrypted, not authenticated (sslmode={sslmode} checks {checked}): "
                 "whoever answers on this address receives the token",
-                "use --sslmode verify-full (with --sslrootcert for your own CA file) so the "
-                "server has to prove it is the database",
+                f"use {option('sslmode', 'verify-full')} (with {option('sslrootcert')} for "
+                "your own CA file) so the server has to prove it is the database",
             )
         if ending:
             raise _Warned(
@@ -362,7 +365,8 @@ class Doctor:
             if not default.exists():
                 raise _CheckFailedError(
                     f"sslmode={sslmode} needs a root certificate and {default} does not exist",
-                    "pass --sslrootcert FILE (the RDS CA bundle) or --sslrootcert system",
+                    f"pass {option('sslrootcert', 'FILE')} (the RDS CA bundle) or "
+                    f"{option('sslrootcert', 'system')}",
                 )
             rootcert = str(default)
         # libpq: with a root certificate, sslmode=require checks the chain like verify-ca.
@@ -411,7 +415,7 @@ class Doctor:
             if "timeout" in text:
                 fix = (
                     "a paused Aurora Serverless cluster takes 15-30 s to resume: retry with "
-                    "--timeout 60; otherwise check the network path"
+                    f"{option('timeout', '60')}; otherwise check the network path"
                 )
             raise _CheckFailedError(text, fix) from exc
         return f"logged in to {ep.dbname!r} as {ep.user!r} with the token"

@@ -404,18 +404,24 @@ def _restore(*key: object) -> Endpoint:
 
 def _check_text(name: str, value: str) -> None:
     """Refuse a NUL byte or an unencodable character; the message names, never shows, it."""
+    # A field is named as the caller gives it (user=... or --user); else by its name.
+    given = f" (given as {option(name)})" if name in _FIELDS or name in _ENV_SETTINGS else ""
     if "\0" in value:
         raise ConfigurationError(
-            f"{name} contains a NUL byte, which libpq would silently cut the connection "
-            "string at: remove it"
+            f"{name}{given} contains a NUL byte, which libpq would silently cut the "
+            "connection string at: remove it"
         )
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise ConfigurationError(
-            f"{name} holds bytes that are not UTF-8 (as an environment variable in another "
-            "encoding gives): set it to valid text"
+            f"{name}{given} holds bytes that are not UTF-8 (as an environment variable in "
+            "another encoding gives): set it to valid text"
         ) from None
+
+
+# Parameters the iampg command and the environment give besides the fields.
+_ENV_SETTINGS = frozenset({"sslmode", "sslrootcert"})
 
 
 def _nearest_keyword(key: str) -> str | None:

@@ -137,7 +137,7 @@ def connect(
         endpoint, provider, preset_argument(preset, profile), allow_insecure=allow_insecure
     )
     params = target.merge(kwargs)
-    attempts = Attempts(target, wait)
+    attempts = Attempts(target, wait, params)
     while True:
         token = Secret(target.provider.token())
         try:
@@ -203,7 +203,7 @@ async def aconnect(
         endpoint, provider, preset_argument(preset, profile), allow_insecure=allow_insecure
     )
     params = target.merge(kwargs)
-    attempts = Attempts(target, wait)
+    attempts = Attempts(target, wait, params)
     while True:
         token = Secret(await target.provider.atoken())
         try:

@@ -140,7 +140,7 @@ def docs_endpoints(
                 region=REGION,
                 listen_host=address,
                 port=PORT,
-                profile="dsql",
+                preset="dsql",
             ),
             taken,
         )

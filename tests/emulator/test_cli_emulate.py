@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -95,10 +96,17 @@ _cli._load_emulator = lambda: StandIn
 class Emulate:
     """A running ``iampg emulate`` subprocess whose output is read by two threads."""
 
-    def __init__(self, args: list[str], *, standin: bool, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        *,
+        standin: bool,
+        env: dict[str, str],
+        command: list[str] | None = None,
+    ) -> None:
         code = RUNNER.format(standin=STANDIN if standin else "")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, *args],
+            [*(command or [sys.executable, "-c", code]), *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -175,7 +183,9 @@ def env() -> dict[str, str]:
 
 
 class Launch(Protocol):
-    def __call__(self, args: list[str], *, standin: bool = True) -> Emulate: ...
+    def __call__(
+        self, args: list[str], *, standin: bool = True, command: list[str] | None = None
+    ) -> Emulate: ...
 
 
 @pytest.fixture
@@ -183,8 +193,10 @@ def run_emulate(env: dict[str, str]) -> Iterator[Launch]:
     """Start subprocesses with the test environment; stop any left running."""
     started: list[Emulate] = []
 
-    def launch(args: list[str], *, standin: bool = True) -> Emulate:
-        emulate = Emulate(args, standin=standin, env=env)
+    def launch(
+        args: list[str], *, standin: bool = True, command: list[str] | None = None
+    ) -> Emulate:
+        emulate = Emulate(args, standin=standin, env=env, command=command)
         started.append(emulate)
         return emulate
 
@@ -257,7 +269,7 @@ def test_emulate_on_a_temporary_cluster_stops_on_sigint(run_emulate: Launch, sta
     """With no backend given, a temporary cluster serves; Ctrl-C stops all, exit 0."""
     emulate = run_emulate(["--port", "0"], standin=standin)
     banner = emulate.read_until("Ctrl-C")
-    assert banner[-1] == "Press Ctrl-C to stop."
+    assert banner[-1].endswith("Press Ctrl-C to stop.")
     exports = _exports(banner)
     assert exports["AWS_ACCESS_KEY_ID"] == "AKIAIOSFODNN7EXAMPLE"
     assert exports["AWS_SECRET_ACCESS_KEY"] == "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
@@ -388,5 +400,141 @@ def test_backend_from_the_environment(
     emulate = run_emulate([])
     banner = emulate.read_until("Ctrl-C")
     assert _field(banner, "backend").startswith(f"127.0.0.1:{existing_server.port} ")
+    emulate.proc.send_signal(signal.SIGINT)
+    assert emulate.finish()[0] == 0
+
+
+# The installed command, as a user runs it (the venv's bin directory goes first on PATH).
+BIN = Path(sys.executable).parent
+IAMPG = BIN / "iampg"
+needs_command = pytest.mark.skipif(
+    not IAMPG.exists() or shutil.which("psql") is None, reason="needs the iampg and psql commands"
+)
+
+
+def _fresh_terminal(env: dict[str, str]) -> dict[str, str]:
+    """Return a new terminal's environment: no AWS, PG or IAMPG variables, iampg on PATH.
+
+    The AWS config files stay pointed at missing files (never a real credential).
+    """
+    kept = ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED")
+    fresh = {k: v for k, v in env.items() if not k.startswith(("AWS_", "PG", "IAMPG_"))}
+    fresh.update({k: env[k] for k in kept if k in env})
+    fresh["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return fresh
+
+
+def _second_terminal(banner: list[str], base: dict[str, str]) -> dict[str, str]:
+    """Return the environment a shell has after running the banner's unset/export lines."""
+    lines = [line.strip() for line in banner if line.strip().startswith(("export ", "unset "))]
+    result = subprocess.run(
+        ["sh", "-c", "\n".join([*lines, "exec env -0"])],
+        capture_output=True,
+        text=True,
+        env=base,
+        check=True,
+        timeout=TIMEOUT,
+    )
+    return dict(item.split("=", 1) for item in result.stdout.split("\0") if item)
+
+
+def _wait_for_stderr(emulate: Emulate, texts: list[str]) -> str:
+    """Return the emulator's stderr once it contains every text (or fail after a bound)."""
+    for _ in range(int(TIMEOUT / 0.1)):
+        stderr = "".join(line for line in emulate.stderr if line is not None)
+        if all(text in stderr for text in texts):
+            return stderr
+        threading.Event().wait(0.1)
+    pytest.fail(f"no {texts!r} on stderr: {stderr!r}")
+
+
+@needs_command
+def test_banner_exports_make_bare_commands_work_in_another_terminal(
+    run_emulate: Launch, env: dict[str, str], backend: Backend
+) -> None:
+    """After the banner's exports, bare iampg commands and plain psql connect; refusals show why.
+
+    As a user types it: ``iampg emulate --region eu-west-1`` in one terminal, the printed
+    lines in a fresh one (no AWS or PG variables), then the commands with no arguments.
+    """
+    env["IAMPG_EMULATOR_BACKEND"] = backend.dsn
+    emulate = run_emulate(["--region", "eu-west-1"], command=[str(IAMPG), "emulate"])
+    banner = emulate.read_until("Ctrl-C")
+    host = _field(banner, "host name")
+    assert ".eu-west-1." in host
+    terminal = _second_terminal(banner, _fresh_terminal(env))
+    assert terminal["IAMPG_SSLROOTCERT"] == terminal["PGSSLROOTCERT"] == _field(banner, "CA file")
+
+    def sh(command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["sh", "-c", command],
+            capture_output=True,
+            text=True,
+            env=terminal,
+            check=False,
+            timeout=TIMEOUT,
+        )
+
+    token = sh("iampg token")
+    assert token.returncode == 0, token.stderr
+    assert token.stdout.startswith(f"{host}:{_field(banner, 'port')}/?Action=connect&DBUser=")
+    for command in ("iampg url", "iampg env", "iampg doctor"):
+        result = sh(command)
+        assert result.returncode == 0, (command, result.stderr)
+    query = "-X -tAc 'select current_user'"
+    for command in (f"iampg psql {query}", f'eval "$(iampg env)" && psql {query}'):
+        result = sh(command)
+        assert (result.returncode, result.stdout) == (0, "postgres\n"), (command, result.stderr)
+
+    refused = {
+        "AWS_SECRET_ACCESS_KEY=wrong iampg psql -X -c 'select 1'": "signature mismatch",
+        "AWS_ACCESS_KEY_ID=AKIAI44QH8DHBEXAMPLE iampg psql -X -c 'select 1'": "unknown access key",
+        """PGPASSWORD="$(iampg token -p 1234)" psql -X -c 'select 1'""": "wrong port",
+    }
+    for command in refused:
+        assert sh(command).returncode == 2  # psql: the connection failed
+    stderr = _wait_for_stderr(emulate, [f": {reason}: " for reason in refused.values()])
+    assert "sign for port" in stderr
+    assert "X-Amz-" not in stderr
+    assert token.stdout.strip() not in stderr
+    emulate.proc.send_signal(signal.SIGINT)
+    assert emulate.finish()[0] == 0
+
+
+def test_a_busy_port_fails_before_a_cluster_starts(run_emulate: Launch) -> None:
+    """--port that is taken: exit 1 at once, saying so, and no throwaway cluster started."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        code, out, stderr = run_emulate(["--port", str(port)], standin=False).finish()
+    assert code == 1
+    assert out == []
+    assert stderr == (
+        f"iampg emulate: error: cannot listen on 127.0.0.1 port {port} (Address already in use): "
+        "pick another --port, or --port 0 for a free one\n"
+    )
+
+
+@needs_command
+def test_dsql_banner_exports_work_too(
+    run_emulate: Launch, env: dict[str, str], backend: Backend
+) -> None:
+    """With --preset dsql the exports name the DSQL host and admin; bare iampg psql logs in."""
+    env["IAMPG_EMULATOR_BACKEND"] = backend.dsn
+    emulate = run_emulate(["--preset", "dsql"], command=[str(IAMPG), "emulate"])
+    banner = emulate.read_until("Ctrl-C")
+    terminal = _second_terminal(banner, _fresh_terminal(env))
+    assert terminal["PGHOST"].endswith(".dsql.us-east-1.on.aws")
+    assert terminal["PGUSER"] == "admin"
+    result = subprocess.run(
+        ["sh", "-c", "iampg psql -X -tAc 'select current_user'"],
+        capture_output=True,
+        text=True,
+        env=terminal,
+        check=False,
+        timeout=TIMEOUT,
+    )
+    assert (result.returncode, result.stdout) == (0, "admin\n"), result.stderr
     emulate.proc.send_signal(signal.SIGINT)
     assert emulate.finish()[0] == 0

@@ -256,6 +256,11 @@ def test_backend_refusal_is_relayed(emu: Emulator) -> None:
     assert last_event(emu).outcome == "accepted"
 
 
+@pytest.mark.skipif(
+    LIBPQ < 170000,
+    reason="before libpq 17 cancel_safe() is the blocking PQcancel, which holds the GIL that "
+    "the in-process gateway needs to answer it (test_cancel_from_another_process covers it)",
+)
 def test_cancel_request_interrupts_a_query(emu: Emulator) -> None:
     """cancel_safe() (a CancelRequest inside TLS with libpq 17+) stops pg_sleep quickly."""
     with connect(emu, mint(emu)) as conn:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from iampg.emulator import Backend
 from iampg.emulator._backend import find_bindir
@@ -127,23 +130,115 @@ def test_nothing_starts_until_a_fixture_is_requested(user_suite: pytest.Pytester
     result.assert_outcomes(passed=1)
 
 
-def test_profile_setting_reaches_the_emulator(user_suite: pytest.Pytester) -> None:
-    """The iampg_profile ini setting is passed to the emulator as profile=."""
+@pytest.mark.parametrize("spelling", ["aurora-serverless", "aurora-express", "Aurora_Express"])
+def test_preset_setting_reaches_the_emulator(user_suite: pytest.Pytester, spelling: str) -> None:
+    """The iampg_preset ini setting, in any spelling, is passed to the emulator as preset=."""
     user_suite.makeini(
-        """
+        f"""
         [pytest]
         filterwarnings = error
-        iampg_profile = aurora-express
+        iampg_preset = {spelling}
         """
     )
     user_suite.makepyfile(
-        test_profile="""
-        def test_profile(iampg_emulator):
-            assert iampg_emulator.profile.name == "aurora-express"
+        test_preset="""
+        def test_preset(iampg_emulator):
+            assert iampg_emulator.preset.name == "aurora-serverless"
         """
     )
     result = run(user_suite, "-q")
     result.assert_outcomes(passed=1)
+
+
+def test_profile_setting_is_a_deprecated_alias(user_suite: pytest.Pytester) -> None:
+    """iampg_profile still sets the preset, with a DeprecationWarning naming iampg_preset."""
+    user_suite.makeini(
+        """
+        [pytest]
+        iampg_profile = aurora-express
+        """
+    )
+    user_suite.makepyfile(
+        test_preset="""
+        def test_preset(iampg_emulator):
+            assert iampg_emulator.preset.name == "aurora-serverless"
+        """
+    )
+    result = run(user_suite, "-q", "-W", "always::DeprecationWarning")
+    result.assert_outcomes(passed=1, warnings=1)
+    result.stdout.fnmatch_lines(["*iampg_profile setting is deprecated: use iampg_preset*"])
+
+
+def test_unknown_preset_is_a_usage_error(user_suite: pytest.Pytester) -> None:
+    """A preset name no spelling matches fails the fixture, listing the accepted names."""
+    user_suite.makeini("[pytest]\niampg_preset = serverless\n")
+    user_suite.makepyfile(test_p="def test_p(iampg_emulator):\n    pass\n")
+    result = run(user_suite, "-q")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*iampg_preset: unknown preset 'serverless': use one of*"])
+
+
+def test_dsql_preset_creates_the_role_it_logs_in_as(
+    user_suite: pytest.Pytester, backend: Backend
+) -> None:
+    """iampg_preset = dsql: the endpoint's admin role is created, and a pool logs in as it."""
+    user_suite.makeini(
+        "[pytest]\nfilterwarnings = error\niampg_preset = dsql\niampg_user = dsql_app\n"
+    )
+    user_suite.makepyfile(
+        test_dsql_pool="""
+        import iampg
+
+        def test_pool(iampg_endpoint, iampg_aws_env):
+            with iampg.ConnectionPool(iampg_endpoint, min_size=1, open=True, timeout=10) as pool:
+                with pool.connection() as conn:
+                    assert conn.execute("select current_user").fetchone() == ("dsql_app",)
+        """
+    )
+    with psycopg.connect(backend.dsn, autocommit=True) as conn:
+        conn.execute("drop role if exists dsql_app")
+    result = run(user_suite, "-q")
+    result.assert_outcomes(passed=1)
+
+
+def test_a_role_that_cannot_be_created_is_reported_at_once(
+    user_suite: pytest.Pytester, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A missing endpoint role the backend user may not create fails the fixture, naming it."""
+    with psycopg.connect(backend.dsn, autocommit=True) as conn:
+        conn.execute("drop role if exists no_such_app")
+        if conn.execute("select 1 from pg_roles where rolname = 'iampg_plain'").fetchone() is None:
+            conn.execute("create role iampg_plain login")
+    plain = conninfo_to_dict(backend.dsn)
+    plain["user"] = "iampg_plain"
+    monkeypatch.setenv("IAMPG_EMULATOR_BACKEND", make_conninfo(**plain))  # type: ignore[arg-type]
+    user_suite.makeini("[pytest]\niampg_user = no_such_app\n")
+    user_suite.makepyfile(test_role="def test_role(iampg_endpoint):\n    pass\n")
+    result = run(user_suite, "-q")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        ["*the iampg_endpoint user 'no_such_app' does not exist on the backend and cannot be*"]
+    )
+    assert "PoolTimeout" not in result.stdout.str()
+
+
+def test_disabled_plugin_keeps_its_settings_valid(pytester: pytest.Pytester) -> None:
+    """-p no:iampg with iampg_* settings and warnings as errors runs, not an INTERNALERROR."""
+    if not installed():
+        pytest.skip("needs the installed entry points")
+    pytester.makeini(
+        """
+        [pytest]
+        filterwarnings = error
+        iampg_preset = dsql
+        iampg_profile = dsql
+        iampg_time_scale = 2
+        """
+    )
+    pytester.makepyfile(test_ok="def test_ok():\n    pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:iampg", "-p", "no:cacheprovider", "-q")
+    result.assert_outcomes(passed=1)
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
 
 
 def test_bad_time_scale_is_a_usage_error(user_suite: pytest.Pytester) -> None:
@@ -180,7 +275,7 @@ def test_ini_settings_are_registered(user_suite: pytest.Pytester) -> None:
     user_suite.makeini(
         """
         [pytest]
-        iampg_profile = rds
+        iampg_preset = rds
         iampg_time_scale = 2
         iampg_user = postgres
         iampg_credentials_lifetime = 60
@@ -215,7 +310,10 @@ def test_entry_point_is_declared() -> None:
     section = re.search(pattern, text, re.MULTILINE | re.DOTALL)
     assert section is not None
     entries = [line for line in section[1].splitlines() if line and not line.startswith("#")]
-    assert entries == [f'iampg = "{PLUGIN}"']
+    assert entries == [
+        f'iampg = "{PLUGIN}"',
+        'iampg_settings = "iampg.emulator._pytest_settings"',
+    ]
 
 
 @pytest.mark.slow
@@ -247,3 +345,30 @@ def test_without_a_dsn_the_backend_is_a_throwaway_cluster(
     datadir = Path((pytester.path / "datadir.txt").read_text())
     assert datadir.name
     assert not datadir.exists()
+
+
+EXAMPLES = ROOT / "examples" / "pytest_emulator"
+HOWTO = ROOT / "docs" / "howto" / "emulator.md"
+
+
+@pytest.mark.parametrize("service", ["rds", "aurora_serverless", "dsql"])
+def test_each_services_example_project_passes(
+    pytester: pytest.Pytester, backend: Backend, monkeypatch: pytest.MonkeyPatch, service: str
+) -> None:
+    """The tiny project the how-to shows for each service passes, run as pytest on its own."""
+    monkeypatch.setenv("IAMPG_EMULATOR_BACKEND", backend.dsn)
+    for path in (EXAMPLES / service).iterdir():
+        if path.is_file():
+            shutil.copy(path, pytester.path / path.name)
+    plugin = [] if installed() else ["-p", PLUGIN]
+    result = pytester.runpytest_subprocess(*plugin, "-p", "no:cacheprovider", "-q")
+    result.assert_outcomes(passed=1)
+
+
+def test_example_projects_are_shown_in_the_howto() -> None:
+    """Every file of the example projects appears verbatim in docs/howto/emulator.md."""
+    howto = HOWTO.read_text()
+    files = sorted(p for p in EXAMPLES.rglob("*.*") if "__pycache__" not in p.parts)
+    assert len(files) == 6
+    for path in files:
+        assert path.read_text() in howto, path

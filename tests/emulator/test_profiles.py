@@ -1,4 +1,4 @@
-"""Tests of the named profiles, their overrides, the pure helpers and ``--profile``."""
+"""Tests of the service presets, their overrides, the pure helpers and ``--preset``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from iampg import Endpoint
-from iampg.emulator import DEFAULT_HOSTNAME, PROFILES, Emulator, Profile, _cli
+from iampg.emulator import DEFAULT_HOSTNAME, PRESETS, PROFILES, Emulator, Preset, Profile, _cli
 from iampg.emulator._serverless import ReadyForQueryScanner, TokenBucket, dsql_hint
 from iampg.errors import ConfigurationError
 
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 def test_aurora_express_defaults_follow_the_seed() -> None:
     """aurora-express: 300 s auto-pause, 16 s resume that blocks, 3.5 s latency, 300 s idle cut."""
-    p = PROFILES["aurora-express"]
+    p = PRESETS["aurora-serverless"]
     assert (p.service, p.auto_pause, p.resume_delay, p.paused_connect) == (
         "rds",
         300.0,
@@ -36,7 +36,7 @@ def test_aurora_express_defaults_follow_the_seed() -> None:
 
 def test_dsql_defaults() -> None:
     """dsql: 1-hour cap, 5-minute transactions, 10 000 connections, 100/s burst 1000, SNI."""
-    p = PROFILES["dsql"]
+    p = PRESETS["dsql"]
     assert (p.service, p.session_cap, p.transaction_limit) == ("dsql", 3600.0, 300.0)
     assert (p.max_connections, p.connection_rate, p.connection_burst) == (10_000, 100.0, 1_000)
     assert (p.require_sni, p.paused_connect, p.auto_pause) == (True, "refuse", None)
@@ -44,7 +44,7 @@ def test_dsql_defaults() -> None:
 
 def test_rds_profile_has_nothing_timed() -> None:
     """rds: tokens only; nothing on a timer, no limits."""
-    p = PROFILES["rds"]
+    p = PRESETS["rds"]
     assert not p.timed
     assert (p.max_connections, p.connection_rate, p.require_sni, p.connect_latency) == (
         None,
@@ -56,37 +56,71 @@ def test_rds_profile_has_nothing_timed() -> None:
 
 def test_emulator_profile_and_overrides(backend: Backend) -> None:
     """A profile by name, with keyword overrides, and service=dsql picking the dsql profile."""
-    emu = Emulator(backend.dsn, profile="aurora-express", idle_timeout=None, time_scale=60.0)
-    assert emu.profile.name == "aurora-express"
-    assert (emu.profile.idle_timeout, emu.profile.resume_delay) == (None, 16.0)
+    emu = Emulator(backend.dsn, preset="aurora-express", idle_timeout=None, time_scale=60.0)
+    assert emu.preset.name == "aurora-serverless"
+    assert (emu.preset.idle_timeout, emu.preset.resume_delay) == (None, 16.0)
     assert (emu.service, emu.host, emu.state) == ("rds", DEFAULT_HOSTNAME, "running")
     assert emu.clock.time_scale == 60.0
     dsql = Emulator(backend.dsn, service="dsql", region="eu-west-1")
-    assert (dsql.profile.name, dsql.service) == ("dsql", "dsql")
+    assert (dsql.preset.name, dsql.service) == ("dsql", "dsql")
     assert re.fullmatch(r"[a-z0-9]{26}\.dsql\.eu-west-1\.on\.aws", dsql.host)
     endpoint = Endpoint(dsql.host)
     assert (endpoint.kind, endpoint.region) == ("dsql", "eu-west-1")
-    custom = Emulator(backend.dsn, profile=Profile(name="mine", session_cap=10.0))
-    assert custom.profile.session_cap == 10.0
+    custom = Emulator(backend.dsn, preset=Preset(name="mine", session_cap=10.0))
+    assert custom.preset.session_cap == 10.0
+
+
+@pytest.mark.parametrize(
+    "spelling", ["aurora-serverless", "aurora-express", "Aurora_Express", " AURORA-SERVERLESS "]
+)
+def test_every_preset_spelling_is_accepted(backend: Backend, spelling: str) -> None:
+    """Emulator(preset=...) and --preset accept every spelling canonical_preset does."""
+    assert Emulator(backend.dsn, preset=spelling).preset is PRESETS["aurora-serverless"]  # type: ignore[arg-type]
+    parser = argparse.ArgumentParser()
+    _cli.add_arguments(parser)
+    assert _cli._emulator_kwargs(parser.parse_args(["--preset", spelling]))["preset"] == (
+        "aurora-serverless"
+    )
+
+
+def test_profile_is_a_deprecated_alias(
+    backend: Backend, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """profile=, --profile, PROFILES and Profile still work, and the keyword and flag warn."""
+    with pytest.warns(DeprecationWarning, match=r"profile=\.\.\.\) is deprecated: use preset="):
+        emu = Emulator(backend.dsn, profile="aurora-express")
+    assert emu.profile is emu.preset is PRESETS["aurora-serverless"]
+    assert PROFILES["aurora-express"] is PROFILES["aurora-serverless"]
+    assert Profile is Preset
+    with pytest.raises(ConfigurationError, match="not also its old name"):
+        Emulator(backend.dsn, preset="rds", profile="rds")
+    parser = argparse.ArgumentParser()
+    _cli.add_arguments(parser)
+    args = parser.parse_args(["--profile", "dsql"])
+    assert _cli._emulator_kwargs(args)["preset"] == "dsql"
+    assert _cli._user(args) == "admin"
+    assert capsys.readouterr().err == (
+        "iampg emulate: --profile is deprecated: use --preset dsql\n"
+    )
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"profile": "aurora"}, "unknown emulator profile 'aurora'"),
+        ({"preset": "aurora"}, "unknown preset 'aurora': use one of rds, aurora-serverless"),
         ({"idle_timeout": 0.0}, "idle_timeout must be a positive number"),
         ({"resume_delay": -1.0}, "resume_delay must be a number >= 0"),
         ({"max_connections": 0}, "max_connections must be at least 1"),
         ({"connection_burst": 0}, "connection_burst must be at least 1"),
         ({"paused_connect": "sleep"}, "paused_connect must be 'wait' or 'refuse'"),
         ({"service": "mysql"}, "service must be 'rds' or 'dsql'"),
-        ({"bogus": 1}, "unknown profile setting(s): bogus"),
+        ({"bogus": 1}, "unknown preset setting(s): bogus"),
     ],
 )
 def test_invalid_settings_are_configuration_errors(
     backend: Backend, kwargs: dict[str, object], message: str
 ) -> None:
-    """Bad profile names and values are refused early with a message saying what is wrong."""
+    """Bad preset names and values are refused early with a message saying what is wrong."""
     with pytest.raises(ConfigurationError) as info:
         Emulator(backend.dsn, **kwargs)  # type: ignore[arg-type]
     assert message in str(info.value)
@@ -149,28 +183,28 @@ def test_dsql_hints_never_echo_the_signature() -> None:
         assert "AKIA" not in text
 
 
-def test_cli_profile_option_and_banner(backend: Backend) -> None:
-    """--profile reaches the Emulator; the banner shows the behaviour and a DSQL host."""
+def test_cli_preset_option_and_banner(backend: Backend) -> None:
+    """--preset reaches the Emulator; the banner shows the behaviour and a DSQL host."""
     parser = argparse.ArgumentParser()
     _cli.add_arguments(parser)
-    args = parser.parse_args(["--profile", "dsql"])
+    args = parser.parse_args(["--preset", "dsql"])
     kwargs = _cli._emulator_kwargs(args)
-    assert kwargs["profile"] == "dsql"
+    assert kwargs["preset"] == "dsql"
     assert _cli._user(args) == "admin"
     assert _cli._user(parser.parse_args([])) == "postgres"
-    assert "profile" not in _cli._emulator_kwargs(parser.parse_args([]))
+    assert "preset" not in _cli._emulator_kwargs(parser.parse_args([]))
     with pytest.raises(SystemExit):
-        parser.parse_args(["--profile", "aurora"])
+        parser.parse_args(["--preset", "aurora"])
     with Emulator(backend.dsn, **kwargs) as emu:
         banner = _cli._banner(emu, backend, "admin", "postgres")
     assert re.search(r"host name:  [a-z0-9]{26}\.dsql\.us-east-1\.on\.aws\n", banner)
-    assert "  profile:    dsql\n" in banner
+    assert "  preset:     dsql\n" in banner
     assert "sessions closed after 3600 s" in banner
     assert "TLS SNI required" in banner
     assert "aws dsql generate-db-connect-admin-auth-token --hostname " in banner
-    with Emulator(backend.dsn, profile="aurora-express") as emu:
+    with Emulator(backend.dsn, preset="aurora-express") as emu:
         banner = _cli._banner(emu, backend, "postgres", "postgres")
-    assert "  profile:    aurora-express\n" in banner
+    assert "  preset:     aurora-serverless\n" in banner
     assert "resume takes 16 s (connections wait meanwhile)" in banner
     assert "connect latency 3.5 s" in banner
     assert "idle sessions cut after 300 s (abrupt close)" in banner

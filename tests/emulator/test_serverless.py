@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("quiet_botocore")
 @pytest.fixture
 def express(start_emulator: EmulatorFactory) -> Emulator:
     """Return an aurora-express emulator whose 3.5 s latency is off (tests turn it on)."""
-    return start_emulator(profile="aurora-express", connect_latency=0.0)
+    return start_emulator(preset="aurora-express", connect_latency=0.0)
 
 
 def mint(emu: Emulator) -> str:
@@ -91,7 +91,7 @@ def test_open_connection_keeps_cluster_awake(express: Emulator) -> None:
 
 def test_paused_connect_blocks_until_resumed(backend: Backend) -> None:
     """A connection to a paused Aurora cluster waits the resume delay, then succeeds."""
-    with Emulator(backend.dsn, profile="aurora-express", time_scale=SCALE) as emu:
+    with Emulator(backend.dsn, preset="aurora-express", time_scale=SCALE) as emu:
         emu.pause()
         with connect(emu) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
@@ -106,7 +106,7 @@ def test_paused_connect_blocks_until_resumed(backend: Backend) -> None:
 def test_concurrent_connections_share_one_resume(backend: Backend) -> None:
     """Several connections to a paused cluster wait for one and the same resume."""
     with Emulator(
-        backend.dsn, profile="aurora-express", time_scale=SCALE, resume_delay=100.0
+        backend.dsn, preset="aurora-express", time_scale=SCALE, resume_delay=100.0
     ) as emu:
         emu.pause()
 
@@ -137,8 +137,8 @@ def test_resume_now_releases_waiting_connection(express: Emulator) -> None:
 
 def test_connect_latency_is_paid_by_every_connection(backend: Backend) -> None:
     """Each connection takes at least connect_latency emulated seconds."""
-    with Emulator(backend.dsn, profile="aurora-express", time_scale=SCALE) as emu:
-        assert emu.profile.connect_latency == 3.5
+    with Emulator(backend.dsn, preset="aurora-express", time_scale=SCALE) as emu:
+        assert emu.preset.connect_latency == 3.5
         before = emu.clock.now()
         connect(emu).close()
         assert emu.clock.now() - before >= 3.5

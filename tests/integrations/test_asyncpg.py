@@ -168,3 +168,22 @@ def test_unsupported_libpq_parameters_are_refused(emulator: Emulator) -> None:
     """A libpq parameter asyncpg cannot honour is a configuration error, not ignored."""
     with pytest.raises(ConfigurationError, match="keepalives"):
         iampg_asyncpg.connect_kwargs(endpoint_for(emulator, keepalives="1"))
+
+
+def test_connect_reuses_its_tls_context_until_the_ca_file_changes(
+    emulator: Emulator, tmp_path: Any
+) -> None:
+    """connect() keeps one TLS context per settings, and reads a replaced CA file again."""
+    import shutil
+
+    from iampg._connecting import connect_params
+
+    ca = tmp_path / "ca.pem"
+    shutil.copy(emulator.ca_file, ca)
+    ep = endpoint_for(emulator, sslrootcert=str(ca))
+    params = connect_params(ep)
+    first = iampg_asyncpg._arguments(ep, params, shared=True)["ssl"]
+    assert iampg_asyncpg._arguments(ep, params, shared=True)["ssl"] is first
+    assert iampg_asyncpg._arguments(ep, params)["ssl"] is not first  # connect_kwargs: its own
+    ca.write_bytes(ca.read_bytes() + b"\n")  # a new bundle in place of the old one
+    assert iampg_asyncpg._arguments(ep, params, shared=True)["ssl"] is not first

@@ -16,7 +16,7 @@ from iampg import Endpoint, TokenProvider
 from iampg._dsn import connect_params
 from iampg.emulator import Backend, Emulator
 from iampg.integrations import psycopg2 as iampg_psycopg2
-from support import endpoint_for
+from support import ContendedCounter, endpoint_for, terminate_backend
 
 
 def _who(conn: Any) -> tuple[Any, ...]:
@@ -203,7 +203,7 @@ def test_another_host_than_the_signed_one_is_refused_before_signing(emulator: Em
 def test_connect_waits_out_a_serverless_resume(backend: Backend) -> None:
     """With the serverless preset, connect() retries past connect timeouts during a resume."""
     with Emulator(
-        backend.dsn, profile="aurora-express", resume_delay=3.0, connect_latency=0.0
+        backend.dsn, preset="aurora-express", resume_delay=3.0, connect_latency=0.0
     ) as emu:
         emu.pause()
         conn = iampg_psycopg2.connect(
@@ -220,7 +220,7 @@ def test_connect_waits_out_a_serverless_resume(backend: Backend) -> None:
 def test_a_resume_longer_than_wait_is_unavailable_for_both_hierarchies(backend: Backend) -> None:
     """Past wait=, the error is both psycopg2.OperationalError and iampg.UnavailableError."""
     with Emulator(
-        backend.dsn, profile="aurora-express", resume_delay=60.0, connect_latency=0.0
+        backend.dsn, preset="aurora-express", resume_delay=60.0, connect_latency=0.0
     ) as emu:
         emu.pause()
         with pytest.raises(psycopg2.OperationalError) as caught:
@@ -230,3 +230,126 @@ def test_a_resume_longer_than_wait_is_unavailable_for_both_hierarchies(backend: 
     error: Exception = caught.value
     assert isinstance(error, iampg.UnavailableError)
     assert "wait=" in str(error)
+
+
+class Increment:
+    """Read the counter and write it back plus one; the first run is raced by a commit."""
+
+    def __init__(self, counter: ContendedCounter) -> None:
+        self.counter = counter
+        self.calls = 0
+
+    def __call__(self, conn: Any) -> int:
+        self.calls += 1
+        with conn.cursor() as cur:
+            cur.execute("set transaction isolation level repeatable read")
+            cur.execute("select n from iampg_retry_psycopg2 where id = 1")
+            n = int(cur.fetchone()[0])
+            if self.calls == 1:  # another transaction commits in between: ours must conflict
+                self.counter.bump_elsewhere()
+            cur.execute("update iampg_retry_psycopg2 set n = %s where id = 1", (n + 1,))
+        return n + 1
+
+
+@pytest.mark.parametrize("kind", ["pool", "connection", "decorator"])
+def test_retry_transaction_runs_a_conflict_again(emulator: Emulator, kind: str) -> None:
+    """psycopg2's real 40001 (its pgcode) rolls back and the work runs again."""
+    counter = ContendedCounter(endpoint_for(emulator), "iampg_retry_psycopg2")
+    provider = TokenProvider(counter.endpoint)
+    work = Increment(counter)
+    pool = iampg_psycopg2.ThreadedConnectionPool(1, 2, provider)
+    conn = pool.getconn()
+    try:
+        if kind == "pool":
+            result = iampg_psycopg2.retry_transaction(pool, work, base=0.001, cap=0.01)
+        elif kind == "connection":
+            result = iampg_psycopg2.retry_transaction(conn, work, base=0.001, cap=0.01)
+        else:
+
+            @iampg_psycopg2.retry_transaction(pool, base=0.001, cap=0.01)
+            def increment_by(c: Any, extra: int) -> int:
+                return work(c) + extra
+
+            result = increment_by(0)
+    finally:
+        pool.putconn(conn)
+        pool.closeall()
+    assert result == 101
+    assert work.calls == 2
+    assert counter.value() == 101
+
+
+def test_retry_transaction_gives_up_after_attempts(emulator: Emulator) -> None:
+    """DSQL's OC000 (raised here by PL/pgSQL) is retried until attempts run out."""
+    calls = 0
+
+    def conflict(conn: Any) -> None:
+        nonlocal calls
+        calls += 1
+        with conn.cursor() as cur:
+            cur.execute("do $$ begin raise exception 'x' using errcode = 'OC000'; end $$")
+
+    conn = iampg_psycopg2.connect(endpoint_for(emulator))
+    try:
+        with pytest.raises(psycopg2.Error) as info:
+            iampg_psycopg2.retry_transaction(conn, conflict, attempts=3, base=0.001, cap=0.01)
+    finally:
+        conn.close()
+    assert info.value.pgcode == "OC000"
+    assert calls == 3
+
+
+@pytest.mark.parametrize("cut", ["terminated", "abrupt"])
+def test_pool_replaces_a_connection_lost_before_commit(emulator: Emulator, cut: str) -> None:
+    """A pooled connection terminated (57P01) or cut without a word is replaced; fn reruns."""
+    ep = endpoint_for(emulator)
+    pids: list[int] = []
+
+    def work(conn: Any) -> int:
+        with conn.cursor() as cur:
+            cur.execute("select pg_backend_pid()")
+            pids.append(int(cur.fetchone()[0]))
+            if len(pids) == 1:
+                if cut == "terminated":
+                    terminate_backend(ep, pids[0])
+                else:
+                    emulator.pause()
+                    emulator.resume()
+            cur.execute("select 7")
+            return int(cur.fetchone()[0])
+
+    pool = iampg_psycopg2.ThreadedConnectionPool(1, 1, ep)
+    try:
+        assert iampg_psycopg2.retry_transaction(pool, work, base=0.001, cap=0.01) == 7
+    finally:
+        pool.closeall()
+    assert len(pids) == 2
+    assert pids[0] != pids[1]
+
+
+def test_own_connection_lost_is_raised(emulator: Emulator) -> None:
+    """A caller's own connection cannot be replaced: its loss surfaces on the first attempt."""
+    ep = endpoint_for(emulator)
+    calls = 0
+
+    def work(conn: Any) -> None:
+        nonlocal calls
+        calls += 1
+        with conn.cursor() as cur:
+            cur.execute("select pg_backend_pid()")
+            terminate_backend(ep, int(cur.fetchone()[0]))
+            cur.execute("select 1")
+
+    conn = iampg_psycopg2.connect(ep)
+    try:
+        with pytest.raises(psycopg2.Error):
+            iampg_psycopg2.retry_transaction(conn, work, base=0.001)
+    finally:
+        conn.close()
+    assert calls == 1
+
+
+def test_retry_transaction_refuses_other_targets(emulator: Emulator) -> None:
+    """Something that is neither a psycopg2 pool nor a connection is a configuration error."""
+    with pytest.raises(iampg.ConfigurationError, match="psycopg2 pool or connection"):
+        iampg_psycopg2.retry_transaction(endpoint_for(emulator), lambda conn: None)

@@ -189,7 +189,7 @@ def test_local_clock_skew_is_named_as_skew(backend: Backend) -> None:
 def test_cold_start_longer_than_connect_timeout_without_wait(backend: Backend) -> None:
     """A resume longer than connect_timeout, with wait=0, fails as psycopg's timeout."""
     with Emulator(
-        backend.dsn, profile="aurora-express", resume_delay=30.0, connect_latency=0.0
+        backend.dsn, preset="aurora-express", resume_delay=30.0, connect_latency=0.0
     ) as emu:
         emu.pause()
         with pytest.raises(psycopg.OperationalError) as caught:
@@ -202,7 +202,7 @@ def test_cold_start_longer_than_connect_timeout_without_wait(backend: Backend) -
 def test_cold_start_longer_than_connect_timeout_with_wait(backend: Backend) -> None:
     """With the serverless profile and a long wait=, connect retries past timeouts and works."""
     with Emulator(
-        backend.dsn, profile="aurora-express", resume_delay=3.0, connect_latency=0.0
+        backend.dsn, preset="aurora-express", resume_delay=3.0, connect_latency=0.0
     ) as emu:
         emu.pause()
         with iampg.connect(
@@ -216,7 +216,7 @@ def test_cold_start_longer_than_connect_timeout_with_wait(backend: Backend) -> N
 def test_cold_start_longer_than_wait_says_to_wait_longer(backend: Backend) -> None:
     """A resume longer than wait= gives UnavailableError telling to pass a longer wait=."""
     with Emulator(
-        backend.dsn, profile="aurora-express", resume_delay=60.0, connect_latency=0.0
+        backend.dsn, preset="aurora-express", resume_delay=60.0, connect_latency=0.0
     ) as emu:
         emu.pause()
         with pytest.raises(iampg.UnavailableError) as caught:

@@ -147,11 +147,9 @@ def test_soak(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:  # noq
     clock = EmulatorClock(TIME_SCALE)
     store = CredentialStore()
     aurora = Gateway(
-        backend.dsn, profile="aurora-express", auto_pause=None, credentials=store, clock=clock
+        backend.dsn, preset="aurora-express", auto_pause=None, credentials=store, clock=clock
     )
-    dsql = Gateway(
-        backend.dsn, profile="dsql", session_cap=DSQL_CAP, credentials=store, clock=clock
-    )
+    dsql = Gateway(backend.dsn, preset="dsql", session_cap=DSQL_CAP, credentials=store, clock=clock)
     server = CredentialsServer(store, clock=clock, lifetime=KEY_LIFETIME, rotation=ROTATION)
     server.start()
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")

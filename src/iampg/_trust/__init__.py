@@ -12,18 +12,23 @@ small as what the endpoint's certificate chains to):
 - RDS and Aurora instance endpoints: ``rds-<region>.pem``, that region's RDS CAs
   (rds-ca-rsa2048-g1, rds-ca-rsa4096-g1, rds-ca-ecc384-g1).
 - Aurora cluster endpoints (``.cluster-``, ``.cluster-ro-``, ``.cluster-custom-``):
-  ``aws-<region>.pem``, the region's RDS CAs plus the Amazon public roots. Why the roots too:
-  an Aurora PostgreSQL cluster in the express configuration is reached through an internet
+  ``aws-<region>.pem``, the region's RDS CAs plus Amazon Root CA 1. Why that root too: an
+  Aurora PostgreSQL cluster in the express configuration is reached through an internet
   access gateway (a proxy layer in front of the cluster) under the same
   ``<name>.cluster-<id>.<region>.rds.amazonaws.com`` name as any cluster, and AWS does not
   document which CA that gateway's certificate chains to. The AWS front ends that sit in
-  front of databases and are documented all use AWS Certificate Manager certificates, which
+  front of databases and are documented use AWS Certificate Manager certificates, which
   chain to the Amazon public roots: RDS Proxy ("RDS Proxy uses certificates from AWS
   Certificate Manager"), Aurora Serverless v1 ("downloading Amazon RDS certificates isn't
-  required") and Aurora DSQL (clients must trust Amazon Root CA 1). A cluster endpoint's
-  name cannot tell an express cluster from a provisioned one, so its file covers both
-  chains; instance endpoints, which the express configuration does not expose, keep the
-  smaller file.
+  required"), Aurora DSQL ("your client system must trust Amazon Root CA 1"). A cluster
+  endpoint's name cannot tell an express cluster from a provisioned one, so its file covers
+  both chains. Only Root CA 1, not all five public roots: libpq parses the whole file on
+  every connection, and on the emulator a file of the RDS CAs and all five roots made a
+  verified connect 2.5-8 % slower than the RDS CAs alone (benchmarks/tls.py, two runs of 300
+  rounds; 4 and 9 certificates with the emulator's CA). If the gateway's chain turns out to
+  end elsewhere, the verification error names the file and ``IAMPG_SSLROOTCERT`` fixes it.
+  Instance endpoints, which the express configuration does not expose, keep the RDS CAs
+  alone.
 - RDS Proxy endpoints (a ``proxy-`` label) and Aurora DSQL: ``amazon-roots.pem`` (Amazon Root
   CA 1-4, Starfield Services Root CA G2).
 - A host name that is not an AWS name (a tunnel alias, a private DNS name, the emulator):
@@ -152,7 +157,7 @@ def _what(info: Mapping[str, Any]) -> str:
     if region == "*":
         return "RDS CA set for all regions, with the Amazon public roots"
     if info["kind"] == "aws":
-        return f"RDS CA set for {region}, with the Amazon public roots"
+        return f"RDS CA set for {region}, with Amazon Root CA 1"
     return f"RDS CA set for {region}"
 
 
@@ -203,7 +208,7 @@ def report(*, today: dt.date | None = None) -> list[str]:
         f"{name}: {len(files[name]['certificates'])} certificates: {_what(files[name])}"
         for name in (AMAZON_ROOTS, GLOBAL)
     )
-    for prefix, what in (("rds", "the region's RDS CAs"), ("aws", "the same + the public roots")):
+    for prefix, what in (("rds", "the region's RDS CAs"), ("aws", "the same + Amazon Root CA 1")):
         counts = sorted(
             {len(i["certificates"]) for n, i in files.items() if _per_region(n, prefix)}
         )

@@ -11,11 +11,12 @@ if TYPE_CHECKING:
     from ._credentials import FAKE_CREDENTIALS, CredentialLookup, Credentials, CredentialStore
     from ._credserver import AssumeRoleCall, CredentialsServer, CredentialsServerStats, Fault
     from ._gateway import DEFAULT_HOSTNAME, Emulator, Event
-    from ._profiles import PROFILES, Profile
+    from ._profiles import PRESETS, PROFILES, Preset, Profile
 
 __all__ = [
     "DEFAULT_HOSTNAME",
     "FAKE_CREDENTIALS",
+    "PRESETS",
     "PROFILES",
     "AssumeRoleCall",
     "Backend",
@@ -30,6 +31,7 @@ __all__ = [
     "EmulatorClock",
     "Event",
     "Fault",
+    "Preset",
     "Profile",
 ]
 
@@ -51,16 +53,32 @@ _SOURCES = {
     "DEFAULT_HOSTNAME": "._gateway",
     "Emulator": "._gateway",
     "Event": "._gateway",
-    "PROFILES": "._profiles",
-    "Profile": "._profiles",
+    "PRESETS": "._profiles",
+    "PROFILES": "._profiles",  # deprecated: PRESETS
+    "Preset": "._profiles",
+    "Profile": "._profiles",  # deprecated: Preset
 }
+
+
+# What the ``emulator`` extra installs; a missing one is named with the command to install it.
+_EXTRA = frozenset({"cryptography"})
 
 
 def __getattr__(name: str) -> object:
     source = _SOURCES.get(name)
     if source is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(source, __name__), name)
+    try:
+        module = importlib.import_module(source, __name__)
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] not in _EXTRA:
+            raise
+        raise ImportError(
+            f"iampg.emulator.{name} needs the emulator extra ({exc.name} is missing): "
+            "pip install 'iampg[emulator]'",
+            name=exc.name,
+        ) from exc
+    value = getattr(module, name)
     globals()[name] = value
     return value
 

@@ -471,9 +471,9 @@ class Backend:
                 except OSError as exc:
                     raise BackendError(f"could not start postgres: {exc}") from exc
             backend = cls(
-                # hostaddr and sslmode too: exported PGHOSTADDR or PGSSLMODE (for an emulated
-                # endpoint, say) must not redirect the emulator's own backend connections or
-                # ask the cluster, which has no certificate, for TLS.
+                # hostaddr and sslmode too: the PGHOSTADDR and PGSSLMODE=verify-full that
+                # `iampg emulate` has users export must not redirect or break the emulator's
+                # own backend connections (the throwaway cluster has no TLS).
                 make_conninfo(
                     "",
                     host="127.0.0.1",

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import socket
 import sys
 import threading
+import warnings
 from typing import TYPE_CHECKING, Any, Protocol
 
 from iampg.emulator._backend import Backend, find_bindir
@@ -24,7 +26,7 @@ _PROG = "iampg emulate"
 _EXIT_OK = 0
 _EXIT_RUNTIME = 1
 _EXIT_USAGE = 2
-_PROFILES = ("rds", "aurora-express", "dsql")
+_PRESETS = "{rds,aurora-serverless,aurora-express,dsql}"
 _WAIT_SLICE = 0.5  # seconds; the main thread wakes this often while waiting for a signal
 
 
@@ -67,10 +69,8 @@ def _load_emulator() -> Callable[..., _Emulator]:
     """Return the Emulator class (imported late: it needs the ``emulator`` extra)."""
     try:
         from iampg.emulator import Emulator  # noqa: PLC0415 - optional dependencies
-    except ImportError as exc:
-        raise ConfigurationError(
-            f"the emulator cannot be loaded ({exc}): install iampg[emulator]"
-        ) from exc
+    except ImportError as exc:  # the message names the extra to install
+        raise ConfigurationError(str(exc)) from exc
     factory: Callable[..., _Emulator] = Emulator
     return factory
 
@@ -116,22 +116,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="speed of the emulator's clock relative to real time (default: 1.0)",
     )
     parser.add_argument(
-        "--profile",
-        choices=_PROFILES,
+        "--preset",
+        type=_preset,
+        metavar=_PRESETS,
         default=None,
-        help="the service to behave like: rds (tokens only; the default), aurora-express "
-        "(auto-pause, ~16 s resume, ~3.5 s connect latency, 5-minute idle cut) or dsql "
-        "(DSQL tokens and host name, SNI required, 1-hour session cap, connection limits)",
+        help="the service to behave like: rds (tokens only; the default), aurora-serverless "
+        "or its other name aurora-express (auto-pause, ~16 s resume, ~3.5 s connect latency, "
+        "5-minute idle cut) or dsql (DSQL tokens and host name, SNI required, 1-hour "
+        "session cap, connection limits)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=_preset,
+        metavar="PRESET",
+        dest="old_profile",
+        default=None,
+        help="deprecated name of --preset",
     )
     parser.add_argument(
         "--user",
         default=None,
         help="database user to create on the backend if missing "
-        "(default: admin with --profile dsql, else postgres)",
+        "(default: admin with --preset dsql, else postgres)",
     )
     parser.add_argument(
         "--dbname", default="postgres", help="database for the examples (default: %(default)s)"
     )
+
+
+def _preset(value: str) -> str:
+    """Return the canonical preset for argparse (every spelling), or refuse it like argparse."""
+    import argparse  # noqa: PLC0415
+
+    from iampg._defaults import canonical_preset  # noqa: PLC0415
+
+    try:
+        return canonical_preset(value)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _chosen_preset(args: argparse.Namespace) -> str | None:
+    """Return ``--preset``, or the deprecated ``--profile`` with a note on stderr."""
+    old = getattr(args, "old_profile", None)
+    if old is None:
+        return getattr(args, "preset", None)
+    if getattr(args, "preset", None) not in {None, old}:
+        raise ConfigurationError("give --preset, not also its old name --profile")
+    sys.stderr.write(f"{_PROG}: --profile is deprecated: use --preset {old}\n")
+    sys.stderr.flush()
+    args.preset, args.old_profile = old, None
+    return str(old)
 
 
 def _say(text: str) -> None:
@@ -165,8 +200,9 @@ def _emulator_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["region"] = args.region
     if args.time_scale is not None:
         kwargs["time_scale"] = args.time_scale
-    if getattr(args, "profile", None):
-        kwargs["profile"] = args.profile
+    preset = _chosen_preset(args)
+    if preset:
+        kwargs["preset"] = preset
     return kwargs
 
 
@@ -174,16 +210,16 @@ def _user(args: argparse.Namespace) -> str:
     """Return the database user: ``--user``, else the service's usual one."""
     if args.user:
         return str(args.user)
-    return "admin" if getattr(args, "profile", None) == "dsql" else "postgres"
+    return "admin" if _chosen_preset(args) == "dsql" else "postgres"
 
 
 def _behaviour(emu: _Emulator) -> list[str]:
-    """Return the banner lines describing the emulator's profile (none for a stand-in)."""
-    profile = getattr(emu, "profile", None)
-    if profile is None:
+    """Return the banner lines describing the emulator's preset (none for a stand-in)."""
+    preset = getattr(emu, "preset", None)
+    if preset is None:
         return []
-    lines = profile.describe()
-    return [f"  profile:    {profile.name}", *(f"              {line}" for line in lines)]
+    lines = preset.describe()
+    return [f"  preset:     {preset.name}", *(f"              {line}" for line in lines)]
 
 
 def _token_command(emu: _Emulator, user: str) -> str:
@@ -209,16 +245,36 @@ def _describe_backend(backend: Backend) -> str:
     return f"{backend.host}:{backend.port} user={backend.user} dbname={backend.dbname}"
 
 
-def _banner(emu: _Emulator, backend: Backend, user: str, dbname: str) -> str:
-    """Return what to print once the emulator runs: where it is and how to connect."""
-    q = shlex.quote
-    env = dict(emu.aws_env())
+def _exports(emu: _Emulator, user: str, dbname: str) -> dict[str, str]:
+    """Return the variables that point libpq, botocore and iampg at the emulator."""
+    ca_file = str(emu.ca_file)
+    env = {
+        "PGHOST": emu.host,
+        "PGHOSTADDR": emu.listen_host,
+        "PGPORT": str(emu.port),
+        "PGUSER": user,
+        "PGDATABASE": dbname,
+        "PGSSLMODE": "verify-full",
+        "PGSSLROOTCERT": ca_file,
+        "IAMPG_SSLROOTCERT": ca_file,  # iampg's default CA file: the emulator's
+    }
+    env.update(emu.aws_env())
     env.setdefault("AWS_ACCESS_KEY_ID", emu.credentials.access_key_id)
     env.setdefault("AWS_SECRET_ACCESS_KEY", emu.credentials.secret_access_key)
     if emu.credentials.session_token:
         env.setdefault("AWS_SESSION_TOKEN", emu.credentials.session_token)
     env.setdefault("AWS_REGION", emu.region)
-    ca_file = str(emu.ca_file)
+    return env
+
+
+def _banner(emu: _Emulator, backend: Backend, user: str, dbname: str) -> str:
+    """Return what to print once the emulator runs: where it is and how to connect."""
+    q = shlex.quote
+    env = _exports(emu, user, dbname)
+    # Keys from another source would win over the exported ones, or break them.
+    unset = ["AWS_PROFILE", "PGSERVICE", "PGPASSWORD"]
+    if "AWS_SESSION_TOKEN" not in env:
+        unset.insert(0, "AWS_SESSION_TOKEN")
     conninfo = emu.conninfo(user, dbname=dbname)
     token = _token_command(emu, user)
     lines = [
@@ -228,37 +284,89 @@ def _banner(emu: _Emulator, backend: Backend, user: str, dbname: str) -> str:
         f"  address:    {emu.listen_host}",
         f"  port:       {emu.port}",
         f"  region:     {emu.region}",
-        f"  CA file:    {ca_file}",
+        f"  CA file:    {env['PGSSLROOTCERT']}",
         f"  user:       {user}",
         f"  dbname:     {dbname}",
         f"  backend:    {_describe_backend(backend)}",
         *_behaviour(emu),
         "",
-        "Fake AWS credentials (accepted only by this emulator):",
+        "In another terminal, point libpq, botocore and iampg at it (the AWS keys are fake,",
+        "accepted only by this emulator):",
         "",
+        f"  unset {' '.join(unset)}",
         *(f"  export {name}={q(value)}" for name, value in env.items()),
-        f"  export PGSSLROOTCERT={q(ca_file)}",
         "",
-        "Connect with iampg or psycopg (iampg supplies the token as the password):",
+        "then iampg token, iampg url, iampg env, iampg doctor and iampg psql need no arguments:",
+        "",
+        "  iampg psql -c 'select current_user'",
+        '  eval "$(iampg env)" && psql',
+        "",
+        "Or, without the exports, connect with iampg or psycopg (iampg adds the token):",
         "",
         f"  {conninfo}",
         "",
-        "Connect with psql, the token from iampg:",
-        "",
-        f'  eval "$(iampg env {q(conninfo)})" && psql',
-        "",
-        "or from the AWS CLI:",
+        "or with psql and a token from the AWS CLI:",
         "",
         (
             f"  PGHOST={q(emu.host)} PGHOSTADDR={q(emu.listen_host)} PGPORT={emu.port} "
-            f"PGSSLMODE=verify-full PGSSLROOTCERT={q(ca_file)} \\"
+            f"PGSSLMODE=verify-full PGSSLROOTCERT={q(env['PGSSLROOTCERT'])} \\"
         ),
         f'  PGPASSWORD="$({token})" \\',
         f"  psql -U {q(user)} {q(dbname)}",
         "",
-        "Press Ctrl-C to stop.",
+        "Refused logins are reported here, with the reason. Press Ctrl-C to stop.",
     ]
     return "\n".join(lines)
+
+
+# What to do about a refusal, by reason (the client only sees "PAM authentication failed").
+_ADVICE = {
+    "wrong region": "sign for region {region} (AWS_REGION, --region)",
+    "wrong host": "sign for host {host} (PGHOST, --host) and dial it with PGHOSTADDR",
+    "wrong port": "sign for port {port} (PGPORT, --port)",
+    "wrong user": "the token was signed for another user than the one logging in",
+    "unknown access key": "sign with the AWS keys printed above",
+    "signature mismatch": "the secret key does not match the access key: use the keys above",
+    "unexpected session token": "unset AWS_SESSION_TOKEN: the printed keys have none",
+    "token expired": "sign a new token: a token is valid for 15 minutes",
+    "credentials expired": "the keys that signed the token have expired",
+    "wrong service": "sign for the emulator's service (--preset decides rds or dsql)",
+    "wrong action": "DSQL: admin signs with DbConnectAdmin, other roles with DbConnect",
+    "no encryption": "connect with sslmode=verify-full (PGSSLMODE)",
+    "no sni": "connect by host name (PGHOST) with PGHOSTADDR, not to an IP address",
+}
+
+
+class _RefusalReporter:
+    """Print every refused login on stderr, with its reason and what to do; never a token."""
+
+    def __init__(self) -> None:
+        self.emulator: _Emulator | None = None
+        self._last: object = None
+
+    def poll(self) -> None:
+        """Report the refusals recorded since the last call."""
+        events: list[Any] | None = getattr(self.emulator, "events", None)
+        if not events:
+            return
+        start = 0
+        for index in range(len(events) - 1, -1, -1):
+            if events[index] is self._last:
+                start = index + 1
+                break
+        self._last = events[-1]
+        for event in events[start:]:
+            if event.outcome == "rejected":
+                _error(self._describe(event))
+
+    def _describe(self, event: Any) -> str:
+        emu = self.emulator
+        assert emu is not None
+        advice = _ADVICE.get(event.reason, "")
+        if advice:
+            advice = ": " + advice.format(region=emu.region, host=emu.host, port=emu.port)
+        who = f"user {event.user!r} database {event.database!r} from {event.peer}"
+        return f"refused {who}: {event.reason}{advice}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -284,11 +392,13 @@ def run(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     running: list[tuple[str, _Stoppable]] = []  # what to stop, in start order
+    refusals = _RefusalReporter()
     status = _EXIT_OK
     try:
-        _start(args, stop, running)
+        refusals.emulator = _start(args, stop, running)
         while not stop.wait(_WAIT_SLICE):
-            pass
+            refusals.poll()
+        refusals.poll()
     except KeyboardInterrupt:
         pass
     except ValueError as exc:  # ConfigurationError and BackendConfigError included
@@ -308,26 +418,53 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
+def _check_port(address: str, port: int) -> None:
+    """Fail at once if ``port`` is taken, before a throwaway cluster is started for nothing.
+
+    Raises:
+        iampg.Error: The port cannot be bound; the message says what to do.
+    """
+    if not port:
+        return
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the gateway binds
+        try:
+            probe.bind((address, port))
+        except OSError as exc:
+            raise Error(
+                f"cannot listen on {address} port {port} ({exc.strerror or exc}): pick "
+                "another --port, or --port 0 for a free one"
+            ) from None
+
+
 def _start(
     args: argparse.Namespace, stop: threading.Event, running: list[tuple[str, _Stoppable]]
-) -> None:
+) -> _Emulator | None:
     """Start the backend, then the emulator, appending each to *running*; print the banner.
 
-    Returns early, with whatever started in *running*, once *stop* is set.
+    Returns the emulator; returns early, with whatever started in *running*, once *stop* is
+    set.
     """
     factory = _load_emulator()
+    _check_port(args.listen, args.port)
     backend = _open_backend(args.backend)
     running.append(("backend", backend))
     if stop.is_set():
-        return
+        return None
     user = _user(args)
     backend.ensure_role(user, superuser=backend.kind == "temporary")
-    emu = factory(backend.dsn, **_emulator_kwargs(args))
+    with warnings.catch_warnings(record=True) as caught:  # e.g. listening beyond loopback
+        warnings.simplefilter("always")
+        emu = factory(backend.dsn, **_emulator_kwargs(args))
+    for warning in caught:
+        sys.stderr.write(f"{_PROG}: warning: {warning.message}\n")
     if stop.is_set():
-        return
+        return None
     emu.start()
     running.append(("emulator", emu))
     _say(_banner(emu, backend, user, args.dbname))
+    return emu
 
 
 def _shutdown(running: list[tuple[str, _Stoppable]], status: int) -> int:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import base64
 import contextlib
+import ctypes
 import functools
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import secrets
@@ -16,6 +19,7 @@ import socket
 import struct
 import tempfile
 import threading
+import warnings
 import weakref
 from collections import deque
 from dataclasses import dataclass
@@ -30,7 +34,7 @@ from iampg.errors import ConfigurationError
 from . import _serverless as sl
 from ._clock import EmulatorClock
 from ._credentials import FAKE_CREDENTIALS, CredentialLookup, Credentials, CredentialStore
-from ._profiles import Profile, ProfileName, Service, dsql_hostname, get_profile
+from ._profiles import Preset, PresetName, Service, dsql_hostname, get_preset
 from ._sigv4 import MALFORMED, TokenRules, TokenVerificationError, verify_token
 from ._tls import ALPN_PROTOCOL, make_certificates, server_context
 
@@ -41,7 +45,7 @@ if TYPE_CHECKING:
 
     from typing_extensions import Self, Unpack
 
-    from ._profiles import ProfileSettings
+    from ._profiles import PresetSettings
 
 __all__ = ["DEFAULT_HOSTNAME", "Emulator", "Event"]
 
@@ -62,10 +66,19 @@ _MAX_BACKEND_AUTH_MESSAGE: Final = 1 << 20
 _MAX_NEGOTIATIONS: Final = 2
 _READ_LIMIT: Final = 1 << 16
 _AUTH_TIMEOUT: Final = 60.0  # PostgreSQL's authentication_timeout default
-_HANDSHAKE_TIMEOUT: Final = 10.0
+_TLS_TIMEOUT: Final = 10.0  # from accept to an encrypted connection
+_MAX_UNAUTHENTICATED: Final = 256
+_TURN_AWAY_DRAIN: Final = 1.0  # seconds a refused connection may take to read its error
+_TOO_MANY_CLIENTS: Final = "sorry, too many clients already"
 _BACKEND_CONNECT_TIMEOUT: Final = 10.0
 _CLOSE_TIMEOUT: Final = 2.0
 _MAX_EVENTS: Final = 10_000
+# asyncio gives every TLS connection a 256 KiB receive buffer; 32 KiB holds two full TLS
+# records and keeps thousands of connections from costing hundreds of megabytes.
+_TLS_BUFFER: Final = 32 * 1024
+_TRIM_EVERY: Final = 64  # closed connections between two returns of free memory to the system
+# (and once the last connection has closed)
+_TRIM_DELAY: Final = 0.5  # seconds: let the closed connections' transports go first
 _AUTH_OK: Final = 0
 _AUTH_CLEARTEXT: Final = 3
 _AUTH_MD5: Final = 5
@@ -106,7 +119,8 @@ class Event:
             ``"resumed"``.
         reason: Why: for ``rejected`` a token check (``"signature mismatch"``, ``"token
             expired"``, ``"wrong host"``, ``"wrong action"``...), ``"no encryption"``,
-            ``"no sni"``, ``"rate exceeded"``, ``"too many connections"`` or
+            ``"no sni"``, ``"rate exceeded"``, ``"too many connections"``,
+            ``"too many unauthenticated"`` (see ``max_unauthenticated``) or
             ``"waking up"``; for ``closed`` ``"idle timeout"``, ``"session cap"``,
             ``"transaction limit"`` or ``"paused"``; for ``paused`` ``"idle"`` or
             ``"requested"``; for ``resuming`` ``"connection"``; for ``resumed``
@@ -130,6 +144,7 @@ NO_ENCRYPTION: Final = "no encryption"
 NO_SNI: Final = "no sni"
 RATE_EXCEEDED: Final = "rate exceeded"
 TOO_MANY_CONNECTIONS: Final = "too many connections"
+TOO_MANY_UNAUTHENTICATED: Final = "too many unauthenticated"
 WAKING_UP: Final = "waking up"
 IDLE_TIMEOUT: Final = "idle timeout"
 SESSION_CAP: Final = "session cap"
@@ -352,6 +367,34 @@ class _Stream(asyncio.Protocol, _Channel):
                 await asyncio.wait_for(asyncio.shield(self.closed), timeout)
 
 
+class _TlsProtocol(asyncio.sslproto.SSLProtocol):
+    """asyncio's TLS layer with a receive buffer sized for TLS records, not 256 KiB."""
+
+    max_size = _TLS_BUFFER
+
+
+def _find_malloc_trim() -> Callable[[], None] | None:
+    """Return a call that gives the C allocator's free memory back to the system, if any.
+
+    glibc keeps what a burst of connections freed in its arenas (the emulator's thread has
+    its own) instead of returning it; ``malloc_trim(0)`` returns it. Elsewhere: None.
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+
+    def release() -> None:
+        trim(0)
+
+    return release
+
+
+_malloc_trim: Final = _find_malloc_trim()
+
+
 async def _read_startup_packet(channel: _Channel) -> tuple[int, bytes]:
     header = await channel.read_exactly(4)
     (length,) = struct.unpack("!I", header)
@@ -552,11 +595,50 @@ def _credential_store(
     return store, credentials[0]
 
 
+@dataclass
+class _Door:
+    """The limits on connections that have not authenticated, and their counts."""
+
+    max_unauthenticated: int
+    tls_timeout: float
+    auth_timeout: float
+    unauthenticated: int = 0  # accepted connections that have not authenticated yet
+    turning_away: int = 0  # refused connections still being closed
+    closed_since_trim: int = 0  # connections closed since memory was last given back
+    trim: asyncio.TimerHandle | None = None  # the next giving back, if one is due
+
+    @classmethod
+    def checked(cls, max_unauthenticated: int, tls_timeout: float, auth_timeout: float) -> _Door:
+        """Return the limits, or raise ConfigurationError for a value that cannot work."""
+        if isinstance(max_unauthenticated, bool) or max_unauthenticated < 1:
+            raise ConfigurationError(
+                f"max_unauthenticated must be at least 1, not {max_unauthenticated!r}"
+            )
+        if not 0 < tls_timeout <= auth_timeout:
+            raise ConfigurationError(
+                "tls_timeout and auth_timeout must be more than 0 seconds, tls_timeout no "
+                f"more than auth_timeout (got {tls_timeout!r} and {auth_timeout!r})"
+            )
+        return cls(max_unauthenticated, float(tls_timeout), float(auth_timeout))
+
+
 def _resolve_profile(
-    service: Service | None, profile: ProfileName | Profile | None, settings: dict[str, object]
-) -> Profile:
-    """Return the profile asked for, ``service`` and ``settings`` applied."""
-    chosen = get_profile(profile or ("dsql" if service == "dsql" else "rds"))
+    service: Service | None,
+    preset: PresetName | Preset | None,
+    profile: PresetName | Preset | None,
+    settings: dict[str, object],
+) -> Preset:
+    """Return the preset asked for (``profile`` is its deprecated name), settings applied."""
+    if profile is not None:
+        if preset is not None:
+            raise ConfigurationError("give preset=, not also its old name profile=")
+        warnings.warn(
+            "Emulator(profile=...) is deprecated: use preset=... (the same names)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        preset = profile
+    chosen = get_preset(preset or ("dsql" if service == "dsql" else "rds"))
     if service is not None:
         settings["service"] = service
     return chosen.replace(**settings) if settings else chosen
@@ -572,6 +654,7 @@ class _Session:
     user: str = ""
     database: str = ""
     counted: bool = False  # admitted: counts against max_connections and auto-pause
+    pending: bool = False  # not authenticated yet: counts against max_unauthenticated
     established: bool = False  # relaying to the backend
     started: float = 0.0  # emulated epoch seconds, once established
     last_activity: float = 0.0
@@ -625,20 +708,36 @@ class Emulator:
         service: ``"rds"`` (tokens for ``rds-db``/``connect`` naming host, port and user)
             or ``"dsql"`` (``dsql``/``DbConnectAdmin`` for user ``admin``, ``DbConnect``
             for any other role; refusals as ``08006 unable to accept connection, access
-            denied`` with a HINT). Defaults to the profile's.
-        profile: The service's behaviour (:class:`Profile`): ``"rds"`` (tokens only, the
-            default), ``"aurora-express"`` (auto-pause, 16 s resume, 3.5 s connect latency,
-            5-minute idle cut) or ``"dsql"`` (SNI, 1-hour session cap, connection limits,
-            waking-up refusals; the default when ``service="dsql"``), or a
-            :class:`Profile`. Durations are emulated seconds (see ``time_scale``).
-        **settings: Any :class:`Profile` setting, overriding the profile's
+            denied`` with a HINT). Defaults to the preset's.
+        preset: The service's behaviour (:class:`Preset`): ``"rds"`` (tokens only, the
+            default), ``"aurora-serverless"`` or ``"aurora-express"`` (auto-pause, 16 s
+            resume, 3.5 s connect latency, 5-minute idle cut) or ``"dsql"`` (SNI, 1-hour
+            session cap, connection limits, waking-up refusals; the default when
+            ``service="dsql"``), in any spelling :func:`iampg._defaults.canonical_preset`
+            accepts, or a :class:`Preset`. Durations are emulated seconds (see
+            ``time_scale``).
+        profile: Deprecated name of ``preset`` (warns).
+        max_unauthenticated: How many connections may be open without having authenticated
+            (before TLS, or waiting for the password); one more is refused with
+            ``53300 sorry, too many clients already``. Bounds what a flood of idle
+            connections costs.
+        tls_timeout: Real seconds a connection has from being accepted to being encrypted
+            (TLS handshake done); else it is closed.
+        auth_timeout: Real seconds a connection has from being accepted to being
+            authenticated, as PostgreSQL's ``authentication_timeout``; else it is closed.
+        **settings: Any :class:`Preset` setting, overriding the preset's
             (``auto_pause``, ``resume_delay``, ``paused_connect``, ``connect_latency``,
             ``idle_timeout``, ``idle_notice``, ``session_cap``, ``transaction_limit``,
             ``max_connections``, ``connection_rate``, ``connection_burst``,
             ``require_sni``).
 
     Without ``hostnames``, a DSQL emulator answers to a DSQL-shaped name
-    (``<26 characters>.dsql.<region>.on.aws``), an RDS one to :data:`DEFAULT_HOSTNAME`.
+    (``<26 characters>.dsql.<region>.on.aws``), an RDS one to :data:`DEFAULT_HOSTNAME` (with
+    ``region`` in place of ``us-east-1``).
+
+    The emulator accepts tokens signed with the published example keys: on an address
+    other than loopback (``listen_host="0.0.0.0"``), anyone who can reach it can log in to
+    the backend. It warns (``UserWarning``) when asked to.
 
     Raises:
         iampg.ConfigurationError: An argument is invalid.
@@ -656,13 +755,20 @@ class Emulator:
         clock: EmulatorClock | None = None,
         time_scale: float = 1.0,
         service: Service | None = None,
-        profile: ProfileName | Profile | None = None,
-        **settings: Unpack[ProfileSettings],
+        preset: PresetName | Preset | None = None,
+        profile: PresetName | Preset | None = None,
+        max_unauthenticated: int = _MAX_UNAUTHENTICATED,
+        tls_timeout: float = _TLS_TIMEOUT,
+        auth_timeout: float = _AUTH_TIMEOUT,
+        **settings: Unpack[PresetSettings],
     ) -> None:
-        self._profile = _resolve_profile(service, profile, dict(settings))
+        self._profile = _resolve_profile(service, preset, profile, dict(settings))
+        self._door = _Door.checked(max_unauthenticated, tls_timeout, auth_timeout)
         if hostnames is None:
             hostnames = (
-                (dsql_hostname(region),) if self._profile.service == "dsql" else (DEFAULT_HOSTNAME,)
+                (dsql_hostname(region),)
+                if self._profile.service == "dsql"
+                else (DEFAULT_HOSTNAME.replace(".us-east-1.", f".{region}."),)
             )
         if isinstance(hostnames, str):
             hostnames = (hostnames,)
@@ -670,8 +776,6 @@ class Emulator:
             raise ConfigurationError("hostnames must name at least one host")
         if not region:
             raise ConfigurationError("region must not be empty")
-        if not 0 <= port <= 65535:  # noqa: PLR2004
-            raise ConfigurationError(f"port must be between 0 and 65535, not {port}")
         store, first = _credential_store(credentials)
         if clock is not None and time_scale != 1.0:
             raise ConfigurationError("give either clock or time_scale, not both")
@@ -682,8 +786,7 @@ class Emulator:
         self._backend = _BackendTarget.parse(backend)
         self._hostnames = tuple(hostnames)
         self._region = region
-        self._listen_host = listen_host
-        self._requested_port = port
+        self._listen_host, self._requested_port = _listen_address(listen_host, port)
         self._keys = store
         self._first_credentials = first
         self._events: deque[Event] = deque(maxlen=_MAX_EVENTS)
@@ -778,8 +881,13 @@ class Emulator:
             return list(self._events)
 
     @property
-    def profile(self) -> Profile:
-        """The behaviour in force: the named profile with the keyword overrides applied."""
+    def preset(self) -> Preset:
+        """The behaviour in force: the named preset with the keyword overrides applied."""
+        return self._profile
+
+    @property
+    def profile(self) -> Preset:
+        """Deprecated name of :attr:`preset`."""
         return self._profile
 
     @property
@@ -937,6 +1045,9 @@ class Emulator:
         await self._end_sessions()
         self._ssl = None
         await self._drop_streams()
+        if self._door.trim is not None:
+            self._door.trim.cancel()
+            self._release_memory()
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
         self._port = 0
@@ -1341,24 +1452,98 @@ class Emulator:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             session = _Session(sock, str(address[0]))
+            if self._door.unauthenticated >= self._door.max_unauthenticated:
+                self._turn_away(session)
+                continue
+            session.pending = True
+            self._door.unauthenticated += 1
             task = loop.create_task(self._serve(session))
             self._sessions.add(task)
             task.add_done_callback(self._sessions.discard)
             # a task cancelled before it ran never closes the socket it was given
             task.add_done_callback(session.close_socket)
 
+    def _turn_away(self, session: _Session) -> None:
+        """Refuse a connection past ``max_unauthenticated`` with 53300, without reading it."""
+        self._record(
+            session, "", "", "rejected", TOO_MANY_UNAUTHENTICATED, sqlstate=sl.PG_TOO_MANY_CODE
+        )
+        if self._door.turning_away >= self._door.max_unauthenticated:
+            session.close_socket()  # a flood: do not even say why
+            return
+        self._door.turning_away += 1
+        task = asyncio.get_running_loop().create_task(self._send_turn_away(session))
+        self._sessions.add(task)
+        task.add_done_callback(self._sessions.discard)
+        task.add_done_callback(session.close_socket)
+
+    async def _send_turn_away(self, session: _Session) -> None:
+        error = _error_response(sl.PG_TOO_MANY_CODE, _TOO_MANY_CLIENTS)
+        try:
+            await asyncio.wait_for(self._say_too_many(session, error), self._door.tls_timeout)
+        except (OSError, ValueError, asyncio.TimeoutError, _PeerGoneError, _ProtocolViolationError):
+            logger.debug("connection from %s refused: too many unauthenticated", session.peer)
+        finally:
+            self._door.turning_away -= 1
+            if session.client is not None:
+                session.client.abort()
+            session.close_socket()
+
+    async def _say_too_many(self, session: _Session, error: bytes) -> None:
+        """Send the 53300 error where the client reads it: inside TLS if it asks for TLS.
+
+        libpq (since 17) shows no error sent in answer to its SSLRequest, as a machine in
+        the middle could forge it; so a TLS client gets the error after the handshake.
+        A cancel request is still relayed: cancelling a query must work at the cap.
+        """
+        assert session.sock is not None
+        raw = _RawChannel(asyncio.get_running_loop(), session.sock)
+        first = await raw.peek_first_byte()
+        if first is None:
+            return
+        if first != _TLS_HANDSHAKE_BYTE:
+            code, packet = await _read_startup_packet(raw)
+            if code == _CANCEL_REQUEST:
+                await self._forward_cancel(packet)
+                return
+            if code != _SSL_REQUEST:
+                await raw.send(error)
+                await _drain_and_shutdown(session.sock, _TURN_AWAY_DRAIN)
+                return
+            await raw.send(b"S")
+        stream = await self._start_tls(session)
+        stream.write(error)
+        stream.close()
+        await stream.wait_closed(_TURN_AWAY_DRAIN)
+
+    def _authenticated(self, session: _Session) -> None:
+        """Stop counting a connection against ``max_unauthenticated``."""
+        if session.pending:
+            session.pending = False
+            self._door.unauthenticated -= 1
+
     async def _serve(self, session: _Session) -> None:
         try:
             await self._serve_session(session)
         finally:
+            self._authenticated(session)
             self._forget(session)
+            self._door.closed_since_trim += 1
+            quiet = len(self._sessions) <= 1  # this one's task leaves it when done
+            if (quiet or self._door.closed_since_trim >= _TRIM_EVERY) and self._door.trim is None:
+                loop = asyncio.get_running_loop()
+                self._door.trim = loop.call_later(_TRIM_DELAY, self._release_memory)
+
+    def _release_memory(self) -> None:
+        """Give the memory closed connections held back to the system (glibc keeps it)."""
+        self._door.trim = None
+        self._door.closed_since_trim = 0
+        if _malloc_trim is not None:
+            _malloc_trim()
 
     async def _serve_session(self, session: _Session) -> None:
         try:
-            try:
-                await asyncio.wait_for(self._startup(session), _AUTH_TIMEOUT)
-            except asyncio.TimeoutError:
-                logger.debug("client %s timed out during startup", session.peer)
+            if not await self._startup_in_time(session):
                 return
             client, backend = session.client, session.backend
             if client is not None and backend is not None:
@@ -1375,6 +1560,30 @@ class Emulator:
         except Exception:
             logger.warning("emulator session from %s failed", session.peer, exc_info=True)
         await self._close_session(session, abort=False)
+
+    async def _startup_in_time(self, session: _Session) -> bool:
+        """Run the startup, encrypted within ``tls_timeout`` and done within ``auth_timeout``.
+
+        Returns:
+            False (after logging why) if it was cut for taking longer, else True.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._door.auth_timeout
+        startup = loop.create_task(self._startup(session))
+        try:
+            done, _ = await asyncio.wait({startup}, timeout=self._door.tls_timeout)
+            if not done and session.client is not None:  # encrypted in time
+                done, _ = await asyncio.wait({startup}, timeout=max(deadline - loop.time(), 0))
+        finally:
+            if not startup.done():
+                startup.cancel()
+                await asyncio.wait({startup})
+        if not done:
+            phase = "TLS" if session.client is None else "authentication"
+            logger.debug("client %s timed out waiting for %s", session.peer, phase)
+            return False
+        startup.result()  # its exception, if any
+        return True
 
     async def _close_session(self, session: _Session, *, abort: bool) -> None:
         for stream in (session.client, session.backend):
@@ -1395,9 +1604,22 @@ class Emulator:
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, self._streams)
         sock, session.sock = session.sock, None  # the transport owns it from here on
-        await loop.connect_accepted_socket(
-            lambda: stream, sock, ssl=self._ssl, ssl_handshake_timeout=_HANDSHAKE_TIMEOUT
+        # What loop.connect_accepted_socket(ssl=...) does, with a smaller receive buffer.
+        handshake: asyncio.Future[None] = loop.create_future()
+        tls = _TlsProtocol(
+            loop,
+            stream,
+            self._ssl,
+            handshake,
+            server_side=True,
+            ssl_handshake_timeout=cast("int", self._door.tls_timeout),  # typeshed: any number
         )
+        transport, _ = await loop.connect_accepted_socket(lambda: tls, sock)
+        try:
+            await handshake
+        except BaseException:
+            transport.abort()
+            raise
         session.client = stream
         return stream
 
@@ -1538,6 +1760,7 @@ class Emulator:
                 client.write(_error_response("28000", _PAM_FAILED.format(user=user)))
             return False
         self._record(session, user, database, "accepted")
+        self._authenticated(session)
         return True
 
     def _action_for(self, user: str) -> str:
@@ -1613,7 +1836,7 @@ class Emulator:
         logger.debug("cancel request forwarded")
 
 
-async def _drain_and_shutdown(sock: socket.socket) -> None:
+async def _drain_and_shutdown(sock: socket.socket, timeout: float = _CLOSE_TIMEOUT) -> None:
     """Half-close, then read what the client still sends, so closing sends no RST.
 
     Closing a socket with unread input makes the kernel reset the connection, which can
@@ -1623,7 +1846,7 @@ async def _drain_and_shutdown(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_WR)
     channel = _RawChannel(loop, sock)
-    deadline = loop.time() + _CLOSE_TIMEOUT
+    deadline = loop.time() + timeout
     drained = 0
     with contextlib.suppress(OSError, asyncio.TimeoutError):
         while drained < _READ_LIMIT * 16:
@@ -1652,3 +1875,42 @@ def _quote_conninfo(value: str) -> str:
         return value
     escaped = value.replace("\\", "\\\\").replace("'", "\\'")
     return f"'{escaped}'"
+
+
+def _listen_address(listen_host: str, port: int) -> tuple[str, int]:
+    """Check the address and port to listen on; warn if others can reach it."""
+    if not 0 <= port <= 65535:  # noqa: PLR2004
+        raise ConfigurationError(f"port must be between 0 and 65535, not {port}")
+    if _reaches_beyond_loopback(listen_host):
+        # stacklevel: the caller of Emulator(...)
+        warnings.warn(exposure_warning(listen_host), UserWarning, stacklevel=3)
+    return listen_host, port
+
+
+def _reaches_beyond_loopback(listen_host: str) -> bool:
+    """Tell whether listening on ``listen_host`` accepts connections from other machines."""
+    host = listen_host.strip().strip("[]")
+    if not host:
+        return True  # every interface
+    if host.lower() == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False  # listening will fail, saying why
+    return any(
+        not ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos
+    )
+
+
+def exposure_warning(listen_host: str) -> str:
+    """Return the warning for an emulator listening beyond this machine."""
+    return (
+        f"the emulator listens on {listen_host or 'every address'}, beyond this machine: "
+        "anyone who can reach it and holds the published example AWS keys can log in to "
+        "its backend server; listen on 127.0.0.1 unless that is what you want"
+    )

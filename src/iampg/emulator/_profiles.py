@@ -1,4 +1,9 @@
-"""Named emulator profiles: how each AWS service behaves beyond checking tokens."""
+"""The emulator's service presets: how each AWS service behaves beyond checking tokens.
+
+The names are iampg's service presets (``rds``, ``aurora-serverless`` or its other spelling
+``aurora-express``, ``dsql``), the same everywhere. "Profile", the old name, is kept as a
+deprecated alias (in iampg a profile is an AWS config profile).
+"""
 
 from __future__ import annotations
 
@@ -7,23 +12,33 @@ import math
 from dataclasses import dataclass
 from typing import Final, Literal, TypedDict
 
+from iampg._defaults import canonical_preset
 from iampg.errors import ConfigurationError
 
 __all__ = [
     "DSQL_CLUSTER_ID",
+    "PRESETS",
     "PROFILES",
+    "Preset",
+    "PresetName",
+    "PresetSettings",
     "Profile",
     "ProfileName",
     "ProfileSettings",
     "Service",
     "dsql_hostname",
+    "get_preset",
     "get_profile",
 ]
 
 Service = Literal["rds", "dsql"]
 """The token rules: ``rds`` (``rds-db``/``connect``) or ``dsql`` (``dsql``/``DbConnect``)."""
 
-ProfileName = Literal["rds", "aurora-express", "dsql"]
+PresetName = Literal["rds", "aurora-serverless", "aurora-express", "dsql"]
+"""The preset names (any spelling :func:`iampg._defaults.canonical_preset` accepts works)."""
+
+ProfileName = PresetName
+"""Deprecated name of :data:`PresetName`."""
 
 #: The emulator's DSQL cluster id: 26 lower-case alphanumerics, the shape of a real one.
 DSQL_CLUSTER_ID: Final = "iampgemulatoriampgemulator"
@@ -34,8 +49,8 @@ def dsql_hostname(region: str) -> str:
     return f"{DSQL_CLUSTER_ID}.dsql.{region}.on.aws"
 
 
-class ProfileSettings(TypedDict, total=False):
-    """The settings of a :class:`Profile` that ``Emulator(...)`` takes as keywords."""
+class PresetSettings(TypedDict, total=False):
+    """The settings of a :class:`Preset` that ``Emulator(...)`` takes as keywords."""
 
     auto_pause: float | None
     resume_delay: float
@@ -52,14 +67,14 @@ class ProfileSettings(TypedDict, total=False):
 
 
 @dataclass(frozen=True)
-class Profile:
+class Preset:
     """What a service does besides checking tokens; durations in emulated seconds.
 
     Emulated seconds run ``time_scale`` times faster than real ones and jump with
     :meth:`EmulatorClock.advance`, so a test sees a 16 s resume in a fraction of a second.
 
     Attributes:
-        name: The profile's name, shown by ``iampg emulate``.
+        name: The preset's name, shown by ``iampg emulate``.
         service: ``rds`` (RDS, Aurora, RDS Proxy tokens) or ``dsql``.
         auto_pause: Pause after this many seconds with zero connections; ``None`` never.
         resume_delay: Seconds a paused cluster takes to resume. Concurrent connection
@@ -134,7 +149,7 @@ class Profile:
             or self.session_cap is not None
         )
 
-    def replace(self, **changes: object) -> Profile:
+    def replace(self, **changes: object) -> Preset:
         """Return a copy with some settings changed (validated again).
 
         Raises:
@@ -143,7 +158,7 @@ class Profile:
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - known)
         if unknown:
-            raise ConfigurationError(f"unknown profile setting(s): {', '.join(unknown)}")
+            raise ConfigurationError(f"unknown preset setting(s): {', '.join(unknown)}")
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     def describe(self) -> list[str]:
@@ -176,15 +191,15 @@ class Profile:
         return lines
 
 
-PROFILES: Final[dict[str, Profile]] = {
+PRESETS: Final[dict[str, Preset]] = {
     # Plain RDS / Aurora provisioned / RDS Proxy: tokens only, nothing on a timer.
-    "rds": Profile(name="rds"),
+    "rds": Preset(name="rds"),
     # Aurora PostgreSQL Serverless, express configuration. The seed measured about 16 s
     # from a paused cluster to a connection, 3-4 s for later reconnects, and a server-side
     # idle cut after about 5 minutes; auto-pause defaults to 300 s with zero connections.
     # Unconfirmed (FACTS.md): whether the idle cut sends anything first; we drop abruptly.
-    "aurora-express": Profile(
-        name="aurora-express",
+    "aurora-serverless": Preset(
+        name="aurora-serverless",
         auto_pause=300.0,
         resume_delay=16.0,
         paused_connect="wait",
@@ -195,7 +210,7 @@ PROFILES: Final[dict[str, Profile]] = {
     # 100 new connections/s with a burst of 1 000, SNI required. Unconfirmed: when an idle
     # cluster becomes inactive (not on a timer here: use Emulator.pause()) and how long
     # waking it takes (our guess: 10 s).
-    "dsql": Profile(
+    "dsql": Preset(
         name="dsql",
         service="dsql",
         resume_delay=10.0,
@@ -208,21 +223,31 @@ PROFILES: Final[dict[str, Profile]] = {
         require_sni=True,
     ),
 }
-"""The named profiles: ``rds``, ``aurora-express`` and ``dsql``."""
+"""The presets by canonical name: ``rds``, ``aurora-serverless`` and ``dsql``."""
+
+PROFILES: Final[dict[str, Preset]] = {**PRESETS, "aurora-express": PRESETS["aurora-serverless"]}
+"""Deprecated: :data:`PRESETS`, with the ``aurora-express`` spelling as a key of its own."""
+
+Profile = Preset
+"""Deprecated name of :class:`Preset`."""
+
+ProfileSettings = PresetSettings
+"""Deprecated name of :class:`PresetSettings`."""
 
 
-def get_profile(profile: str | Profile) -> Profile:
-    """Return a profile by name (``rds``, ``aurora-express``, ``dsql``), or ``profile`` itself.
+def get_preset(preset: str | Preset) -> Preset:
+    """Return a preset by name, or ``preset`` itself.
+
+    Every spelling :func:`iampg._defaults.canonical_preset` accepts works: ``rds``,
+    ``aurora-serverless``, ``aurora-express``, ``dsql``, in any case, ``_`` for ``-``.
 
     Raises:
-        iampg.ConfigurationError: No profile has that name.
+        iampg.ConfigurationError: No preset has that name; the message lists the names.
     """
-    if isinstance(profile, Profile):
-        return profile
-    try:
-        return PROFILES[profile]
-    except KeyError:
-        names = ", ".join(PROFILES)
-        raise ConfigurationError(
-            f"unknown emulator profile {profile!r}: use one of {names}"
-        ) from None
+    if isinstance(preset, Preset):
+        return preset
+    return PRESETS[canonical_preset(preset)]
+
+
+get_profile = get_preset
+"""Deprecated name of :func:`get_preset`."""

@@ -1,8 +1,10 @@
 """pytest plugin: an iampg emulator per test session, its endpoint, CA file, clock and AWS env.
 
 Installed with ``iampg[emulator]`` and loaded by pytest automatically (entry point
-``pytest11: iampg``); disable it with ``-p no:iampg``. Importing it is cheap: nothing starts
-until a test asks for a fixture.
+``pytest11: iampg``); disable it with ``-p no:iampg`` (the settings below stay known, through
+the ``iampg_settings`` entry point, so a project that sets them still runs). Importing it is
+cheap: nothing starts until a test asks for a fixture, and a fixture used without the
+``emulator`` extra fails with ``pip install 'iampg[emulator]'``.
 
 Fixtures:
 
@@ -17,21 +19,25 @@ Fixtures:
 
 Settings (``[tool.pytest.ini_options]`` or ``pytest.ini``):
 
-- ``iampg_profile``: the emulator's profile (``rds``, ``aurora-express``, ``dsql``...).
+- ``iampg_preset``: the emulator's service preset (``rds``, ``aurora-serverless`` or
+  ``aurora-express``, ``dsql``; every spelling :func:`iampg._defaults.canonical_preset`
+  accepts). ``iampg_profile`` is its deprecated name (warns).
 - ``iampg_time_scale``: emulated seconds per real second (default 1).
 - ``iampg_user``: the database user of ``iampg_endpoint`` (default: the backend's user; for
-  DSQL, ``admin``).
+  DSQL, ``admin``), created on the backend if it is missing.
 - ``iampg_credentials_lifetime``: emulated seconds the credentials server's keys live
   (default 3600).
 """
 
 from __future__ import annotations
 
-import inspect
 import os
+import warnings
 from typing import TYPE_CHECKING
 
 import pytest
+
+from iampg.emulator._pytest_settings import register
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -54,27 +60,32 @@ _BACKEND_ENV = "IAMPG_EMULATOR_BACKEND"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    """Register the plugin's ini settings."""
-    parser.addini(
-        "iampg_profile",
-        "iampg emulator profile for the session emulator (rds, aurora-express, dsql...)",
-        default="",
-    )
-    parser.addini(
-        "iampg_time_scale",
-        "emulated seconds per real second for the iampg session emulator",
-        default="1",
-    )
-    parser.addini(
-        "iampg_user",
-        "database user of the iampg_endpoint fixture (default: the backend's; DSQL: admin)",
-        default="",
-    )
-    parser.addini(
-        "iampg_credentials_lifetime",
-        "emulated seconds the keys of iampg_credentials_server live",
-        default="3600",
-    )
+    """Register the plugin's ini settings (also when loaded without its settings plugin)."""
+    register(parser)
+
+
+def _preset(config: pytest.Config) -> str | None:
+    """Return the canonical ``iampg_preset`` (or deprecated ``iampg_profile``), if set."""
+    from iampg._defaults import canonical_preset  # noqa: PLC0415
+    from iampg.errors import ConfigurationError  # noqa: PLC0415
+
+    preset = str(config.getini("iampg_preset")).strip()
+    old = str(config.getini("iampg_profile")).strip()
+    if old:
+        warnings.warn(
+            f"the iampg_profile setting is deprecated: use iampg_preset = {old}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        if preset and preset != old:
+            raise pytest.UsageError("set iampg_preset only, not also its old name iampg_profile")
+        preset = old
+    if not preset:
+        return None
+    try:
+        return canonical_preset(preset)
+    except ConfigurationError as exc:
+        raise pytest.UsageError(f"iampg_preset: {exc}") from None
 
 
 def _ini_float(config: pytest.Config, name: str) -> float:
@@ -109,7 +120,7 @@ def iampg_emulator(pytestconfig: pytest.Config, iampg_backend: Backend) -> Itera
     """Return an emulator running for the whole test session, in front of ``iampg_backend``.
 
     It knows the documented fake keys and every key ``iampg_credentials_server`` issues.
-    Its profile and time scale come from the ``iampg_profile`` and ``iampg_time_scale``
+    Its service preset and time scale come from the ``iampg_preset`` and ``iampg_time_scale``
     settings. It is shared by every test: moving its clock (``iampg_clock.advance``) ages
     every token signed before, also for later tests; prefer ``time_scale`` or tokens signed
     after the move.
@@ -117,13 +128,9 @@ def iampg_emulator(pytestconfig: pytest.Config, iampg_backend: Backend) -> Itera
     from iampg.emulator import CredentialStore, Emulator  # noqa: PLC0415
 
     options: dict[str, object] = {"time_scale": _ini_float(pytestconfig, "iampg_time_scale")}
-    profile = str(pytestconfig.getini("iampg_profile")).strip()
-    if profile:
-        if "profile" not in inspect.signature(Emulator).parameters:
-            raise pytest.UsageError(
-                "iampg_profile is set but this iampg emulator has no profiles: upgrade iampg"
-            )
-        options["profile"] = profile
+    preset = _preset(pytestconfig)
+    if preset:
+        options["preset"] = preset
     with Emulator(iampg_backend.dsn, credentials=CredentialStore(), **options) as emulator:  # type: ignore[arg-type]
         yield emulator
 
@@ -153,12 +160,16 @@ def iampg_endpoint(
     It names the emulator's host name (signed into tokens and verified by TLS), dials its
     loopback address (``hostaddr``) and port, and uses ``sslmode=verify-full`` with
     ``iampg_ca_file``. The user is the ``iampg_user`` setting, else the backend's (``admin``
-    for DSQL). Pass it to ``iampg.connect``, ``iampg.ConnectionPool`` or ``TokenProvider``.
+    for DSQL); it is created on the backend if missing. Pass it to ``iampg.connect``,
+    ``iampg.ConnectionPool`` or ``TokenProvider``.
     """
     from iampg import Endpoint  # noqa: PLC0415
 
-    dsql = getattr(iampg_emulator, "service", "rds") == "dsql"
-    user = str(pytestconfig.getini("iampg_user")).strip() or (None if dsql else iampg_backend.user)
+    dsql = iampg_emulator.service == "dsql"
+    user = str(pytestconfig.getini("iampg_user")).strip() or (
+        "admin" if dsql else iampg_backend.user
+    )
+    _ensure_role(iampg_backend, user)
     return Endpoint(
         iampg_emulator.host,
         user=user,
@@ -170,6 +181,29 @@ def iampg_endpoint(
         sslrootcert=str(iampg_emulator.ca_file),
         connect_timeout="10",
     )
+
+
+def _ensure_role(backend: Backend, user: str) -> None:
+    """Create the endpoint's role on the backend, or fail at once saying why it cannot log in.
+
+    A DSQL cluster's ``admin`` may do anything, so a new role is a superuser where the
+    backend's user may create one.
+    """
+    from iampg.emulator import BackendError  # noqa: PLC0415
+
+    if user == backend.user:
+        return
+    try:
+        backend.ensure_role(user, superuser=True)
+    except BackendError:
+        try:
+            backend.ensure_role(user)
+        except BackendError as exc:
+            raise pytest.UsageError(
+                f"the iampg_endpoint user {user!r} does not exist on the backend and cannot "
+                f"be created ({exc}): create the role, or point {_BACKEND_ENV} at a user "
+                "that may create roles"
+            ) from None
 
 
 @pytest.fixture

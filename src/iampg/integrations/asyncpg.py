@@ -7,12 +7,16 @@ import functools
 import inspect
 import logging
 import shlex
+import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
 from iampg import _retry
 from iampg._connecting import INSECURE_SSLMODES, check_extra, connect_params, is_loopback
+from iampg._diagnose import certificate_advice
 from iampg._endpoint import Endpoint
 from iampg._tokens import TokenProvider
 from iampg.errors import ConfigurationError
@@ -32,10 +36,30 @@ class _PinnedHostContext(ssl.SSLContext):
     asyncpg has no ``hostaddr``: it verifies the certificate against the address it dials.
     When iampg dials an IP address (``hostaddr``) for a token signed for a host name, this
     context makes the handshake use the signed name, as libpq does with ``host`` +
-    ``hostaddr``. asyncio (and uvloop) make their TLS objects with :meth:`wrap_bio`.
+    ``hostaddr``. asyncio (and uvloop) make their TLS objects with :meth:`wrap_bio`;
+    pg8000 (through SQLAlchemy) wraps its socket with :meth:`wrap_socket`.
     """
 
     server_name: str
+    root: str | None = None  # the CA file (or "system") it trusts, for error messages
+
+    def wrap_socket(  # noqa: PLR0917 -- the stdlib's signature
+        self,
+        sock: socket.socket,
+        server_side: bool = False,  # noqa: FBT001, FBT002 -- the stdlib's signature
+        do_handshake_on_connect: bool = True,  # noqa: FBT001, FBT002
+        suppress_ragged_eofs: bool = True,  # noqa: FBT001, FBT002
+        server_hostname: str | bytes | None = None,  # noqa: ARG002
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLSocket:
+        return super().wrap_socket(
+            sock,
+            server_side,
+            do_handshake_on_connect,
+            suppress_ragged_eofs,
+            self.server_name,
+            session,
+        )
 
     def wrap_bio(
         self,
@@ -76,6 +100,7 @@ def ssl_context(endpoint: Endpoint, params: dict[str, str] | None = None) -> ssl
         mode = "verify-ca"
     context = _PinnedHostContext(ssl.PROTOCOL_TLS_CLIENT)
     context.server_name = endpoint.host
+    context.root = root
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if mode == "require":
         context.check_hostname = False
@@ -90,6 +115,38 @@ def ssl_context(endpoint: Endpoint, params: dict[str, str] | None = None) -> ssl
     if params.get("sslcert"):
         context.load_cert_chain(params["sslcert"], params.get("sslkey"))
     return context
+
+
+def _shared_context(endpoint: Endpoint, params: dict[str, str]) -> ssl.SSLContext | None:
+    """Return a TLS context for these settings, made once while its files are unchanged."""
+    files = tuple(params.get(name, "") for name in ("sslrootcert", "sslcert", "sslkey"))
+    stamps = tuple(_stamp(path) for path in files)
+    key = (endpoint.host, params.get("sslmode", "require"), files, stamps)
+    with _CONTEXTS_LOCK:
+        if key in _CONTEXTS:
+            return _CONTEXTS[key]
+    context = ssl_context(endpoint, params)
+    with _CONTEXTS_LOCK:
+        if len(_CONTEXTS) >= _CONTEXTS_MAX:
+            _CONTEXTS.pop(next(iter(_CONTEXTS)))
+        _CONTEXTS[key] = context
+    return context
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    """Return a file's modification time and size, or None (no file, or ``system``)."""
+    if not path or path == "system":
+        return None
+    try:
+        info = Path(path).stat()
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size
+
+
+_CONTEXTS: dict[tuple[object, ...], ssl.SSLContext | None] = {}
+_CONTEXTS_LOCK = threading.Lock()
+_CONTEXTS_MAX = 32
 
 
 def connect_kwargs(
@@ -120,16 +177,29 @@ def connect_kwargs(
     return _kwargs(endpoint, provider, allow_insecure=allow_insecure)
 
 
-def _kwargs(endpoint: Endpoint, provider: TokenProvider, *, allow_insecure: bool) -> dict[str, Any]:
+def _kwargs(
+    endpoint: Endpoint, provider: TokenProvider, *, allow_insecure: bool, shared: bool = False
+) -> dict[str, Any]:
     params = connect_params(endpoint, allow_insecure=allow_insecure)
+    return {**_arguments(endpoint, params, shared=shared), "password": provider.atoken}
+
+
+def _arguments(
+    endpoint: Endpoint, params: dict[str, str], *, shared: bool = False
+) -> dict[str, Any]:
+    """Return asyncpg's arguments for the endpoint's libpq ``params``, without a password.
+
+    With ``shared``, the TLS context is one kept for these settings (and these CA files, as
+    long as they are unchanged) rather than a new one: making it reads the CA file, about a
+    millisecond, which :func:`connect` would otherwise pay on every call.
+    """
     kwargs: dict[str, Any] = {
         "host": endpoint.dialled,
         "port": endpoint.port,
         "user": endpoint.user,
         "database": endpoint.dbname,
-        "password": provider.atoken,
     }
-    context = ssl_context(endpoint, params)
+    context = _shared_context(endpoint, params) if shared else ssl_context(endpoint, params)
     kwargs["ssl"] = context if context is not None else params.get("sslmode", "disable")
     _translate(params, kwargs)
     return kwargs
@@ -213,12 +283,12 @@ async def connect(
     return await _connect(
         asyncpg.connect,
         provider,
-        **{**_kwargs(endpoint, provider, allow_insecure=allow_insecure), **kwargs},
+        **{**_kwargs(endpoint, provider, allow_insecure=allow_insecure, shared=True), **kwargs},
     )
 
 
 def _check_overrides(
-    endpoint: Endpoint, overrides: dict[str, Any], *, allow_insecure: bool
+    endpoint: Endpoint, overrides: dict[str, Any], *, allow_insecure: bool, ssl_key: str = "ssl"
 ) -> None:
     """Refuse asyncpg arguments that would send the token elsewhere or without TLS.
 
@@ -236,13 +306,13 @@ def _check_overrides(
                 f"({endpoint.host}:{endpoint.port}, dialled at {endpoint.dialled}): a token must "
                 f"only go to that endpoint; use another Endpoint instead of overriding {name}"
             )
-    if "ssl" not in overrides or allow_insecure or is_loopback(endpoint.dialled):
+    if ssl_key not in overrides or allow_insecure or is_loopback(endpoint.dialled):
         return
-    value = overrides["ssl"]
+    value = overrides[ssl_key]
     if value in (None, False) or (isinstance(value, str) and value in INSECURE_SSLMODES):
         raise ConfigurationError(
-            f"ssl={value!r} could send the IAM token unencrypted to {endpoint.dialled}: leave "
-            "ssl= out (iampg sets up TLS) or pass allow_insecure=True if you really must"
+            f"{ssl_key}={value!r} could send the IAM token unencrypted to {endpoint.dialled}: "
+            f"leave {ssl_key}= out (iampg sets up TLS) or pass allow_insecure=True if you must"
         )
     if isinstance(value, ssl.SSLContext) and value.verify_mode == ssl.CERT_NONE:
         raise ConfigurationError(
@@ -264,6 +334,13 @@ async def _connect(open_connection: Any, provider: TokenProvider, *args: Any, **
     kwargs["password"] = token
     try:
         return await open_connection(*args, **kwargs)
+    except ssl.SSLCertVerificationError as exc:
+        context = kwargs.get("ssl")
+        if not isinstance(context, _PinnedHostContext):
+            raise  # the caller's own context: iampg does not know what it trusts
+        raise ssl.SSLCertVerificationError(
+            f"{exc}\n{certificate_advice(provider.endpoint, context.root)}"
+        ) from exc
     except (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidPasswordError):
         if isinstance(token, str):
             provider.invalidate(token)

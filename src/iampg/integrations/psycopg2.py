@@ -5,25 +5,31 @@ Three entry points, one behaviour: :func:`connect` opens a connection,
 :func:`connection_factory` returns a ``connection_factory`` class for code that calls
 :func:`psycopg2.connect` itself. Each gives the endpoint's libpq parameters (``host``,
 ``hostaddr``, ``sslmode`` …; the caller's win) and a current token to every new connection,
-checks the parameters libpq finally receives (TLS towards anything but loopback, and the host
-the token is signed for), forgets a token the server refused and raises
-:class:`AuthenticationError`, which is both a :class:`psycopg2.OperationalError` and an
-:class:`iampg.AuthenticationError`.
+checks the parameters libpq finally receives as :func:`iampg.connect` does (TLS towards
+anything but loopback; the host, address and port the token is signed for), forgets a token
+the server refused and raises :class:`AuthenticationError`, which is both a
+:class:`psycopg2.OperationalError` and an :class:`iampg.AuthenticationError`.
+:func:`retry_transaction` runs a transaction again after a conflict or a lost connection.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import time
-from typing import Any, cast
+from collections.abc import Callable, Iterator
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast, overload
 
 import psycopg2
 import psycopg2.extensions
 import psycopg2.pool
 
 import iampg.errors
+from iampg import _retry
 from iampg._connecting import Attempts, Secret, Target, check_extra, explain, prepare
 from iampg._diagnose import failure_kind
+from iampg.errors import ConfigurationError
 from iampg.integrations import EndpointOrProvider
 
 __all__ = [
@@ -32,6 +38,7 @@ __all__ = [
     "UnavailableError",
     "connect",
     "connection_factory",
+    "retry_transaction",
 ]
 
 logger = logging.getLogger("iampg.integrations.psycopg2")
@@ -258,3 +265,139 @@ class ThreadedConnectionPool(psycopg2.pool.ThreadedConnectionPool):
                 raise
             logger.info("token refused; retrying once with a new token")
         return super()._connect(key)  # type: ignore[misc]
+
+
+# -- transactions that run again after a conflict or a lost connection ----------------------
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+@overload
+def retry_transaction(
+    target: Any,
+    fn: Callable[[Any], T],
+    *,
+    attempts: int = ...,
+    base: float = ...,
+    cap: float = ...,
+    idempotent: bool = ...,
+) -> T: ...
+@overload
+def retry_transaction(
+    target: Any,
+    fn: None = ...,
+    *,
+    attempts: int = ...,
+    base: float = ...,
+    cap: float = ...,
+    idempotent: bool = ...,
+) -> Callable[[Callable[Concatenate[Any, P], T]], Callable[P, T]]: ...
+def retry_transaction(
+    target: Any,
+    fn: Callable[[Any], T] | None = None,
+    *,
+    attempts: int = 5,
+    base: float = 0.02,
+    cap: float = 1.0,
+    idempotent: bool = False,
+) -> Any:
+    """Run ``fn(conn)`` in a transaction, again if it lost a race or its connection.
+
+    :func:`iampg.retry_transaction` for psycopg2: a conflict (``OC000``, ``OC001``,
+    ``40001``, psycopg2's ``pgcode``) rolls back and ``fn`` runs again, with exponential
+    backoff and jitter (``base`` doubling up to ``cap`` seconds). Each attempt is ``with
+    conn:`` (psycopg2's transaction block: commit on success, rollback on error).
+
+    With a psycopg2 pool (:class:`ThreadedConnectionPool`, or any of psycopg2's), each
+    attempt takes a connection with ``getconn()``, so one lost before ``COMMIT`` was sent is
+    closed (``putconn(conn, close=True)``) and ``fn`` runs again on another; lost during
+    ``COMMIT``, the outcome is unknown and the error is raised unless ``idempotent=True``. A
+    connection of your own cannot be replaced: its loss is raised. ``fn`` must be safe to
+    repeat: no side effects outside the database.
+
+    Without ``fn``, returns a decorator: the decorated function takes the connection as its
+    first argument, which its callers leave out::
+
+        @retry_transaction(pool)
+        def transfer(conn, source, target, amount): ...
+
+        transfer(1, 2, 10)
+
+    Args:
+        target: A psycopg2 pool, or a connection not inside a transaction.
+        fn: The transaction's work; its return value is returned.
+        attempts: How many times to try at most.
+        base: First backoff step in seconds.
+        cap: Largest backoff step in seconds.
+        idempotent: Also run again when the connection broke during ``COMMIT``.
+
+    Raises:
+        psycopg2.Error: The last attempt's error, or one that is not retryable.
+        ConfigurationError: Bad ``attempts``, ``base`` or ``cap``, or an unknown ``target``.
+    """
+    attempt = _Attempt(target)
+    _retry.check_options(attempts, base, cap)
+
+    def run(work: Callable[[Any], T]) -> T:
+        return _retry.run(
+            attempt.transaction,
+            work,
+            replaceable=attempt.replaceable,
+            broken=attempt.broken,
+            attempts=attempts,
+            base=base,
+            cap=cap,
+            idempotent=idempotent,
+        )
+
+    if fn is not None:
+        return run(fn)
+
+    def decorate(work: Callable[Concatenate[Any, P], T]) -> Callable[P, T]:
+        @functools.wraps(work)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            return run(lambda conn: work(conn, *args, **kwargs))
+
+        return wrapper
+
+    return decorate
+
+
+class _Attempt:
+    """Opens each attempt's transaction on a pool or a connection; tells if it was lost."""
+
+    def __init__(self, target: Any) -> None:
+        if isinstance(target, psycopg2.pool.AbstractConnectionPool):
+            self.replaceable = True
+        elif isinstance(target, psycopg2.extensions.connection):
+            self.replaceable = False
+        else:
+            raise ConfigurationError(
+                "retry_transaction needs a psycopg2 pool or connection, "
+                f"not {type(target).__name__}"
+            )
+        self.target = target
+        self.lost = False
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """Run one attempt in ``with conn:``; a pooled connection found closed is discarded."""
+        self.lost = False
+        if not self.replaceable:
+            with self.target:
+                yield self.target
+            return
+        conn = self.target.getconn()
+        try:
+            with conn:
+                yield conn
+        except Exception:
+            self.lost = bool(conn.closed)
+            raise
+        finally:
+            self.target.putconn(conn, close=bool(conn.closed))
+
+    def broken(self) -> bool:
+        """Tell whether the last attempt's connection was lost (psycopg2 closed it)."""
+        return self.lost

@@ -5,16 +5,27 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeAlias, TypeVar, overload
+import re
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    ParamSpec,
+    TypeAlias,
+    TypeVar,
+    cast,
+    overload,
+)
 
 import psycopg
 import sqlalchemy
 from sqlalchemy import event
 
 from iampg import _retry
-from iampg._connecting import Secret, explain, prepare
+from iampg._connecting import Secret, Target, explain, prepare
 from iampg._defaults import defaults_for
 from iampg._retry import check_options
+from iampg.errors import AuthenticationError
 from iampg.integrations import EndpointOrProvider, _resolve
 
 if TYPE_CHECKING:
@@ -33,6 +44,8 @@ if TYPE_CHECKING:
     from iampg._endpoint import Endpoint
 
 __all__ = [
+    "ASYNC_DRIVERS",
+    "SYNC_DRIVERS",
     "aretry_transaction",
     "create_async_engine",
     "create_engine",
@@ -43,15 +56,52 @@ __all__ = [
 logger = logging.getLogger("iampg.integrations.sqlalchemy")
 
 
-def _url(endpoint: Endpoint) -> sqlalchemy.URL:
+SYNC_DRIVERS = ("psycopg", "psycopg2", "pg8000")
+"""SQLAlchemy's PostgreSQL drivers :func:`create_engine` and :func:`install` support."""
+
+ASYNC_DRIVERS = ("psycopg", "asyncpg")
+"""The asyncio drivers :func:`create_async_engine` and :func:`install` support."""
+
+_SCHEME = re.compile(r"(?i)postgres(?:ql)?\+([a-z0-9_]+)://")
+
+
+def _url(endpoint: Endpoint, driver: str) -> sqlalchemy.URL:
     """Return a password-less URL naming the endpoint, for the dialect, logs and reprs."""
     return sqlalchemy.URL.create(
-        "postgresql+psycopg",
+        f"postgresql+{driver}",
         username=endpoint.user,
         host=endpoint.host,
         port=endpoint.port,
         database=endpoint.dbname,
     )
+
+
+def _driver(
+    target: EndpointOrProvider, driver: str | None, supported: tuple[str, ...], factory: str
+) -> tuple[EndpointOrProvider, str]:
+    """Take the driver from a ``postgresql+<driver>://`` URL or ``driver=``; check it.
+
+    Raises:
+        ConfigurationError: An unsupported driver, or the URL and ``driver=`` disagree.
+    """
+    from iampg.errors import ConfigurationError  # noqa: PLC0415
+
+    if isinstance(target, str) and (match := _SCHEME.match(target.strip())):
+        named = match.group(1).lower()
+        if driver is not None and driver != named:
+            raise ConfigurationError(
+                f"the URL names the {named!r} driver and driver={driver!r}: pass one of them"
+            )
+        driver = named
+        target = "postgresql://" + target.strip()[match.end() :]
+    driver = driver or "psycopg"
+    if driver not in supported:
+        other = "create_async_engine" if factory == "create_engine" else "create_engine"
+        hint = f"; {driver!r} is for {other}" if driver in SYNC_DRIVERS + ASYNC_DRIVERS else ""
+        raise ConfigurationError(
+            f"{factory} supports the {', '.join(supported)} drivers, not {driver!r}{hint}"
+        )
+    return target, driver
 
 
 def _await_function() -> Callable[[Awaitable[str]], str]:
@@ -71,19 +121,31 @@ def install(
 ) -> None:
     """Make ``engine`` open every new DBAPI connection to ``target`` with a current token.
 
-    Adds a ``do_connect`` listener that sets the endpoint's connection parameters (host,
-    ``hostaddr``, port, user, database, ``sslmode`` …; ``connect_args`` given to the engine
-    win) and the password, then connects. A refused token is forgotten so the next
-    connection signs a new one; the error raised (wrapped by SQLAlchemy in
-    :class:`sqlalchemy.exc.OperationalError`) is an :class:`iampg.AuthenticationError`
-    listing the likely causes.
+    Adds a ``do_connect`` listener that gives every new connection the endpoint's connection
+    parameters, in the driver's own terms, and a current token as its password; ``connect_args``
+    given to the engine win, and are checked like :func:`iampg.connect`'s arguments (the token
+    goes only to the host, address and port it is signed for, over TLS). The drivers:
+
+    - ``psycopg`` (sync and asyncio) and ``psycopg2``: libpq's parameters (``host`` with
+      ``hostaddr``, ``sslmode``, ``sslrootcert`` …);
+    - ``asyncpg`` and ``pg8000``, which have no ``hostaddr``: the address is dialled and an
+      :class:`ssl.SSLContext` sends SNI for and verifies the signed host name, as libpq does
+      (see :func:`iampg.integrations.asyncpg.ssl_context`); ``application_name`` and
+      ``options`` become server settings. pg8000 has no connect timeout of its own (its
+      ``timeout`` limits every query too), so ``connect_timeout`` is not applied to it.
+
+    A refused token is forgotten so the next connection signs a new one; the error raised
+    (wrapped by SQLAlchemy in :class:`sqlalchemy.exc.OperationalError`) is an
+    :class:`iampg.AuthenticationError`, and the driver's own ``OperationalError``, listing the
+    likely causes.
 
     For an async engine pass ``async_engine.sync_engine``. Tokens then come from
     :meth:`iampg.TokenProvider.atoken`, awaited through SQLAlchemy's greenlet bridge, so
     signing runs in a worker thread and never blocks the event loop.
 
     Args:
-        engine: A SQLAlchemy engine using the ``postgresql+psycopg`` dialect.
+        engine: A SQLAlchemy engine using one of :data:`SYNC_DRIVERS` or
+            :data:`ASYNC_DRIVERS`.
         target: The endpoint (a provider is made for it) or the provider to share.
         preset: ``rds``, ``aurora-serverless`` (or ``aurora-express``) or ``dsql``: the
             service's ``connect_timeout``; defaults to the endpoint's service.
@@ -91,22 +153,25 @@ def install(
             non-loopback host.
 
     Raises:
-        ConfigurationError: Bad endpoint or options, or not a psycopg engine. Parameters
+        ConfigurationError: Bad endpoint or options, or an unsupported driver. Parameters
             that would send the token elsewhere or unencrypted (``connect_args`` included)
             are refused when a connection is opened.
     """
     from iampg.errors import ConfigurationError  # noqa: PLC0415
 
-    if engine.dialect.driver != "psycopg":
+    driver = engine.dialect.driver
+    supported = ASYNC_DRIVERS if engine.dialect.is_async else SYNC_DRIVERS
+    if driver not in supported:
         raise ConfigurationError(
-            f"iampg supports SQLAlchemy's psycopg driver, not {engine.dialect.driver!r}: "
-            "use a postgresql+psycopg:// URL"
+            f"iampg supports SQLAlchemy's {', '.join(supported)} drivers here, not {driver!r}: "
+            f"use a postgresql+{supported[0]}:// URL"
         )
     connecting = prepare(target, None, preset, allow_insecure=allow_insecure)
     endpoint, provider = connecting.endpoint, connecting.provider
+    arguments = _ARGUMENTS[driver](connecting)
+    explained = _explained_class(engine.dialect.loaded_dbapi)
     from_url = {"host": engine.url.host, "port": engine.url.port}
-    is_async = bool(engine.dialect.is_async)
-    bridge = _await_function() if is_async else None
+    bridge = _await_function() if engine.dialect.is_async else None
 
     @event.listens_for(engine, "do_connect")
     def _connect(
@@ -116,29 +181,158 @@ def install(
         cparams: dict[str, Any],
     ) -> DBAPIConnection:
         given = {k: v for k, v in cparams.items() if not _from_url(k, v, from_url)}
-        merged = connecting.merge(given)
+        kwargs = arguments(given)
         token = Secret(bridge(provider.atoken()) if bridge is not None else provider.token())
         try:
-            return dialect.connect(*cargs, **merged, password=token.value)
-        except psycopg.OperationalError as exc:
-            error = explain(exc, provider, token)
-            if error is exc:
+            return dialect.connect(*cargs, **kwargs, password=token.value)
+        except Exception as exc:
+            server = _server_error(exc)
+            error = explain(cast("Any", server), provider, token, kwargs)
+            if error is server:
                 raise
-            raise error from exc
+            raise (error if isinstance(error, explained) else explained(str(error))) from exc
 
     logger.debug("engine %s authenticates with tokens for %s", engine.url, endpoint.host)
 
 
 def _from_url(key: str, value: Any, url: dict[str, Any]) -> bool:
     """Tell whether a DBAPI argument is one SQLAlchemy took from the engine's URL."""
-    if key in {"user", "dbname", "password"}:
+    if key in {"user", "dbname", "database", "password"}:
         return True
     return key in url and value is not None and str(value) == str(url[key])
+
+
+Arguments: TypeAlias = "Callable[[dict[str, Any]], dict[str, Any]]"
+
+
+def _libpq(connecting: Target) -> Arguments:
+    """Psycopg and psycopg2: the endpoint's libpq parameters, the caller's on top, checked."""
+    return connecting.merge
+
+
+def _asyncpg(connecting: Target) -> Arguments:
+    """asyncpg: its own arguments for the endpoint, the caller's on top, checked."""
+    from iampg.integrations import asyncpg as iampg_asyncpg  # noqa: PLC0415
+
+    base = iampg_asyncpg._arguments(connecting.endpoint, connecting.params)  # noqa: SLF001
+
+    def arguments(given: dict[str, Any]) -> dict[str, Any]:
+        iampg_asyncpg._check_overrides(  # noqa: SLF001
+            connecting.endpoint, given, allow_insecure=connecting.allow_insecure
+        )
+        return {**base, **given}
+
+    return arguments
+
+
+def _pg8000(connecting: Target) -> Arguments:
+    """pg8000: its own arguments for the endpoint, the caller's on top, checked."""
+    from iampg.errors import ConfigurationError  # noqa: PLC0415
+    from iampg.integrations import asyncpg as iampg_asyncpg  # noqa: PLC0415
+
+    endpoint, params = connecting.endpoint, connecting.params
+    base: dict[str, Any] = {
+        "host": endpoint.dialled,
+        "port": endpoint.port,
+        "user": endpoint.user,
+        "database": endpoint.dbname,
+    }
+    context = iampg_asyncpg.ssl_context(endpoint, params)
+    # pg8000 uses an SSLContext as is; None asks for TLS and falls back to plaintext (allow,
+    # prefer); False never asks (disable).
+    if context is not None:
+        base["ssl_context"] = context
+    else:
+        base["ssl_context"] = False if params.get("sslmode") == "disable" else None
+    startup: dict[str, str] = {}
+    unsupported: list[str] = []
+    for key, value in params.items():
+        if key in _PG8000_HANDLED or (key == "sslsni" and value == "1"):
+            continue
+        if key == "application_name":
+            base["application_name"] = value
+        elif key == "options":
+            startup.update(iampg_asyncpg._options(value))  # noqa: SLF001
+        else:
+            unsupported.append(key)
+    if unsupported:
+        raise ConfigurationError(
+            f"pg8000 has no equivalent of {', '.join(sorted(unsupported))}: "
+            "remove it from the endpoint, or use the psycopg driver"
+        )
+    if startup:
+        base["startup_params"] = startup
+
+    def arguments(given: dict[str, Any]) -> dict[str, Any]:
+        iampg_asyncpg._check_overrides(  # noqa: SLF001
+            endpoint, given, allow_insecure=connecting.allow_insecure, ssl_key="ssl_context"
+        )
+        return {**base, **given}
+
+    return arguments
+
+
+# Parameters pg8000 gets in its own terms, or (connect_timeout) cannot honour safely.
+_PG8000_HANDLED = frozenset(
+    {
+        "host",
+        "hostaddr",
+        "port",
+        "user",
+        "dbname",
+        "sslmode",
+        "sslrootcert",
+        "sslcert",
+        "sslkey",
+        "connect_timeout",
+    }
+)
+
+_ARGUMENTS: dict[str, Callable[[Target], Arguments]] = {
+    "psycopg": _libpq,
+    "psycopg2": _libpq,
+    "asyncpg": _asyncpg,
+    "pg8000": _pg8000,
+}
+
+_EXPLAINED: dict[type[BaseException], type[Exception]] = {}
+
+
+def _explained_class(dbapi: Any) -> type[Exception]:
+    """Return the class of an explained refusal: iampg's, and the driver's OperationalError.
+
+    SQLAlchemy wraps an error of the driver's DBAPI in :class:`sqlalchemy.exc.OperationalError`
+    (``orig`` is it); iampg users catch :class:`iampg.AuthenticationError`: the class is both.
+    """
+    operational: type[BaseException] = getattr(dbapi, "OperationalError", psycopg.OperationalError)
+    if issubclass(AuthenticationError, operational):
+        return AuthenticationError  # psycopg's: iampg's own class already is one
+    if operational.__module__.startswith("psycopg2"):
+        from iampg.integrations.psycopg2 import AuthenticationError as Psycopg2Error  # noqa: PLC0415
+
+        return Psycopg2Error
+    if operational not in _EXPLAINED:
+        _EXPLAINED[operational] = type(
+            "AuthenticationError",
+            (AuthenticationError, operational),
+            {"__module__": "iampg.integrations.sqlalchemy", "__doc__": AuthenticationError.__doc__},
+        )
+    return _EXPLAINED[operational]
+
+
+def _server_error(exc: BaseException) -> BaseException:
+    """Return what the server said, readably: pg8000 carries its fields as a dict."""
+    fields = exc.args[0] if exc.args else None
+    if isinstance(fields, dict) and isinstance(fields.get("M"), str):
+        hint = f"\nHINT:  {fields['H']}" if isinstance(fields.get("H"), str) else ""
+        return Exception(f"FATAL:  {fields['M']}{hint}")
+    return exc
 
 
 def create_engine(
     target: EndpointOrProvider,
     *,
+    driver: str | None = None,
     preset: str | None = None,
     allow_insecure: bool = False,
     **engine_kwargs: Any,
@@ -149,27 +343,32 @@ def create_engine(
     token, and gets one from ``target``'s provider (cached, refreshed before it expires),
     so an engine keeps working for days. Open connections are not affected by token expiry.
 
+    The driver is named as SQLAlchemy users write it, in the URL's scheme
+    (``postgresql+psycopg2://…``), or with ``driver=``; psycopg by default.
+
     Example::
 
         engine = iampg.integrations.sqlalchemy.create_engine(
-            "postgresql://app@mydb.cluster-abc.us-east-1.rds.amazonaws.com/app",
+            "postgresql+psycopg://app@mydb.cluster-abc.us-east-1.rds.amazonaws.com/app",
             pool_pre_ping=True,
         )
 
     Args:
-        target: The endpoint (a provider is made for it) or the :class:`iampg.TokenProvider`
-            to share.
+        target: The endpoint (a provider is made for it; a URL may name the driver) or the
+            :class:`iampg.TokenProvider` to share.
+        driver: ``psycopg``, ``psycopg2`` or ``pg8000`` (see :func:`install`).
         preset: See :func:`install`.
         allow_insecure: See :func:`install`.
         **engine_kwargs: Passed to :func:`sqlalchemy.create_engine` (``pool_size``,
             ``pool_recycle`` in seconds, ``pool_pre_ping``, ``connect_args`` …).
 
     Raises:
-        ConfigurationError: Bad endpoint or options.
+        ConfigurationError: Bad endpoint, driver or options.
     """
+    target, driver = _driver(target, driver, SYNC_DRIVERS, "create_engine")
     endpoint, provider = _resolve(target)
     defaults_for(endpoint, preset)  # an unknown preset fails before the engine is made
-    engine = sqlalchemy.create_engine(_url(endpoint), **engine_kwargs)
+    engine = sqlalchemy.create_engine(_url(endpoint, driver), **engine_kwargs)
     install(engine, provider, preset=preset, allow_insecure=allow_insecure)
     return engine
 
@@ -177,24 +376,27 @@ def create_engine(
 def create_async_engine(
     target: EndpointOrProvider,
     *,
+    driver: str | None = None,
     preset: str | None = None,
     allow_insecure: bool = False,
     **engine_kwargs: Any,
 ) -> AsyncEngine:
-    """Return an asyncio SQLAlchemy engine (psycopg's async driver) that signs like the sync one.
+    """Return an asyncio SQLAlchemy engine that signs like the sync one.
 
-    The asynchronous twin of :func:`create_engine`: a token cached by the provider is used at
-    once; a new one is signed in a worker thread (:meth:`iampg.TokenProvider.atoken`), so the
-    event loop is never blocked by botocore.
+    The asynchronous twin of :func:`create_engine`, with psycopg's async driver or asyncpg
+    (``postgresql+asyncpg://…`` or ``driver="asyncpg"``): a token cached by the provider is
+    used at once; a new one is signed in a worker thread
+    (:meth:`iampg.TokenProvider.atoken`), so the event loop is never blocked by botocore.
 
     Raises:
-        ConfigurationError: Bad endpoint or options.
+        ConfigurationError: Bad endpoint, driver or options.
     """
     from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine  # noqa: PLC0415
 
+    target, driver = _driver(target, driver, ASYNC_DRIVERS, "create_async_engine")
     endpoint, provider = _resolve(target)
     defaults_for(endpoint, preset)
-    engine = sa_create_async_engine(_url(endpoint), **engine_kwargs)
+    engine = sa_create_async_engine(_url(endpoint, driver), **engine_kwargs)
     install(engine.sync_engine, provider, preset=preset, allow_insecure=allow_insecure)
     return engine
 

@@ -75,7 +75,7 @@ class DatabaseWrapper(base.DatabaseWrapper):  # type: ignore[misc]
         try:
             return super().get_new_connection(conn_params)
         except psycopg.OperationalError as exc:
-            error = explain(exc, target.provider, token)
+            error = explain(exc, target.provider, token, conn_params)
             if error is exc:
                 raise
             raise error from exc

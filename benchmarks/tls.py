@@ -1,0 +1,169 @@
+"""What verifying the server certificate adds to a new connection, by CA file size.
+
+libpq reads the whole ``sslrootcert`` file on every connection, so a verified connect costs
+the handshake's checks plus parsing that file. Each variant connects to the emulator with
+the same token; only the TLS settings differ:
+
+- ``require``: encrypted, certificate not checked (the opt-out).
+- ``verify-full, 1 certificate``: the emulator's CA alone: what verifying costs besides
+  reading a larger file.
+- ``verify-full, rds-<region> size``: the emulator's CA plus as many shipped certificates as
+  iampg's per-region RDS file holds (3), so libpq parses what it parses for an RDS instance.
+- ``verify-full, aws-<region> size``: the same with the size of the file a cluster endpoint
+  or a non-AWS host name gets (4: the RDS CAs and Amazon Root CA 1).
+- ``verify-full, system store``: the operating system's bundle with the emulator's CA
+  appended, what ``sslrootcert=system`` (libpq >= 16) makes libpq read.
+
+Rounds run each variant once in a shuffled order (seeded), the garbage collector untimed
+before each connect; a verified variant's cost is the median of its per-round ratios to
+``require`` in the same round, with a bootstrap 95 % interval of that median and the
+interquartile range of the ratios as spread. ``IAMPG_BENCH_TLS_ROUNDS`` sets the number of
+rounds (default 300; 40 with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from benchmarks._common import EmulatorInfo, Result, Stats, ms, percentile
+from iampg import TokenProvider, _trust
+
+SYSTEM_BUNDLES = (
+    Path("/etc/ssl/certs/ca-certificates.crt"),  # Debian, Ubuntu, Alpine
+    Path("/etc/pki/tls/certs/ca-bundle.crt"),  # Fedora, RHEL
+    Path("/etc/ssl/cert.pem"),  # macOS, BSD
+)
+REQUIRE = "require"
+ONE = "verify-full, 1 certificate"
+SMALL = "verify-full, rds-<region> size"
+MEDIUM = "verify-full, aws-<region> size"
+SYSTEM = "verify-full, system store"
+
+
+def _certs(data: bytes) -> list[bytes]:
+    marker = b"-----END CERTIFICATE-----"
+    blocks = data.split(marker)[:-1]
+    return [b[b.index(b"-----BEGIN CERTIFICATE-----") :] + marker + b"\n" for b in blocks]
+
+
+def _ca_files(emu: EmulatorInfo, workdir: Path) -> dict[str, tuple[Path, int]]:
+    """Write the CA files each verified variant reads; return (path, certificates) per variant."""
+    ca = Path(emu.ca_file).read_bytes()
+    shipped = _trust.directory()
+    (workdir / "ca.pem").write_bytes(ca)
+    files: dict[str, tuple[Path, int]] = {ONE: (workdir / "ca.pem", 1)}
+    for name, source in ((SMALL, "rds-us-east-1.pem"), (MEDIUM, "aws-us-east-1.pem")):
+        certs = _certs((shipped / source).read_bytes())
+        path = workdir / source
+        path.write_bytes(b"".join(certs) + ca)
+        files[name] = (path, len(certs) + 1)
+    for system in SYSTEM_BUNDLES:
+        if system.is_file():
+            certs = _certs(system.read_bytes())
+            path = workdir / "system.pem"
+            path.write_bytes(b"".join(certs) + ca)
+            files[SYSTEM] = (path, len(certs) + 1)
+            break
+    return files
+
+
+def _measure(
+    variants: dict[str, Callable[[], Any]], rounds: int
+) -> tuple[dict[str, Stats], dict[str, list[float]]]:
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for fn in variants.values():  # warm caches and the emulator's TLS state
+        fn().close()
+    order = list(variants.items())
+    rng = random.Random(20261202)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name, fn in order:
+            gc.collect()
+            start = time.perf_counter()
+            conn = fn()
+            samples[name].append(time.perf_counter() - start)
+            conn.close()
+    ratios = {
+        name: [v / r for v, r in zip(values, samples[REQUIRE], strict=True)]
+        for name, values in samples.items()
+        if name != REQUIRE
+    }
+    return {name: Stats.of(values) for name, values in samples.items()}, ratios
+
+
+def _median_interval(values: list[float], *, resamples: int = 2000) -> tuple[float, float]:
+    """Return a 95 % bootstrap interval of the median of ``values`` (seeded, repeatable)."""
+    rng = random.Random(7)
+    medians = sorted(
+        statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples)
+    )
+    return medians[int(resamples * 0.025)], medians[int(resamples * 0.975) - 1]
+
+
+def _connect_with(base: dict[str, Any], sslrootcert: str, token: str) -> Callable[[], Any]:
+    return lambda: psycopg.connect(**base, sslrootcert=sslrootcert, password=token)
+
+
+def run(rds: EmulatorInfo, *, quick: bool = False, rounds: int | None = None) -> list[Result]:
+    """Time the variants; the bar: verify-full with a per-region file <= 1.05x require."""
+    rounds = rounds or int(os.environ.get("IAMPG_BENCH_TLS_ROUNDS", "0")) or (40 if quick else 300)
+    token = TokenProvider(rds.endpoint("postgres")).token()
+    base = {k: v for k, v in rds.conninfo("postgres").items() if k != "sslrootcert"}
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="iampg-bench-tls-") as tmp:
+        files = _ca_files(rds, Path(tmp))
+        variants: dict[str, Callable[[], Any]] = {
+            REQUIRE: lambda: psycopg.connect(**{**base, "sslmode": "require"}, password=token),
+        }
+        for name, (path, _) in files.items():
+            variants[name] = _connect_with(base, str(path), token)
+        stats, ratios = _measure(variants, rounds)
+    load_after = os.getloadavg()
+    results = []
+    for name, values in ratios.items():
+        path, count = files[name]
+        median = statistics.median(values)
+        low, high = percentile(values, 0.25), percentile(values, 0.75)
+        ci_low, ci_high = _median_interval(values)
+        extra = stats[name].median - stats[REQUIRE].median
+        bar = "≤ 1.05x require" if name == SMALL else "report only"
+        results.append(
+            Result(
+                id="tls_" + name.split(", ")[1].split(" ")[0].replace("<region>", "region"),
+                what=f"new connection, {name} ({count} certificates in sslrootcert)",
+                compared_with="the same connect with sslmode=require, paired per round",
+                figures=(
+                    f"{name} {ms(stats[name].median)} vs require {ms(stats[REQUIRE].median)} "
+                    f"({extra * 1e3:+.2f} ms); load average {load_before[0]:.2f} -> "
+                    f"{load_after[0]:.2f}; {rounds} rounds"
+                ),
+                claim=(
+                    f"{median:.3f}x require (median of per-round ratios, 95 % interval "
+                    f"{ci_low:.3f}-{ci_high:.3f}, IQR {low:.3f}-{high:.3f})"
+                ),
+                bar=bar,
+                passed=median <= 1.05 if name == SMALL else None,
+                ratio=median,
+                details={
+                    "unit": "seconds per connect+close",
+                    "certificates": count,
+                    "ratio_p25": low,
+                    "ratio_p75": high,
+                    "ratio_median_95ci": (ci_low, ci_high),
+                    "load_average_before": load_before,
+                    "load_average_after": load_after,
+                    **{k: v.__dict__ for k, v in stats.items()},
+                },
+            )
+        )
+    return results
