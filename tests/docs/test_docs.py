@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import doctest
 import gc
+import inspect
 import io
 import os
 import re
@@ -316,7 +317,8 @@ def _close_page(document: Document) -> None:
             closer = getattr(value, "dispose", None)
         else:
             continue
-        if callable(closer):
+        # An asyncio object's close belongs to its event loop, which the page's code ended.
+        if callable(closer) and not inspect.iscoroutinefunction(closer):
             with contextlib.suppress(Exception):
                 closer()
     # What the page dropped without closing is collected here, not in a later page's test.
