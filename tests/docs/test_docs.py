@@ -27,6 +27,7 @@ that the rendered pages do not show:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import doctest
 import gc
@@ -49,6 +50,8 @@ from sybil import Document, Example, Region, Sybil
 from sybil.evaluators.python import PythonEvaluator
 from sybil.parsers.markdown import CodeBlockParser, SkipParser
 from sybil.parsers.markdown.lexers import DirectiveInHTMLCommentLexer
+
+from iampg import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -375,3 +378,16 @@ def test_block(
     finally:  # what the page's code set stays in the page (docs.environ), not in the process
         os.environ.clear()
         os.environ.update(saved)
+
+
+def test_readme_names_every_command() -> None:
+    """README.md names every ``iampg`` subcommand, as ``iampg <command>``."""
+    parser = cli._parser()
+    commands = next(
+        action.choices
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in commands if f"`iampg {name}`" not in readme]
+    assert not missing, f"README.md does not name: {missing}"
