@@ -109,3 +109,14 @@ def emulator(start_emulator: EmulatorFactory) -> Emulator:
 def quiet_botocore(caplog: pytest.LogCaptureFixture) -> None:
     """Keep botocore's DEBUG lines (which show signatures) out of failure reports."""
     caplog.set_level(logging.WARNING, logger="botocore")
+
+
+@pytest.fixture(scope="module")
+def django_configured() -> None:
+    """Configure a minimal Django once: no apps, time zones on, databases per test."""
+    django = pytest.importorskip("django")
+    from django.conf import settings as django_settings
+
+    if not django_settings.configured:
+        django_settings.configure(DATABASES={}, INSTALLED_APPS=[], USE_TZ=True)
+        django.setup()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import socket
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
@@ -16,6 +17,9 @@ import iampg
 from iampg import Endpoint, SignedToken
 from iampg._aws import AwsSigner
 from iampg.emulator import Backend, CredentialsServer, Emulator
+
+if TYPE_CHECKING:
+    import sqlalchemy
 
 # tests/conftest.py's start_emulator fixture: start_emulator(**options) -> a running Emulator.
 EmulatorFactory = Callable[..., Emulator]
@@ -117,6 +121,39 @@ class ContendedCounter:
             row = conn.execute(f"select n from {self.table} where id = 1").fetchone()
         assert row is not None
         return int(row[0])
+
+
+@contextlib.contextmanager
+def paused_serverless(backend: Backend, *, resume_delay: float) -> Iterator[Emulator]:
+    """Yield a paused Aurora Serverless emulator that takes ``resume_delay`` s to resume."""
+    with Emulator(
+        backend.dsn, preset="aurora-express", resume_delay=resume_delay, connect_latency=0.0
+    ) as emu:
+        emu.pause()
+        yield emu
+
+
+class CutOnce:
+    """SQLAlchemy work that, on its first call only, cuts every session without a word.
+
+    The emulator closes every open session abruptly (no ErrorResponse, as an idle cut
+    does) after the work's first statement; the work returns 9. ``calls`` counts the calls.
+    """
+
+    def __init__(self, emulator: Emulator) -> None:
+        self.emulator = emulator
+        self.calls = 0
+
+    def __call__(self, conn: sqlalchemy.Connection) -> int:
+        """Run one attempt: a statement, the cut on the first call, then ``select 9``."""
+        from sqlalchemy import text
+
+        self.calls += 1
+        conn.execute(text("select 1"))
+        if self.calls == 1:
+            self.emulator.pause()
+            self.emulator.resume()
+        return int(conn.execute(text("select 9")).scalar_one())
 
 
 def terminate_backend(endpoint: Endpoint, pid: int) -> None:

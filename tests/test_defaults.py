@@ -37,6 +37,7 @@ def test_aurora_serverless_pool_lets_the_cluster_pause() -> None:
     assert pool.min_size == 0
     assert pool.max_size == 4
     assert pool.max_idle == 240.0
+    assert pool.timeout == 60.0  # above the 45 s connect timeout of a resume
 
 
 def test_dsql_pool_recycles_under_the_hour_and_checks_at_checkout() -> None:

@@ -400,3 +400,25 @@ def test_ca_command_fails_when_the_store_cannot_be_read(
     assert err.startswith("iampg ca: ")
     assert "manifest.json" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("host", "covered"),
+    [
+        ("db.cluster-abc.us-east-1.rds.amazonaws.com", True),
+        ("db.cluster-abc.ca-west-1.rds.amazonaws.com", False),
+        ("db.cluster-abc.us-gov-west-1.rds.amazonaws.com", False),
+        ("db.cluster-abc.cn-north-1.rds.amazonaws.com.cn", False),
+    ],
+)
+def test_a_region_the_store_lacks_is_named_when_verification_fails(
+    host: str, covered: bool
+) -> None:
+    """A region without its own CA set gets the fallback file, and the failure says so."""
+    from iampg._diagnose import certificate_advice
+
+    endpoint = Endpoint(host, user="app")
+    rootcert = _trust.root_file(endpoint, environ={})
+    assert _trust.covers(endpoint.region) is covered
+    advice = certificate_advice(endpoint, str(rootcert))
+    assert (f"holds no CA set for {endpoint.region}" in advice) is not covered

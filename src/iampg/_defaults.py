@@ -90,10 +90,11 @@ PROFILES: Mapping[str, ServiceDefaults] = {
     # A paused cluster resumes in about 15 s (30 s after a long pause) while the connect
     # blocks, so the timeout must exceed that. Idle connections close after 4 minutes, before
     # Aurora's own idle cut at about 5, and min_size=0 lets the cluster pause (it only pauses
-    # with zero connections).
+    # with zero connections). A caller waits for a connection up to 60 s (psycopg_pool's 30 s
+    # would give up while the first connect after a long pause is still resuming).
     "aurora-serverless": ServiceDefaults(
         connect_timeout=45,
-        pool={"min_size": 0, "max_size": 4, "max_idle": 240.0},
+        pool={"min_size": 0, "max_size": 4, "max_idle": 240.0, "timeout": 60.0},
         wait=90.0,
         retry_timeouts=True,
     ),

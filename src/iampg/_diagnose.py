@@ -114,8 +114,22 @@ def certificate_advice(endpoint: Endpoint, rootcert: str | None) -> str:
     else:
         summary = _trust.describe(str(rootcert))
         used = f"{rootcert} ({summary})" if summary else f"{rootcert} (your own CA file)"
+    missing = ""
+    if (
+        rootcert is not None
+        and _trust.describe(str(rootcert))
+        and not _trust.covers(endpoint.region)
+    ):
+        missing = (
+            f"  - iampg's trust store holds no CA set for {endpoint.region} (GovCloud, China "
+            "and regions newer than the store are not in it): download the region's bundle "
+            f"from AWS (https://truststore.pki.rds.amazonaws.com/{endpoint.region}/"
+            f"{endpoint.region}-bundle.pem; GovCloud and China have their own trust store "
+            "addresses in the RDS documentation) and point IAMPG_SSLROOTCERT at it\n"
+        )
     return (
         f"the server's certificate did not verify as {endpoint.host} against {used}.\n"
+        f"{missing}"
         "  - if the database's CA is newer than that set, point IAMPG_SSLROOTCERT "
         "(or sslrootcert=) at a current bundle, such as AWS's "
         "https://truststore.pki.rds.amazonaws.com/global/global-bundle.pem\n"

@@ -327,10 +327,10 @@ class Doctor:
         except ssl.SSLCertVerificationError as exc:
             raise _CheckFailedError(
                 f"the server certificate did not verify: {exc.verify_message}",
-                f"pass the service's CA bundle with {option('sslrootcert')} (RDS: "
-                "global-bundle.pem from AWS; DSQL: sslrootcert=system), and connect with the "
-                f"cluster's own host name (for tunnels keep {option('host')} and add "
-                f"{option('hostaddr')})",
+                "connect with the cluster's own host name (for tunnels keep "
+                f"{option('host')} and add {option('hostaddr')}); `iampg ca` shows the CA file "
+                "used and how old it is: for a CA newer than iampg's trust store, point "
+                f"IAMPG_SSLROOTCERT (or {option('sslrootcert')}) at AWS's current bundle",
             ) from exc
         except (OSError, ssl.SSLError) as exc:
             raise _CheckFailedError(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
 from iampg import _refresh
 from iampg.errors import ConfigurationError, Error
@@ -18,20 +20,50 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RETRYABLE_SQLSTATES",
+    "AsyncDecorator",
+    "Attempts",
+    "Begin",
+    "Decorator",
+    "PoolOrConnection",
     "aretry_transaction",
+    "aretrying",
     "arun",
+    "call_or_decorate",
     "check_options",
     "conflict_sqlstate",
     "is_connection_lost",
     "is_retryable",
     "retry_transaction",
+    "retrying",
     "run",
+    "unknown_target",
 ]
 
 logger = logging.getLogger("iampg.retry")
 
 T = TypeVar("T")
 C = TypeVar("C")
+P = ParamSpec("P")
+M_co = TypeVar("M_co", covariant=True)
+
+
+class Decorator(Protocol):
+    """What ``retry_transaction(target)`` returns: its function gets the target first."""
+
+    def __call__(self, work: Callable[Concatenate[Any, P], T], /) -> Callable[P, T]:
+        """Return ``work`` retried, called without its first argument."""
+        ...
+
+
+class AsyncDecorator(Protocol):
+    """The coroutine-function form of :class:`Decorator`."""
+
+    def __call__(
+        self, work: Callable[Concatenate[Any, P], Awaitable[T]], /
+    ) -> Callable[P, Awaitable[T]]:
+        """Return ``work`` retried, called without its first argument."""
+        ...
+
 
 RETRYABLE_SQLSTATES = frozenset({"40001", "OC000", "OC001"})
 """Serialization failure, and DSQL's optimistic-concurrency conflicts on data and schema."""
@@ -316,6 +348,7 @@ def run(
         ConfigurationError: Bad ``attempts``, ``base`` or ``cap``.
     """
     check_options(attempts, base, cap)
+    policy = _Policy(attempts, broken, replaceable, idempotent)
     for attempt in range(1, attempts + 1):
         committing = False
         try:
@@ -323,14 +356,8 @@ def run(
                 result = fn(target)
                 committing = True
         except Exception as exc:
-            reason = retry_reason(
-                exc,
-                broken=broken() if broken is not None else False,
-                replaceable=replaceable,
-                committing=committing,
-                idempotent=idempotent,
-            )
-            if reason is None or attempt == attempts:
+            reason = policy.again(exc, attempt, committing=committing)
+            if reason is None:
                 raise
             if lost is not None and reason.startswith("connection lost"):
                 lost()
@@ -354,6 +381,7 @@ async def arun(
 ) -> T:
     """The asynchronous twin of :func:`run`."""
     check_options(attempts, base, cap)
+    policy = _Policy(attempts, broken, replaceable, idempotent)
     for attempt in range(1, attempts + 1):
         committing = False
         try:
@@ -361,14 +389,8 @@ async def arun(
                 result = await fn(target)
                 committing = True
         except Exception as exc:
-            reason = retry_reason(
-                exc,
-                broken=broken() if broken is not None else False,
-                replaceable=replaceable,
-                committing=committing,
-                idempotent=idempotent,
-            )
-            if reason is None or attempt == attempts:
+            reason = policy.again(exc, attempt, committing=committing)
+            if reason is None:
                 raise
             if lost is not None and reason.startswith("connection lost"):
                 await lost()
@@ -376,6 +398,186 @@ async def arun(
         else:
             return result
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+@dataclasses.dataclass(frozen=True)
+class _Policy:
+    """What :func:`run` and :func:`arun` were told about retrying."""
+
+    attempts: int
+    broken: Callable[[], bool] | None
+    replaceable: bool
+    idempotent: bool
+
+    def again(self, exc: Exception, attempt: int, *, committing: bool) -> str | None:
+        """Say why the loop tries again after ``exc``, or None if it must raise it."""
+        if attempt == self.attempts:
+            return None
+        return retry_reason(
+            exc,
+            broken=self.broken() if self.broken is not None else False,
+            replaceable=self.replaceable,
+            committing=committing,
+            idempotent=self.idempotent,
+        )
+
+
+def call_or_decorate(
+    once: Callable[[Callable[[Any], T]], T],
+    fn: Callable[[Any], T] | None,
+    *,
+    with_target: bool = True,
+) -> Any:
+    """Return ``once(fn)``, or without ``fn`` a decorator whose functions run through ``once``.
+
+    The two forms of the integrations' ``retry_transaction``. ``once(work)`` runs ``work``
+    (with retries) and returns its result; the decorated function is called as
+    ``work(target, *args, **kwargs)`` with what ``once`` hands it, or without the target
+    when ``with_target`` is false.
+    """
+    if fn is not None:
+        return once(fn)
+
+    def decorate(work: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(work)
+        def wrapper(*args: Any, **kwargs: Any) -> T:
+            if with_target:
+                return once(lambda target: work(target, *args, **kwargs))
+            return once(lambda _: work(*args, **kwargs))
+
+        return wrapper
+
+    return decorate
+
+
+def acall_or_decorate(
+    once: Callable[[Callable[[Any], Awaitable[T]]], Awaitable[T]],
+    fn: Callable[[Any], Awaitable[T]] | None,
+) -> Any:
+    """The asynchronous twin of :func:`call_or_decorate`: the decorator makes coroutines."""
+    if fn is not None:
+        return once(fn)
+
+    def decorate(work: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+        @functools.wraps(work)
+        async def wrapper(*args: Any, **kwargs: Any) -> T:
+            return await once(lambda target: work(target, *args, **kwargs))
+
+        return wrapper
+
+    return decorate
+
+
+class Attempts(Protocol[M_co]):
+    """Where a retried transaction's attempts run: what :func:`retrying` needs to know."""
+
+    @property
+    def replaceable(self) -> bool:
+        """Whether each attempt gets another connection (a pool, an engine)."""
+        ...
+
+    def transaction(self) -> M_co:
+        """Open one attempt's transaction: a context manager yielding what ``fn`` receives."""
+        ...
+
+    def broken(self) -> bool:
+        """Tell whether the driver found the last attempt's connection gone."""
+        ...
+
+
+class PoolOrConnection:
+    """Attempts on a driver's pool (a connection each) or on one connection of the caller's.
+
+    Subclasses define ``transaction()`` and set ``lost`` when it finds that an attempt's
+    pooled connection was lost.
+    """
+
+    def __init__(
+        self,
+        target: Any,
+        *,
+        pool: type[Any] | tuple[type[Any], ...],
+        connection: type[Any] | tuple[type[Any], ...],
+        expected: str,
+    ) -> None:
+        if isinstance(target, pool):
+            self.replaceable = True
+        elif isinstance(target, connection):
+            self.replaceable = False
+        else:
+            raise unknown_target(target, expected)
+        self.target = target
+        self.lost = False
+
+    def broken(self) -> bool:
+        """Tell whether the last attempt's pooled connection was lost."""
+        return self.lost
+
+
+@dataclasses.dataclass(frozen=True)
+class Begin(Generic[M_co]):
+    """Attempts that each begin a transaction on something that replaces lost connections."""
+
+    transaction: Callable[[], M_co]
+    replaceable: bool = True
+
+    def broken(self) -> bool:
+        """Say no: the error itself tells whether the connection was lost."""
+        return False
+
+
+def unknown_target(target: object, expected: str) -> ConfigurationError:
+    """Return the error for a ``retry_transaction`` target that is not ``expected``."""
+    return ConfigurationError(f"retry_transaction needs {expected}, not {type(target).__name__}")
+
+
+def retrying(
+    attempt: Attempts[contextlib.AbstractContextManager[Any]],
+    fn: Callable[[Any], T] | None,
+    *,
+    attempts: int,
+    base: float,
+    cap: float,
+    idempotent: bool,
+) -> Any:
+    """Check the options, then :func:`run` ``fn`` or return a decorator for it.
+
+    The body of an integration's ``retry_transaction(target, fn=None, ...)``: see
+    :func:`run` for the options and :func:`call_or_decorate` for the two forms.
+
+    Raises:
+        ConfigurationError: Bad ``attempts``, ``base`` or ``cap``.
+    """
+    options = {"attempts": attempts, "base": base, "cap": cap, "idempotent": idempotent}
+    return call_or_decorate(_bound(run, attempt, options), fn)
+
+
+def aretrying(
+    attempt: Attempts[contextlib.AbstractAsyncContextManager[Any]],
+    fn: Callable[[Any], Awaitable[T]] | None,
+    *,
+    attempts: int,
+    base: float,
+    cap: float,
+    idempotent: bool,
+) -> Any:
+    """The asynchronous twin of :func:`retrying`, with :func:`arun`."""
+    options = {"attempts": attempts, "base": base, "cap": cap, "idempotent": idempotent}
+    return acall_or_decorate(_bound(arun, attempt, options), fn)
+
+
+def _bound(
+    runner: Callable[..., Any], attempt: Attempts[Any], options: dict[str, Any]
+) -> Callable[[Any], Any]:
+    """Check ``options``; bind them and ``attempt`` to ``runner`` (:func:`run`, :func:`arun`)."""
+    check_options(options["attempts"], options["base"], options["cap"])
+    return functools.partial(
+        runner,
+        attempt.transaction,
+        replaceable=attempt.replaceable,
+        broken=attempt.broken,
+        **options,
+    )
 
 
 def _next_delay(reason: str, attempt: int, attempts: int, base: float, cap: float) -> float:

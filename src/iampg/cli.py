@@ -113,8 +113,14 @@ def _add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--region", "-r", help="AWS region (inferred from AWS host names)")
     group.add_argument("--hostaddr", help="IP address to dial instead of resolving the host")
     group.add_argument("--kind", choices=("rds", "dsql"), help="service (inferred from the host)")
-    group.add_argument("--sslmode", help="libpq sslmode (default: require; DSQL verify-full)")
-    group.add_argument("--sslrootcert", help="CA file for sslmode=verify-full")
+    group.add_argument(
+        "--sslmode",
+        help="libpq sslmode (default: verify-full; require encrypts without checking the server)",
+    )
+    group.add_argument(
+        "--sslrootcert",
+        help="CA file for verify-full (default: iampg's AWS trust store, see iampg ca)",
+    )
     group.add_argument("--profile", help="AWS profile to sign with")
 
 

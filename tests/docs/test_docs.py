@@ -27,8 +27,11 @@ that the rendered pages do not show:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import doctest
+import gc
+import inspect
 import io
 import os
 import re
@@ -37,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import unittest
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,8 @@ from sybil import Document, Example, Region, Sybil
 from sybil.evaluators.python import PythonEvaluator
 from sybil.parsers.markdown import CodeBlockParser, SkipParser
 from sybil.parsers.markdown.lexers import DirectiveInHTMLCommentLexer
+
+from iampg import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -303,14 +309,30 @@ def _block_id(item: tuple[int, Example]) -> str:
     return f"{Path(example.path).relative_to(ROOT)}:{example.line}"
 
 
-def _close_pages() -> None:
-    for document in _started.values():
-        document.namespace["docs"].close()
-        for value in list(document.namespace.values()):
+def _close_page(document: Document) -> None:
+    """Close what a page's code left open (pools, connections, engines), as its exit would."""
+    document.namespace["docs"].close()
+    for value in list(document.namespace.values()):
+        module = type(value).__module__
+        if module.startswith(("psycopg", "iampg")):
             closer: Callable[[], object] | None = getattr(value, "close", None)
-            if type(value).__module__.startswith(("psycopg_pool", "iampg")) and closer:
-                with contextlib.suppress(Exception):
-                    closer()
+        elif module.startswith("sqlalchemy"):
+            closer = getattr(value, "dispose", None)
+        else:
+            continue
+        # An asyncio object's close belongs to its event loop, which the page's code ended.
+        if callable(closer) and not inspect.iscoroutinefunction(closer):
+            with contextlib.suppress(Exception):
+                closer()
+    # What the page dropped without closing is collected here, not in a later page's test.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+
+
+def _close_pages() -> None:
+    while _started:
+        _close_page(_started.popitem()[1])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -335,7 +357,8 @@ def test_block(
     """The block runs as written, and prints what the page shows after it."""
     index, example = item
     document = example.document
-    if id(document) not in _started:
+    if id(document) not in _started and id(document) not in _done:
+        _close_pages()  # the previous page ended
         _started[id(document)] = document
         document.namespace["docs"] = Page(Path(example.path), docs_endpoints)
     examples = list(document)
@@ -355,3 +378,16 @@ def test_block(
     finally:  # what the page's code set stays in the page (docs.environ), not in the process
         os.environ.clear()
         os.environ.update(saved)
+
+
+def test_readme_names_every_command() -> None:
+    """README.md names every ``iampg`` subcommand, as ``iampg <command>``."""
+    parser = cli._parser()
+    commands = next(
+        action.choices
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in commands if f"`iampg {name}`" not in readme]
+    assert not missing, f"README.md does not name: {missing}"

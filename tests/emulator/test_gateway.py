@@ -45,6 +45,11 @@ PAM = 'PAM authentication failed for user "postgres"'
 OTHER = Credentials("AKIAOTHEREXAMPLE0000", "other-secret-key")
 
 
+def _tampered(token: str) -> str:
+    """Return ``token`` with the last character of its signature changed."""
+    return token[:-1] + ("0" if token[-1] != "0" else "1")
+
+
 def mint(
     emu: Emulator,
     *,
@@ -135,7 +140,7 @@ def test_session_credentials_and_aws_env(backend: Backend, monkeypatch: pytest.M
     ("make_token", "reason"),
     [
         pytest.param(
-            lambda e: mint(e)[:-1] + ("0" if mint(e)[-1] != "0" else "1"),
+            lambda e: _tampered(mint(e)),
             "signature mismatch",
             id="tampered-signature",
         ),

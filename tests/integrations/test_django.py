@@ -10,7 +10,6 @@ import pytest
 
 django = pytest.importorskip("django")
 
-from django.conf import settings  # noqa: E402
 from django.db import utils as db_utils  # noqa: E402
 
 from iampg import TokenProvider  # noqa: E402
@@ -19,13 +18,7 @@ from iampg.emulator import Emulator  # noqa: E402
 from iampg.integrations.django import ENGINE, database  # noqa: E402
 from support import endpoint_for  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _django_settings() -> None:
-    """Configure a minimal Django once: no apps, time zones on, databases per test."""
-    if not settings.configured:
-        settings.configure(DATABASES={}, INSTALLED_APPS=[], USE_TZ=True)
-        django.setup()
+pytestmark = pytest.mark.usefixtures("django_configured")
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from iampg import Endpoint, TokenProvider
 from iampg._dsn import connect_params
 from iampg.emulator import Backend, Emulator
 from iampg.integrations import psycopg2 as iampg_psycopg2
-from support import ContendedCounter, endpoint_for, terminate_backend
+from support import ContendedCounter, endpoint_for, paused_serverless, terminate_backend
 
 
 def _who(conn: Any) -> tuple[Any, ...]:
@@ -202,10 +202,7 @@ def test_another_host_than_the_signed_one_is_refused_before_signing(emulator: Em
 @pytest.mark.slow
 def test_connect_waits_out_a_serverless_resume(backend: Backend) -> None:
     """With the serverless preset, connect() retries past connect timeouts during a resume."""
-    with Emulator(
-        backend.dsn, preset="aurora-express", resume_delay=3.0, connect_latency=0.0
-    ) as emu:
-        emu.pause()
+    with paused_serverless(backend, resume_delay=3.0) as emu:
         conn = iampg_psycopg2.connect(
             endpoint_for(emu, connect_timeout="1"), preset="aurora-serverless", wait=20
         )
@@ -219,14 +216,13 @@ def test_connect_waits_out_a_serverless_resume(backend: Backend) -> None:
 @pytest.mark.slow
 def test_a_resume_longer_than_wait_is_unavailable_for_both_hierarchies(backend: Backend) -> None:
     """Past wait=, the error is both psycopg2.OperationalError and iampg.UnavailableError."""
-    with Emulator(
-        backend.dsn, preset="aurora-express", resume_delay=60.0, connect_latency=0.0
-    ) as emu:
-        emu.pause()
-        with pytest.raises(psycopg2.OperationalError) as caught:
-            iampg_psycopg2.connect(
-                endpoint_for(emu, connect_timeout="1"), preset="aurora-serverless", wait=2
-            )
+    with (
+        paused_serverless(backend, resume_delay=60.0) as emu,
+        pytest.raises(psycopg2.OperationalError) as caught,
+    ):
+        iampg_psycopg2.connect(
+            endpoint_for(emu, connect_timeout="1"), preset="aurora-serverless", wait=2
+        )
     error: Exception = caught.value
     assert isinstance(error, iampg.UnavailableError)
     assert "wait=" in str(error)

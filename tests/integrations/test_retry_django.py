@@ -9,7 +9,6 @@ import pytest
 
 django = pytest.importorskip("django")
 
-from django.conf import settings  # noqa: E402
 from django.db import connections, transaction  # noqa: E402
 from django.db import utils as db_utils  # noqa: E402
 
@@ -31,12 +30,7 @@ class Backoff(TypedDict):
 FAST: Backoff = {"base": 0.001, "cap": 0.01}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _django_settings() -> None:
-    """Configure a minimal Django once: no apps, time zones on, databases per test."""
-    if not settings.configured:
-        settings.configure(DATABASES={}, INSTALLED_APPS=[], USE_TZ=True)
-        django.setup()
+pytestmark = pytest.mark.usefixtures("django_configured")
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import iampg
 from iampg import Endpoint
 from iampg.emulator import Emulator
 from iampg.integrations import sqlalchemy as iampg_sqlalchemy
-from support import ContendedCounter, endpoint_for, terminate_backend
+from support import ContendedCounter, CutOnce, endpoint_for, terminate_backend
 
 TABLE = "iampg_retry_sa"
 
@@ -182,22 +182,12 @@ def test_lost_connection_runs_again_on_a_new_one(ep: Endpoint, kind: str) -> Non
 def test_abrupt_cut_without_sqlstate_runs_again(emulator: Emulator, ep: Endpoint) -> None:
     """A session cut with no error message (as by an idle cut) is found through SQLAlchemy."""
     engine = iampg_sqlalchemy.create_engine(ep, pool_size=1)
-    calls = 0
-
-    def work(conn: sqlalchemy.Connection) -> int:
-        nonlocal calls
-        calls += 1
-        conn.execute(text("select 1"))
-        if calls == 1:  # every open session is closed abruptly, without an ErrorResponse
-            emulator.pause()
-            emulator.resume()
-        return int(conn.execute(text("select 9")).scalar_one())
-
+    work = CutOnce(emulator)
     try:
         assert iampg_sqlalchemy.retry_transaction(engine, work, **FAST) == 9
     finally:
         engine.dispose()
-    assert calls == 2
+    assert work.calls == 2
 
 
 @pytest.mark.parametrize("idempotent", [False, True])

@@ -19,7 +19,7 @@ from fakes import CountingSigner
 from iampg import Endpoint, TokenProvider
 from iampg.emulator import Emulator
 from iampg.integrations import sqlalchemy as iampg_sqlalchemy
-from support import ContendedCounter, EmulatorFactory, endpoint_for
+from support import ContendedCounter, CutOnce, EmulatorFactory, endpoint_for
 
 # (driver, asyncio?) as SQLAlchemy users pick them: postgresql+<driver>://
 DRIVERS = [
@@ -296,16 +296,6 @@ def test_an_abrupt_cut_runs_again_on_every_driver(
 ) -> None:
     """A connection cut without a word before COMMIT is replaced, whatever the driver."""
     engine = _engine(engines, driver, is_async, endpoint_for(emulator), pool_size=1)
-    calls = 0
-
-    def work(conn: sqlalchemy.Connection) -> int:
-        nonlocal calls
-        calls += 1
-        conn.execute(text("select 1"))
-        if calls == 1:  # every open session is closed abruptly, without an ErrorResponse
-            emulator.pause()
-            emulator.resume()
-        return int(conn.execute(text("select 9")).scalar_one())
-
+    work = CutOnce(emulator)
     assert engine.transaction(work) == 9
-    assert calls == 2
+    assert work.calls == 2

@@ -12,7 +12,7 @@ import pytest
 import iampg
 from iampg import Endpoint, TokenProvider
 from iampg.emulator import Backend, CredentialsServer, CredentialStore, Emulator, EmulatorClock
-from support import EmulatorFactory, endpoint_for, use_credentials_server
+from support import EmulatorFactory, endpoint_for, paused_serverless, use_credentials_server
 
 SKEW = 600.0  # seconds: the local clock is ten minutes off
 HANG_BOUND = 30.0  # real seconds a hung credentials server may hold a caller, at most
@@ -188,10 +188,7 @@ def test_local_clock_skew_is_named_as_skew(backend: Backend) -> None:
 @pytest.mark.slow
 def test_cold_start_longer_than_connect_timeout_without_wait(backend: Backend) -> None:
     """A resume longer than connect_timeout, with wait=0, fails as psycopg's timeout."""
-    with Emulator(
-        backend.dsn, preset="aurora-express", resume_delay=30.0, connect_latency=0.0
-    ) as emu:
-        emu.pause()
+    with paused_serverless(backend, resume_delay=30.0) as emu:
         with pytest.raises(psycopg.OperationalError) as caught:
             iampg.connect(endpoint_for(emu, connect_timeout="1"), wait=0)
         assert "timeout expired" in str(caught.value)
@@ -201,10 +198,7 @@ def test_cold_start_longer_than_connect_timeout_without_wait(backend: Backend) -
 @pytest.mark.slow
 def test_cold_start_longer_than_connect_timeout_with_wait(backend: Backend) -> None:
     """With the serverless profile and a long wait=, connect retries past timeouts and works."""
-    with Emulator(
-        backend.dsn, preset="aurora-express", resume_delay=3.0, connect_latency=0.0
-    ) as emu:
-        emu.pause()
+    with paused_serverless(backend, resume_delay=3.0) as emu:
         with iampg.connect(
             endpoint_for(emu, connect_timeout="1"), preset="aurora-serverless", wait=20
         ) as conn:
@@ -215,14 +209,11 @@ def test_cold_start_longer_than_connect_timeout_with_wait(backend: Backend) -> N
 @pytest.mark.slow
 def test_cold_start_longer_than_wait_says_to_wait_longer(backend: Backend) -> None:
     """A resume longer than wait= gives UnavailableError telling to pass a longer wait=."""
-    with Emulator(
-        backend.dsn, preset="aurora-express", resume_delay=60.0, connect_latency=0.0
-    ) as emu:
-        emu.pause()
-        with pytest.raises(iampg.UnavailableError) as caught:
-            iampg.connect(
-                endpoint_for(emu, connect_timeout="1"), preset="aurora-serverless", wait=2
-            )
+    with (
+        paused_serverless(backend, resume_delay=60.0) as emu,
+        pytest.raises(iampg.UnavailableError) as caught,
+    ):
+        iampg.connect(endpoint_for(emu, connect_timeout="1"), preset="aurora-serverless", wait=2)
     assert "wait=" in str(caught.value)
     assert isinstance(caught.value.__cause__, psycopg.OperationalError)
 

@@ -77,6 +77,11 @@ def _shipped() -> frozenset[str]:
     return frozenset(p.name for p in _DIR.glob("*.pem"))
 
 
+def covers(region: str) -> bool:
+    """Tell whether the store holds a CA set of the region's own (not only the fallback)."""
+    return f"rds-{region}.pem" in _shipped()
+
+
 def _regional(prefix: str, region: str) -> Path:
     name = f"{prefix}-{region}.pem"
     return _DIR / (name if name in _shipped() else GLOBAL)
@@ -155,7 +160,10 @@ def _what(info: Mapping[str, Any]) -> str:
     if info["kind"] == "amazon-roots":
         return "Amazon public roots (RDS Proxy, Aurora DSQL)"
     if region == "*":
-        return "RDS CA set for all regions, with the Amazon public roots"
+        return (
+            "RDS CA set of every region the store holds (not GovCloud, China or regions "
+            "newer than the store), with the Amazon public roots"
+        )
     if info["kind"] == "aws":
         return f"RDS CA set for {region}, with Amazon Root CA 1"
     return f"RDS CA set for {region}"

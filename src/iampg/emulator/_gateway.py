@@ -381,7 +381,7 @@ def _find_malloc_trim() -> Callable[[], None] | None:
     """
     try:
         trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # TypeError: no CDLL(None) on Windows
         return None
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import logging
 import shlex
@@ -12,7 +11,7 @@ import ssl
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 from iampg import _retry
 from iampg._connecting import INSECURE_SSLMODES, check_extra, connect_params, is_loopback
@@ -387,7 +386,6 @@ def create_pool(
 
 # -- transactions that run again after a conflict or a lost connection ----------------------
 
-P = ParamSpec("P")
 T = TypeVar("T")
 
 
@@ -410,7 +408,7 @@ def retry_transaction(
     base: float = ...,
     cap: float = ...,
     idempotent: bool = ...,
-) -> Callable[[Callable[Concatenate[Any, P], Awaitable[T]]], Callable[P, Awaitable[T]]]: ...
+) -> _retry.AsyncDecorator: ...
 def retry_transaction(
     target: Any,
     fn: Callable[[Any], Awaitable[T]] | None = None,
@@ -454,35 +452,17 @@ def retry_transaction(
         asyncpg.PostgresError: The last attempt's error, or one that is not retryable.
         ConfigurationError: Bad ``attempts``, ``base`` or ``cap``, or an unknown ``target``.
     """
-    attempt = _Attempt(target)
-    _retry.check_options(attempts, base, cap)
-
-    async def run(work: Callable[[Any], Awaitable[T]]) -> T:
-        return await _retry.arun(
-            attempt.transaction,
-            work,
-            replaceable=attempt.replaceable,
-            broken=attempt.broken,
-            attempts=attempts,
-            base=base,
-            cap=cap,
-            idempotent=idempotent,
-        )
-
-    if fn is not None:
-        return run(fn)
-
-    def decorate(work: Callable[Concatenate[Any, P], Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-        @functools.wraps(work)
-        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-            return await run(lambda conn: work(conn, *args, **kwargs))
-
-        return wrapper
-
-    return decorate
+    return _retry.aretrying(
+        _Attempt(target),
+        fn,
+        attempts=attempts,
+        base=base,
+        cap=cap,
+        idempotent=idempotent,
+    )
 
 
-class _Attempt:
+class _Attempt(_retry.PoolOrConnection):
     """Opens each attempt's transaction on a pool or a connection; tells if it was lost.
 
     asyncpg reports a pooled connection lost mid-transaction as ``InterfaceError``
@@ -495,17 +475,12 @@ class _Attempt:
         import asyncpg  # noqa: PLC0415
         import asyncpg.pool  # noqa: PLC0415
 
-        if isinstance(target, asyncpg.Pool):
-            self.replaceable = True
-        elif isinstance(target, asyncpg.Connection | asyncpg.pool.PoolConnectionProxy):
-            self.replaceable = False
-        else:
-            raise ConfigurationError(
-                "retry_transaction needs an asyncpg Pool or Connection, "
-                f"not {type(target).__name__}"
-            )
-        self.target = target
-        self.lost = False
+        super().__init__(
+            target,
+            pool=asyncpg.Pool,
+            connection=(asyncpg.Connection, asyncpg.pool.PoolConnectionProxy),
+            expected="an asyncpg Pool or Connection",
+        )
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Any]:
@@ -522,10 +497,6 @@ class _Attempt:
             except Exception:
                 self.lost = _detached(conn)
                 raise
-
-    def broken(self) -> bool:
-        """Tell whether the last attempt's pooled connection was lost."""
-        return self.lost
 
 
 def _detached(conn: Any) -> bool:

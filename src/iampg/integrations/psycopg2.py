@@ -15,11 +15,10 @@ the server refused and raises :class:`AuthenticationError`, which is both a
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast, overload
+from typing import Any, TypeVar, cast, overload
 
 import psycopg2
 import psycopg2.extensions
@@ -29,7 +28,6 @@ import iampg.errors
 from iampg import _retry
 from iampg._connecting import Attempts, Secret, Target, check_extra, explain, prepare
 from iampg._diagnose import failure_kind
-from iampg.errors import ConfigurationError
 from iampg.integrations import EndpointOrProvider
 
 __all__ = [
@@ -269,7 +267,6 @@ class ThreadedConnectionPool(psycopg2.pool.ThreadedConnectionPool):
 
 # -- transactions that run again after a conflict or a lost connection ----------------------
 
-P = ParamSpec("P")
 T = TypeVar("T")
 
 
@@ -292,7 +289,7 @@ def retry_transaction(
     base: float = ...,
     cap: float = ...,
     idempotent: bool = ...,
-) -> Callable[[Callable[Concatenate[Any, P], T]], Callable[P, T]]: ...
+) -> _retry.Decorator: ...
 def retry_transaction(
     target: Any,
     fn: Callable[[Any], T] | None = None,
@@ -336,49 +333,26 @@ def retry_transaction(
         psycopg2.Error: The last attempt's error, or one that is not retryable.
         ConfigurationError: Bad ``attempts``, ``base`` or ``cap``, or an unknown ``target``.
     """
-    attempt = _Attempt(target)
-    _retry.check_options(attempts, base, cap)
-
-    def run(work: Callable[[Any], T]) -> T:
-        return _retry.run(
-            attempt.transaction,
-            work,
-            replaceable=attempt.replaceable,
-            broken=attempt.broken,
-            attempts=attempts,
-            base=base,
-            cap=cap,
-            idempotent=idempotent,
-        )
-
-    if fn is not None:
-        return run(fn)
-
-    def decorate(work: Callable[Concatenate[Any, P], T]) -> Callable[P, T]:
-        @functools.wraps(work)
-        def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-            return run(lambda conn: work(conn, *args, **kwargs))
-
-        return wrapper
-
-    return decorate
+    return _retry.retrying(
+        _Attempt(target),
+        fn,
+        attempts=attempts,
+        base=base,
+        cap=cap,
+        idempotent=idempotent,
+    )
 
 
-class _Attempt:
+class _Attempt(_retry.PoolOrConnection):
     """Opens each attempt's transaction on a pool or a connection; tells if it was lost."""
 
     def __init__(self, target: Any) -> None:
-        if isinstance(target, psycopg2.pool.AbstractConnectionPool):
-            self.replaceable = True
-        elif isinstance(target, psycopg2.extensions.connection):
-            self.replaceable = False
-        else:
-            raise ConfigurationError(
-                "retry_transaction needs a psycopg2 pool or connection, "
-                f"not {type(target).__name__}"
-            )
-        self.target = target
-        self.lost = False
+        super().__init__(
+            target,
+            pool=psycopg2.pool.AbstractConnectionPool,
+            connection=psycopg2.extensions.connection,
+            expected="a psycopg2 pool or connection",
+        )
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Any]:
@@ -397,7 +371,3 @@ class _Attempt:
             raise
         finally:
             self.target.putconn(conn, close=bool(conn.closed))
-
-    def broken(self) -> bool:
-        """Tell whether the last attempt's connection was lost (psycopg2 closed it)."""
-        return self.lost

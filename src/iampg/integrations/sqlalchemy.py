@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import re
 from typing import (
     TYPE_CHECKING,
     Any,
-    Concatenate,
-    ParamSpec,
     TypeAlias,
     TypeVar,
     cast,
@@ -24,7 +21,6 @@ from sqlalchemy import event
 from iampg import _retry
 from iampg._connecting import Secret, Target, explain, prepare
 from iampg._defaults import defaults_for
-from iampg._retry import check_options
 from iampg.errors import AuthenticationError
 from iampg.integrations import EndpointOrProvider, _resolve
 
@@ -403,7 +399,6 @@ def create_async_engine(
 
 # -- transactions that run again after a conflict or a lost connection ----------------------
 
-P = ParamSpec("P")
 T = TypeVar("T")
 
 SyncBind: TypeAlias = "sqlalchemy.Engine | sqlalchemy.Connection | Session | sessionmaker[Any]"
@@ -439,7 +434,7 @@ def retry_transaction(
     base: float = ...,
     cap: float = ...,
     idempotent: bool = ...,
-) -> Callable[[Callable[Concatenate[Any, P], T]], Callable[P, T]]: ...
+) -> _retry.Decorator: ...
 def retry_transaction(
     bind: SyncBind,
     fn: Callable[[Any], T] | None = None,
@@ -488,31 +483,14 @@ def retry_transaction(
         sqlalchemy.exc.DBAPIError: The last attempt's error, or one that is not retryable.
         ConfigurationError: Bad ``attempts``, ``base`` or ``cap``, or an unknown ``bind``.
     """
-    transaction = _transaction(bind)
-    check_options(attempts, base, cap)
-
-    def run(work: Callable[[Any], T]) -> T:
-        return _retry.run(
-            transaction,
-            work,
-            replaceable=True,
-            attempts=attempts,
-            base=base,
-            cap=cap,
-            idempotent=idempotent,
-        )
-
-    if fn is not None:
-        return run(fn)
-
-    def decorate(work: Callable[Concatenate[Any, P], T]) -> Callable[P, T]:
-        @functools.wraps(work)
-        def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-            return run(lambda target: work(target, *args, **kwargs))
-
-        return wrapper
-
-    return decorate
+    return _retry.retrying(
+        _retry.Begin(_transaction(bind)),
+        fn,
+        attempts=attempts,
+        base=base,
+        cap=cap,
+        idempotent=idempotent,
+    )
 
 
 @overload
@@ -544,7 +522,7 @@ def aretry_transaction(
     base: float = ...,
     cap: float = ...,
     idempotent: bool = ...,
-) -> Callable[[Callable[Concatenate[Any, P], Awaitable[T]]], Callable[P, Awaitable[T]]]: ...
+) -> _retry.AsyncDecorator: ...
 def aretry_transaction(
     bind: AsyncBind,
     fn: Callable[[Any], Awaitable[T]] | None = None,
@@ -567,31 +545,14 @@ def aretry_transaction(
 
         await transfer(1, 2, 10)
     """
-    transaction = _atransaction(bind)
-    check_options(attempts, base, cap)
-
-    async def run(work: Callable[[Any], Awaitable[T]]) -> T:
-        return await _retry.arun(
-            transaction,
-            work,
-            replaceable=True,
-            attempts=attempts,
-            base=base,
-            cap=cap,
-            idempotent=idempotent,
-        )
-
-    if fn is not None:
-        return run(fn)
-
-    def decorate(work: Callable[Concatenate[Any, P], Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-        @functools.wraps(work)
-        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-            return await run(lambda target: work(target, *args, **kwargs))
-
-        return wrapper
-
-    return decorate
+    return _retry.aretrying(
+        _retry.Begin(_atransaction(bind)),
+        fn,
+        attempts=attempts,
+        base=base,
+        cap=cap,
+        idempotent=idempotent,
+    )
 
 
 def _transaction(bind: object) -> Callable[[], contextlib.AbstractContextManager[Any]]:
@@ -609,7 +570,7 @@ def _transaction(bind: object) -> Callable[[], contextlib.AbstractContextManager
                 yield target
 
         return begun
-    raise _unknown_bind(bind, "an Engine, Connection, Session or sessionmaker")
+    raise _retry.unknown_target(bind, "an Engine, Connection, Session or sessionmaker")
 
 
 def _atransaction(bind: object) -> Callable[[], contextlib.AbstractAsyncContextManager[Any]]:
@@ -627,10 +588,6 @@ def _atransaction(bind: object) -> Callable[[], contextlib.AbstractAsyncContextM
                 yield target
 
         return begun
-    raise _unknown_bind(bind, "an AsyncEngine, AsyncConnection, AsyncSession or async_sessionmaker")
-
-
-def _unknown_bind(bind: object, expected: str) -> Exception:
-    from iampg.errors import ConfigurationError  # noqa: PLC0415
-
-    return ConfigurationError(f"retry_transaction needs {expected}, not {type(bind).__name__}")
+    raise _retry.unknown_target(
+        bind, "an AsyncEngine, AsyncConnection, AsyncSession or async_sessionmaker"
+    )

@@ -20,7 +20,6 @@ after the first token expired still authenticate. Importing this module imports 
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ParamSpec, TypeVar, overload
 
@@ -189,11 +188,11 @@ def retry_transaction(
     """
     _retry.check_options(attempts, base, cap)
 
-    def run(work: Callable[[], T]) -> T:
-        attempt = _Attempt(using)
+    def once(work: Callable[[Any], T]) -> T:
+        attempt = _Attempt(using)  # one per call: it holds that call's connection
         return _retry.run(
             attempt.transaction,
-            lambda _: work(),
+            work,
             replaceable=True,
             broken=attempt.broken,
             lost=attempt.lost,
@@ -203,17 +202,7 @@ def retry_transaction(
             idempotent=idempotent,
         )
 
-    if fn is not None:
-        return run(fn)
-
-    def decorate(work: Callable[P, T]) -> Callable[P, T]:
-        @functools.wraps(work)
-        def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-            return run(lambda: work(*args, **kwargs))
-
-        return wrapper
-
-    return decorate
+    return _retry.call_or_decorate(once, None if fn is None else lambda _: fn(), with_target=False)
 
 
 class _Attempt:
