@@ -27,7 +27,7 @@ LOCAL_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_time
 # their own example count scale it to the profile with support.examples(). $HYPOTHESIS_PROFILE
 # picks one explicitly.
 settings.register_profile("ci", max_examples=100, print_blob=True)
-settings.register_profile("dev", max_examples=20)
+settings.register_profile("dev", max_examples=10)
 settings.load_profile(
     os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
 )

@@ -93,6 +93,7 @@ def _refused_in_pool_log(caplog: pytest.LogCaptureFixture, words: str) -> bool:
     )
 
 
+@pytest.mark.slow
 def test_pool_checks_a_kwargs_callable_at_each_attempt(caplog: pytest.LogCaptureFixture) -> None:
     """A kwargs callable's result is checked per connection attempt, before any signing."""
     provider, signer = _provider()
@@ -115,6 +116,7 @@ def test_pool_checks_a_kwargs_callable_at_each_attempt(caplog: pytest.LogCapture
     assert _refused_in_pool_log(caplog, "unencrypted")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flavour", ["sync-callable", "async-callable"])
 def test_async_pool_checks_a_kwargs_callable_at_each_attempt(
     caplog: pytest.LogCaptureFixture, flavour: str

@@ -87,6 +87,7 @@ def test_pool_signs_every_new_connection_across_token_expiry(
     assert provider.stats().refreshes == 2
 
 
+@pytest.mark.slow
 def test_refused_token_is_forgotten_and_explained(emulator: Emulator) -> None:
     """A refused token is dropped; the error is both psycopg2's and iampg's, with causes."""
     # The provider's clock does not move with the emulator's: it keeps a token the server
@@ -113,6 +114,7 @@ def test_refused_token_is_forgotten_and_explained(emulator: Emulator) -> None:
     assert outcomes == ["rejected", "accepted"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", ["connect", "pool"])
 def test_connect_and_pool_retry_once_with_a_new_token(emulator: Emulator, entry: str) -> None:
     """connect() and the pool forget a refused token and succeed with a new one at once."""

@@ -107,6 +107,7 @@ def _engine(made: list[Engine], driver: str, is_async: bool, target: Any, **kw: 
     return engine
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("driver", "is_async"), DRIVERS, ids=IDS)
 def test_every_new_connection_signs_across_token_expiry(
     emulator: Emulator, engines: list[Engine], driver: str, is_async: bool
@@ -125,6 +126,7 @@ def test_every_new_connection_signs_across_token_expiry(
     assert "X-Amz" not in repr(engine.engine) + str(engine.engine.url)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("driver", "is_async"), DRIVERS, ids=IDS)
 def test_refused_token_is_forgotten_and_explained(
     emulator: Emulator, engines: list[Engine], driver: str, is_async: bool
