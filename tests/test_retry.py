@@ -204,3 +204,34 @@ def test_async_lost_pooled_connection_runs_again(emulator: Emulator) -> None:
 
     assert asyncio.run(main()) == 8
     assert len(pids) == 2
+
+
+def test_each_call_of_a_decorated_retry_has_attempts_of_its_own() -> None:
+    """Calls of one decorated function (maybe at once, in threads) share no 'lost' flag."""
+    import contextlib
+
+    from iampg import _retry
+
+    class Target:
+        pass
+
+    class Attempt(_retry.PoolOrConnection):
+        def __init__(self, target: object) -> None:
+            super().__init__(target, pool=Target, connection=(), expected="a Target")
+
+        def transaction(self) -> contextlib.AbstractContextManager[Attempt]:
+            return contextlib.nullcontext(self)
+
+    seen: list[Attempt] = []
+
+    def work(attempt: Attempt) -> None:
+        seen.append(attempt)
+        attempt.lost = True  # what a driver notes when this call's connection went away
+
+    decorated = _retry.retrying(
+        Attempt(Target()), None, attempts=2, base=0.01, cap=0.01, idempotent=False
+    )(work)
+    decorated()
+    decorated()
+    assert len(seen) == 2
+    assert seen[0] is not seen[1]  # a fresh copy per call

@@ -43,9 +43,11 @@ hosts = st.one_of(
 )
 users = st.one_of(
     # no NUL: an Endpoint refuses it (libpq would cut the connection string there)
-    st.text(alphabet=st.characters(exclude_characters="\0"), min_size=1, max_size=40).filter(
-        str.strip
-    ),
+    st.text(
+        alphabet=st.characters(codec="utf-8", exclude_characters="\0"),
+        min_size=1,
+        max_size=40,
+    ).filter(str.strip),
     st.sampled_from(["admin", "postgres", "Bob", "a b", "x&y=z", "100%", "ünï ✓", "+/?#"]),
 )
 ports = st.one_of(st.sampled_from([443, 80, 5432, 1, 65535]), st.integers(1, 65535))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy as _copy
 import dataclasses
 import functools
 import logging
@@ -17,6 +18,7 @@ from iampg.errors import ConfigurationError, Error
 if TYPE_CHECKING:
     import psycopg
     import psycopg_pool
+    from typing_extensions import Self
 
 __all__ = [
     "RETRYABLE_SQLSTATES",
@@ -484,6 +486,10 @@ class Attempts(Protocol[M_co]):
         """Tell whether the driver found the last attempt's connection gone."""
         ...
 
+    def fresh(self) -> Attempts[M_co]:
+        """Return attempts for one run: no state shared with another run, concurrent or not."""
+        ...
+
 
 class PoolOrConnection:
     """Attempts on a driver's pool (a connection each) or on one connection of the caller's.
@@ -513,6 +519,12 @@ class PoolOrConnection:
         """Tell whether the last attempt's pooled connection was lost."""
         return self.lost
 
+    def fresh(self) -> Self:
+        """Return a copy for one run, nothing lost yet (calls of a decorated function overlap)."""
+        copy = _copy.copy(self)
+        copy.lost = False
+        return copy
+
 
 @dataclasses.dataclass(frozen=True)
 class Begin(Generic[M_co]):
@@ -524,6 +536,10 @@ class Begin(Generic[M_co]):
     def broken(self) -> bool:
         """Say no: the error itself tells whether the connection was lost."""
         return False
+
+    def fresh(self) -> Begin[M_co]:
+        """Return itself: it holds no state between runs."""
+        return self
 
 
 def unknown_target(target: object, expected: str) -> ConfigurationError:
@@ -569,15 +585,20 @@ def aretrying(
 def _bound(
     runner: Callable[..., Any], attempt: Attempts[Any], options: dict[str, Any]
 ) -> Callable[[Any], Any]:
-    """Check ``options``; bind them and ``attempt`` to ``runner`` (:func:`run`, :func:`arun`)."""
+    """Check ``options``; return ``runner`` (:func:`run`, :func:`arun`) for one ``work``.
+
+    Each call gets its own :meth:`Attempts.fresh` copy of ``attempt``, so the calls of a
+    decorated function running at once do not share what one of them found.
+    """
     check_options(options["attempts"], options["base"], options["cap"])
-    return functools.partial(
-        runner,
-        attempt.transaction,
-        replaceable=attempt.replaceable,
-        broken=attempt.broken,
-        **options,
-    )
+
+    def once(work: Any) -> Any:
+        own = attempt.fresh()
+        return runner(
+            own.transaction, work, replaceable=own.replaceable, broken=own.broken, **options
+        )
+
+    return once
 
 
 def _next_delay(reason: str, attempt: int, attempts: int, base: float, cap: float) -> float:
