@@ -129,11 +129,13 @@ def test_sqlalchemy_url_round_trips_through_make_url(
     assert parsed.username == ep.user
     assert parsed.host == ep.host
     assert parsed.port == ep.port
-    assert parsed.database == ep.dbname
+    query = dict(parsed.query)
+    # A name that needs escaping is in the query (SQLAlchemy 2.0 reads the path undecoded).
+    assert (parsed.database or query.pop("dbname")) == ep.dbname
     rest = {
         k: v for k, v in connect_params(ep).items() if k not in {"host", "port", "user", "dbname"}
     }
-    assert dict(parsed.query) == rest
+    assert query == rest
 
 
 def read_pgpass_line(line: str) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import subprocess
 import sys
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,18 @@ class Botocore:
 
     @staticmethod
     def frozen(moment: dt.datetime) -> Any:
-        # botocore dates a signature with get_current_datetime(): naive UTC.
-        return mock.patch.object(botocore.auth, "get_current_datetime", return_value=moment)
+        # botocore dates a signature with get_current_datetime(), naive UTC; before 1.36 with
+        # datetime.datetime.utcnow() in botocore.auth.
+        if hasattr(botocore.auth, "get_current_datetime"):
+            return mock.patch.object(botocore.auth, "get_current_datetime", return_value=moment)
+
+        class FrozenDatetime(dt.datetime):
+            @classmethod
+            def utcnow(cls) -> dt.datetime:  # type: ignore[override]
+                return moment
+
+        clock = types.SimpleNamespace(datetime=FrozenDatetime)
+        return mock.patch.object(botocore.auth, "datetime", clock)
 
 
 _clients: dict[str | None, Botocore] = {}

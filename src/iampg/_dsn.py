@@ -135,6 +135,8 @@ def sqlalchemy_url(
     using this token for every new connection, so it stops connecting when the token expires
     (at most 15 minutes by default): for long-lived engines use iampg's SQLAlchemy
     integration, which signs per connection. The result is a credential: do not log it.
+    A database name that a URL must escape (``shop/db``) goes in the query as ``dbname``:
+    SQLAlchemy 2.0 reads the path without decoding it.
 
     Args:
         endpoint: Where to connect (anything :meth:`Endpoint.parse` accepts).
@@ -152,7 +154,7 @@ def sqlalchemy_url(
             f"driver must be a SQLAlchemy driver name such as 'psycopg', not {driver!r}"
         )
     scheme = "postgresql" if driver is None else f"postgresql+{driver}"
-    return _url(scheme, endpoint, provider, allow_insecure=allow_insecure)
+    return _url(scheme, endpoint, provider, allow_insecure=allow_insecure, escaped_path=False)
 
 
 def pgpass(
@@ -210,7 +212,14 @@ def _url(
     provider: TokenProvider | None,
     *,
     allow_insecure: bool,
+    escaped_path: bool = True,
 ) -> str:
+    """Build a URL carrying a current token.
+
+    With ``escaped_path`` false, a database name that needs escaping goes in the query as
+    ``dbname`` instead of the path: SQLAlchemy 2.0 reads the path undecoded (``shop%2Fdb``
+    would reach the server as is), and its dialects pass ``dbname`` on to the driver.
+    """
     ep, prov = resolve(endpoint, provider)
     params = connect_params(ep, allow_insecure=allow_insecure)
     host = params.pop("host")
@@ -218,6 +227,9 @@ def _url(
     port = params.pop("port")
     user = quote(params.pop("user"), safe="")
     dbname = quote(params.pop("dbname"), safe="")
+    if not escaped_path and dbname != ep.dbname:
+        params = {"dbname": ep.dbname, **params}
+        dbname = ""
     token = quote(prov.token(), safe="")
     query = "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in params.items())
     return f"{scheme}://{user}:{token}@{host}:{port}/{dbname}" + (f"?{query}" if query else "")
