@@ -33,7 +33,7 @@ REFUSED: list[tuple[dict[str, Any], str]] = [
     ({"host": "evil.example.com"}, "use another Endpoint"),
     ({"hostaddr": "127.0.0.1"}, "use another Endpoint"),
     ({"port": 6432}, "use another Endpoint"),
-    ({"conninfo": "hostaddr=10.0.0.9"}, "use another Endpoint"),
+    ({"conninfo": "hostaddr=127.0.0.9"}, "use another Endpoint"),
     ({"password": "sentinel-pw-7c1e9d"}, "remove password"),
     ({"service": "mydb"}, "service"),
 ]
@@ -169,7 +169,7 @@ def test_sqlalchemy_checks_connect_args() -> None:
     provider, signer = _provider()
     for connect_args, words in [
         ({"sslmode": "disable"}, "unencrypted"),
-        ({"hostaddr": "10.0.0.9"}, "use another Endpoint"),
+        ({"hostaddr": "127.0.0.9"}, "use another Endpoint"),
         ({"host": "evil.example.com"}, "use another Endpoint"),
     ]:
         engine = iampg_sqlalchemy.create_engine(provider, connect_args=connect_args)

@@ -170,9 +170,10 @@ def test_no_tls_is_explained(emulator: Emulator) -> None:
 def test_plaintext_to_a_remote_address_is_refused_before_signing() -> None:
     """A final sslmode=disable towards a non-loopback address is refused; no token is made."""
     signer = CountingSigner()
-    ep = Endpoint("mydb.cluster-abc.us-east-1.rds.amazonaws.com", user="app", hostaddr="192.0.2.7")
+    # 0.0.0.0 is not loopback to the guard, yet a dial to it would never leave this machine.
+    ep = Endpoint("mydb.cluster-abc.us-east-1.rds.amazonaws.com", user="app", hostaddr="0.0.0.0")
     provider = TokenProvider(ep, signer=signer)
-    with pytest.raises(iampg.ConfigurationError, match=r"unencrypted to 192\.0\.2\.7"):
+    with pytest.raises(iampg.ConfigurationError, match=r"unencrypted to 0\.0\.0\.0"):
         iampg_psycopg2.connect(provider, sslmode="disable")
     factory = iampg_psycopg2.connection_factory(provider)
     with pytest.raises(iampg.ConfigurationError, match="unencrypted"):

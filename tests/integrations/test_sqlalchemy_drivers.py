@@ -211,7 +211,8 @@ def test_connect_args_that_redirect_or_strip_tls_are_refused(
 ) -> None:
     """Another host, or no TLS towards a remote address, in connect_args: refused, unsigned."""
     signer = CountingSigner()
-    ep = Endpoint("mydb.cluster-abc.us-east-1.rds.amazonaws.com", user="app", hostaddr="192.0.2.7")
+    # 0.0.0.0 is not loopback to the guard, yet a dial to it would never leave this machine.
+    ep = Endpoint("mydb.cluster-abc.us-east-1.rds.amazonaws.com", user="app", hostaddr="0.0.0.0")
     provider = TokenProvider(ep, signer=signer)
     elsewhere, plaintext = OVERRIDES[driver]
     for connect_args, message in ((elsewhere, "signed for"), (plaintext, "unencrypted")):
