@@ -88,15 +88,21 @@ def backend() -> Iterator[Backend]:
     """Return a real PostgreSQL: $IAMPG_TEST_BACKEND_DSN, the local server, or a throwaway one."""
     dsn = os.environ.get("IAMPG_TEST_BACKEND_DSN")
     if dsn:
-        yield Backend.from_dsn(dsn)
+        given = Backend.from_dsn(dsn)
+        given.ensure_role(given.user, iam=True)
+        yield given
         return
     try:
         psycopg.connect(LOCAL_DSN).close()
     except psycopg.OperationalError:
         with Backend.temporary() as temporary:
+            temporary.ensure_role(temporary.user, iam=True)
             yield temporary
     else:
-        yield Backend.from_dsn(LOCAL_DSN)
+        local = Backend.from_dsn(LOCAL_DSN)
+        # As on RDS, where the master user logs in with a token only once granted rds_iam.
+        local.ensure_role(local.user, iam=True)
+        yield local
 
 
 @pytest.fixture

@@ -182,7 +182,7 @@ def fake_backend(request: pytest.FixtureRequest) -> Iterator[FakeBackend]:
 def test_gateway_logs_in_with_the_backend_password(fake_backend: FakeBackend) -> None:
     """Each backend login method gets the backend DSN's password right."""
     dsn = f"host=127.0.0.1 port={fake_backend.port} user=postgres password={PASSWORD}"
-    with Emulator(dsn) as emu:
+    with Emulator(dsn, require_rds_iam=False) as emu:
         conninfo = emu.conninfo("app", dbname="appdb", password=mint(emu))
         with psycopg.connect(conninfo, application_name="fake", connect_timeout=5) as conn:
             assert conn.info.backend_pid == 4242
@@ -196,7 +196,7 @@ def test_gateway_logs_in_with_the_backend_password(fake_backend: FakeBackend) ->
 @pytest.mark.parametrize("fake_backend", [password_server(3)], indirect=True)
 def test_backend_password_required_but_missing(fake_backend: FakeBackend) -> None:
     """A backend that wants a password the DSN lacks gets a clear refusal, not a hang."""
-    with Emulator(f"host=127.0.0.1 port={fake_backend.port}") as emu:
+    with Emulator(f"host=127.0.0.1 port={fake_backend.port}", require_rds_iam=False) as emu:
         conninfo = emu.conninfo("app", password=mint(emu))
         with pytest.raises(psycopg.OperationalError, match="backend connection string has none"):
             psycopg.connect(conninfo, connect_timeout=5)
@@ -206,22 +206,29 @@ def test_backend_password_required_but_missing(fake_backend: FakeBackend) -> Non
 def test_backend_rejection_is_relayed(fake_backend: FakeBackend) -> None:
     """The backend's own ErrorResponse reaches the client unchanged."""
     dsn = f"host=127.0.0.1 port={fake_backend.port} password=wrong"
-    with Emulator(dsn) as emu:
+    with Emulator(dsn, require_rds_iam=False) as emu:
         conninfo = emu.conninfo("app", password=mint(emu))
         with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
             psycopg.connect(conninfo, connect_timeout=5)
 
 
-def test_unreachable_backend_is_reported() -> None:
-    """With no server behind it, the gateway says so after accepting the token."""
+@pytest.mark.parametrize("require_rds_iam", [False, True])
+def test_unreachable_backend_is_reported(*, require_rds_iam: bool) -> None:
+    """With no server behind it, the gateway says so after checking the token.
+
+    Without the rds_iam rule the token is accepted first; with it, asking the backend
+    about rds_iam is what fails, with the same error.
+    """
     with socket.socket() as placeholder:
         placeholder.bind(("127.0.0.1", 0))
         port = placeholder.getsockname()[1]
-        with Emulator(f"host=127.0.0.1 port={port}") as emu:
+        dsn = f"host=127.0.0.1 port={port} connect_timeout=2"
+        with Emulator(dsn, require_rds_iam=require_rds_iam) as emu:
             conninfo = emu.conninfo("app", password=mint(emu))
             with pytest.raises(psycopg.OperationalError, match="cannot reach the backend"):
                 psycopg.connect(conninfo, connect_timeout=5)
-            assert emu.events[-1].outcome == "accepted"
+            if not require_rds_iam:
+                assert emu.events[-1].outcome == "accepted"
 
 
 def test_scram_client_matches_rfc_7677() -> None:

@@ -255,9 +255,9 @@ def test_startup_parameters_are_relayed(emu: Emulator) -> None:
 
 
 def test_backend_refusal_is_relayed(emu: Emulator) -> None:
-    """A valid token for a role the backend lacks gets the backend's own error."""
-    text = refused(emu, mint(emu, user="no_such_role_iampg"), user="no_such_role_iampg")
-    assert 'role "no_such_role_iampg" does not exist' in text
+    """A valid token for a database the backend lacks gets the backend's own error."""
+    text = refused(emu, mint(emu), dbname="no_such_db_iampg")
+    assert 'database "no_such_db_iampg" does not exist' in text
     assert last_event(emu).outcome == "accepted"
 
 

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from ._credentials import FAKE_CREDENTIALS, CredentialLookup, Credentials, CredentialStore
     from ._credserver import AssumeRoleCall, CredentialsServer, CredentialsServerStats, Fault
     from ._gateway import DEFAULT_HOSTNAME, Emulator, Event
+    from ._policy import Policy, PolicyStore, Statement
     from ._profiles import PRESETS, PROFILES, Preset, Profile
 
 __all__ = [
@@ -31,8 +32,11 @@ __all__ = [
     "EmulatorClock",
     "Event",
     "Fault",
+    "Policy",
+    "PolicyStore",
     "Preset",
     "Profile",
+    "Statement",
 ]
 
 # Where each public name lives. Imported on first use, so that importing a submodule (the
@@ -53,6 +57,9 @@ _SOURCES = {
     "DEFAULT_HOSTNAME": "._gateway",
     "Emulator": "._gateway",
     "Event": "._gateway",
+    "Policy": "._policy",
+    "PolicyStore": "._policy",
+    "Statement": "._policy",
     "PRESETS": "._profiles",
     "PROFILES": "._profiles",  # deprecated: PRESETS
     "Preset": "._profiles",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
     from typing_extensions import Self
 
-__all__ = ["Backend", "BackendConfigError", "BackendError", "find_bindir"]
+__all__ = ["RDS_IAM", "Backend", "BackendConfigError", "BackendError", "RdsIamCheck", "find_bindir"]
 
 logger = logging.getLogger("iampg.emulator")
 
@@ -41,6 +42,18 @@ _LOG_TAIL_LINES = 20
 _DIR_PREFIX = "iampg-pg-"
 _OWNER_FILE = "owner.pid"
 _SUPERUSER = "postgres"
+#: The role RDS and Aurora require of a database user for IAM authentication.
+RDS_IAM = "rds_iam"
+# Membership as RDS judges it: granted, directly or through other roles. A superuser is not
+# a member unless granted it (PostgreSQL's pg_has_role() would say it is).
+_IS_RDS_IAM_MEMBER = """
+WITH RECURSIVE member_of(oid) AS (
+    SELECT oid FROM pg_roles WHERE rolname = %s
+    UNION
+    SELECT m.roleid FROM pg_auth_members m JOIN member_of ON m.member = member_of.oid
+)
+SELECT EXISTS (SELECT 1 FROM member_of JOIN pg_roles r USING (oid) WHERE r.rolname = %s)
+"""
 _SERVER_SETTINGS = {
     # Throwaway data: durability buys nothing, start-up and commit speed do.
     "fsync": "off",
@@ -605,12 +618,18 @@ class Backend:
     ) -> None:
         self.stop()
 
-    def ensure_role(self, name: str, *, superuser: bool = False) -> None:
-        """Create a login role unless one of that name exists; an existing role is unchanged.
+    def ensure_role(self, name: str, *, superuser: bool = False, iam: bool = False) -> None:
+        """Create a login role unless one of that name exists; grant it ``rds_iam`` if asked.
+
+        An emulator in RDS mode accepts a token only for a user that is a member of
+        ``rds_iam``, as RDS and Aurora do (``GRANT rds_iam TO <user>``): pass ``iam=True``
+        for every user that logs in with a token. An existing role is otherwise unchanged.
 
         Args:
             name: The role's name, used verbatim (quoted as an identifier).
             superuser: Create it as a superuser.
+            iam: Grant it ``rds_iam`` (creating that role if missing); also for an
+                existing role.
 
         Raises:
             BackendError: The server could not be reached or refused.
@@ -621,13 +640,19 @@ class Backend:
         try:
             with psycopg.connect(self.dsn, connect_timeout=10, autocommit=True) as conn:
                 exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,))
-                if exists.fetchone() is not None:
-                    return
-                try:
-                    conn.execute(query)
-                except psycopg.errors.DuplicateObject:
-                    return  # created concurrently
-                logger.info("created role %r on the backend", name)
+                if exists.fetchone() is None:
+                    try:
+                        conn.execute(query)
+                        logger.info("created role %r on the backend", name)
+                    except psycopg.errors.DuplicateObject:
+                        pass  # created concurrently
+                if iam:
+                    _create_rds_iam(conn)
+                    conn.execute(
+                        sql.SQL("GRANT {} TO {}").format(
+                            sql.Identifier(RDS_IAM), sql.Identifier(name)
+                        )
+                    )
         except psycopg.Error as exc:
             raise BackendError(
                 f"could not ensure role {name!r} on {self!r}: {_one_line(exc)}"
@@ -671,6 +696,91 @@ class Backend:
             f"<Backend {self.kind} host={self.host!r} port={self.port} user={self.user!r} "
             f"dbname={self.dbname!r}{state}>"
         )
+
+
+def _create_rds_iam(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    """Create the ``rds_iam`` role (no login) unless it exists."""
+    if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (RDS_IAM,)).fetchone():
+        return
+    with contextlib.suppress(psycopg.errors.DuplicateObject):  # created concurrently
+        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(RDS_IAM)))
+
+
+class RdsIamCheck:
+    """Asks the backend whether a database user is a member of ``rds_iam`` (asyncio).
+
+    One connection with the backend DSN, opened on first use and again after a failure;
+    the first one creates ``rds_iam`` on the backend if it is missing. Use it on one event
+    loop; :meth:`aclose` when done.
+
+    Args:
+        dsn: The backend's libpq connection string.
+        connect_timeout: Seconds to wait for the backend.
+    """
+
+    def __init__(self, dsn: str, *, connect_timeout: float) -> None:
+        self._dsn = dsn
+        self._timeout = connect_timeout
+        self._conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+        self._created = False
+        self._lock: asyncio.Lock | None = None  # made on the loop that first uses it
+
+    async def is_member(self, user: str) -> bool:
+        """Tell whether ``user`` is granted ``rds_iam``, directly or through another role.
+
+        Raises:
+            BackendError: The backend could not be reached or refused the query.
+        """
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:  # one query at a time on the one connection
+            try:
+                conn = await self._connection()
+                cursor = await conn.execute(_IS_RDS_IAM_MEMBER, (user, RDS_IAM))
+                row = await cursor.fetchone()
+            except psycopg.Error as exc:
+                await self.aclose()
+                raise BackendError(f"could not check rds_iam: {_one_line(exc)}") from exc
+        return bool(row and row[0])
+
+    async def _connection(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
+        conn = self._conn
+        if conn is None or conn.closed:
+            conn = await psycopg.AsyncConnection.connect(
+                self._dsn,
+                autocommit=True,
+                connect_timeout=max(1, round(self._timeout)),
+                application_name="iampg emulator",
+            )
+            self._conn = conn
+            if not self._created:
+                await self._create_role(conn)
+        return conn
+
+    async def _create_role(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+        cursor = await conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (RDS_IAM,))
+        if await cursor.fetchone() is None:
+            try:
+                await conn.execute(
+                    sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(RDS_IAM))
+                )
+            except psycopg.errors.DuplicateObject:
+                pass
+            except psycopg.Error as exc:
+                logger.warning(
+                    "emulator cannot create the rds_iam role on its backend (%s): "
+                    "no user can log in until it exists",
+                    _one_line(exc),
+                )
+                return
+        self._created = True
+
+    async def aclose(self) -> None:
+        """Close the connection (a later check opens a new one)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                await conn.close()
 
 
 def _login_name() -> str:

@@ -26,18 +26,25 @@ class Credentials:
             with the emulator's clock (:meth:`EmulatorClock.now`); ``None`` never expires.
             Tokens signed with expired credentials are refused, even within their own
             15 minutes, as AWS does.
+        principal: The IAM identity the key belongs to, as an ARN: a user
+            (``arn:aws:iam::<account>:user/<name>``) or a role's session
+            (``arn:aws:sts::<account>:assumed-role/<role>/<session>``). The emulator's
+            policies (:attr:`Emulator.policies`) are looked up by it; a key without one is
+            judged by no policy.
     """
 
     access_key_id: str
     secret_access_key: str = field(repr=False)
     session_token: str | None = field(default=None, repr=False)
     expiration: float | None = None
+    principal: str | None = None
 
     def __repr__(self) -> str:
         session = "None" if self.session_token is None else "'[secure]'"
         return (
             f"Credentials(access_key_id={self.access_key_id!r}, secret_access_key='[secure]', "
-            f"session_token={session}, expiration={self.expiration!r})"
+            f"session_token={session}, expiration={self.expiration!r}, "
+            f"principal={self.principal!r})"
         )
 
 
@@ -45,6 +52,7 @@ class Credentials:
 FAKE_CREDENTIALS = Credentials(
     "AKIAIOSFODNN7EXAMPLE",
     "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    principal="arn:aws:iam::123456789012:user/iampg-example",
 )
 
 

@@ -61,6 +61,18 @@ _AUTH_RE: Final = re.compile(
 _ROLE_ARN_RE: Final = re.compile(
     r"arn:aws[\w-]*:iam::(?P<account>\d{12}):role/(?:.+/)?(?P<name>.+)"
 )
+#: The role the container endpoint's keys belong to unless told otherwise.
+DEFAULT_TASK_ROLE: Final = "arn:aws:iam::123456789012:role/iampg-emulator-task"
+_TASK_SESSION: Final = "iampg-emulator-task"
+
+
+def assumed_role_arn(role_arn: str, session_name: str) -> str:
+    """Return the principal of a session of ``role_arn`` (STS's ``AssumedRoleUser`` ARN)."""
+    match = _ROLE_ARN_RE.fullmatch(role_arn)
+    if match is None:
+        return role_arn
+    partition = role_arn.split(":", 2)[1]
+    return f"arn:{partition}:sts::{match['account']}:assumed-role/{match['name']}/{session_name}"
 
 
 @dataclass(frozen=True)
@@ -152,6 +164,10 @@ class CredentialsServer:
         auth_token: The authorization token clients must send; a random one when ``None``.
         external_ids: Role ARN to the ``ExternalId`` its trust policy requires; any other
             role accepts any external id.
+        role_arn: The role the container endpoint's keys are a session of: they carry the
+            principal ``arn:aws:sts::<account>:assumed-role/<role>/iampg-emulator-task``
+            (``AssumeRole`` keys carry the requested role's), so the role's policies
+            (:attr:`Emulator.policies`) apply to them.
         hang_seconds: How long a ``hang`` fault holds a request, in real seconds (<= 300).
         max_connections: Requests served at once; more are refused.
         host: The loopback address to listen on.
@@ -171,6 +187,7 @@ class CredentialsServer:
         path: str = "/iampg/credentials",
         auth_token: str | None = None,
         external_ids: Mapping[str, str] | None = None,
+        role_arn: str = DEFAULT_TASK_ROLE,
         hang_seconds: float = 5.0,
         max_connections: int = 16,
         host: str = "127.0.0.1",
@@ -185,6 +202,8 @@ class CredentialsServer:
                 f"rotation must be None (fresh keys every time) or from 0 to lifetime "
                 f"({lifetime:g} s), not {rotation!r}"
             )
+        if _ROLE_ARN_RE.fullmatch(role_arn) is None:
+            raise ConfigurationError(f"role_arn is not a role ARN: {role_arn!r}")
         if not path.startswith("/") or path == "/":
             raise ConfigurationError(f"path must start with '/' and name a resource, not {path!r}")
         if auth_token is not None and (not auth_token or any(c in auth_token for c in "\r\n")):
@@ -204,6 +223,7 @@ class CredentialsServer:
         self._path = path
         self._auth_token = auth_token or secrets.token_urlsafe(24)
         self._external_ids = dict(external_ids or {})
+        self._task_principal = assumed_role_arn(role_arn, _TASK_SESSION)
         self._hang_seconds = float(hang_seconds)
         self._max_connections = max_connections
         self._host = host
@@ -410,11 +430,17 @@ class CredentialsServer:
 
     # --- issuing ---
 
-    def _new_key(self, expiration: float) -> Credentials:
+    def _new_key(self, expiration: float, principal: str | None = None) -> Credentials:
         suffix = "".join(secrets.choice(_KEY_ALPHABET) for _ in range(9))
         secret = "".join(secrets.choice(_SECRET_ALPHABET) for _ in range(40))
         token = "IQoJb3JpZ2luX2VjEXAMPLE" + secrets.token_urlsafe(96)
-        creds = Credentials(f"ASIAEXAMPLE{suffix}", secret, token, expiration)
+        creds = Credentials(
+            f"ASIAEXAMPLE{suffix}",
+            secret,
+            token,
+            expiration,
+            principal=principal or self._task_principal,
+        )
         self._store.add(creds)
         return creds
 
@@ -442,7 +468,10 @@ class CredentialsServer:
         return creds
 
     def _issue_role(self, call: AssumeRoleCall) -> Credentials:
-        creds = self._new_key(self._clock.now() + call.duration_seconds)
+        creds = self._new_key(
+            self._clock.now() + call.duration_seconds,
+            assumed_role_arn(call.role_arn, call.role_session_name),
+        )
         with self._lock:
             self._issued.append(creds)
             self._issued_count += 1
@@ -636,12 +665,8 @@ class CredentialsServer:
     def _assume_role_response(
         self, call: AssumeRoleCall, creds: Credentials, request_id: str
     ) -> str:
-        match = _ROLE_ARN_RE.fullmatch(call.role_arn)
-        assert match is not None
         role_id = "AROAEXAMPLE" + hashlib.sha256(call.role_arn.encode()).hexdigest()[:10].upper()
-        assumed_arn = (
-            f"arn:aws:sts::{match['account']}:assumed-role/{match['name']}/{call.role_session_name}"
-        )
+        assumed_arn = assumed_role_arn(call.role_arn, call.role_session_name)
         values = {
             "AccessKeyId": creds.access_key_id,
             "SecretAccessKey": creds.secret_access_key,

@@ -31,9 +31,12 @@ from psycopg.conninfo import conninfo_to_dict
 from iampg._signer import dsql_action
 from iampg.errors import ConfigurationError
 
+from . import _authz
 from . import _serverless as sl
+from ._backend import BackendError, RdsIamCheck
 from ._clock import EmulatorClock
 from ._credentials import FAKE_CREDENTIALS, CredentialLookup, Credentials, CredentialStore
+from ._policy import DEFAULT_ACCOUNT, PolicyStore
 from ._profiles import Preset, PresetName, Service, dsql_hostname, get_preset
 from ._sigv4 import MALFORMED, TokenRules, TokenVerificationError, verify_token
 from ._tls import ALPN_PROTOCOL, make_certificates, server_context
@@ -90,6 +93,7 @@ _PROTOCOL_MAJOR: Final = 3
 _MONITOR_TICK: Final = 0.02  # real seconds between the monitor's looks at the clock
 _CALL_TIMEOUT: Final = 10.0  # real seconds pause()/resume() wait for the emulator's loop
 _PAM_FAILED: Final = 'PAM authentication failed for user "{user}"'
+_BACKEND_UNREACHABLE: Final = "iampg emulator: cannot reach the backend server"
 _NO_ENCRYPTION: Final = (
     'pg_hba.conf rejects connection for host "{host}", user "{user}", '
     'database "{database}", no encryption'
@@ -127,6 +131,9 @@ class Event:
             ``"resume delay"`` or ``"requested"``. Empty when accepted.
         sqlstate: The SQLSTATE the client was sent, if any (``"08006"``, ``"53300"``...).
         hint: The HINT the client was sent (DSQL), without secrets; else empty.
+        detail: For a refusal by the database-side or IAM rules (``"not granted
+            rds_iam"``, ``"not authorized"``, ``"explicitly denied"``): what was missing,
+            naming the statement, action and resource ARN, or the ``GRANT`` to run.
     """
 
     time: float
@@ -137,6 +144,7 @@ class Event:
     reason: str = ""
     sqlstate: str = ""
     hint: str = ""
+    detail: str = ""
 
 
 # Event reasons besides the token checks' (which are in _sigv4).
@@ -725,6 +733,22 @@ class Emulator:
             (TLS handshake done); else it is closed.
         auth_timeout: Real seconds a connection has from being accepted to being
             authenticated, as PostgreSQL's ``authentication_timeout``; else it is closed.
+        loopback_names: Also name ``localhost``, ``127.0.0.1`` and ``::1`` in the
+            certificate. Off by default: like a production endpoint's, the certificate
+            names ``hostnames`` only, so ``host=127.0.0.1 sslmode=verify-full`` fails as it
+            would through a tunnel to RDS (dial with ``hostaddr`` instead).
+        advertise_port: The port RDS tokens must be signed for, when clients reach the
+            emulator through a tunnel or forwarded port other than the one it listens on
+            (default: the listening port). RDS mode only.
+        require_rds_iam: RDS mode: accept a token only for a database user granted
+            ``rds_iam`` (directly or through another role; a superuser too needs the
+            grant), as RDS and Aurora do; the emulator creates the role on its backend. A
+            user without it is refused with ``PAM authentication failed`` (event reason
+            ``"not granted rds_iam"``). Grant it with
+            :meth:`Backend.ensure_role(name, iam=True) <Backend.ensure_role>`.
+        account_id: The AWS account of the emulated resource's ARN (:meth:`resource_arn`).
+        resource_id: RDS's ``DbiResourceId`` in :meth:`resource_arn` (an RDS Proxy's is a
+            ``prx-`` id); default: a stable ``db-...`` id made from the host name.
         **settings: Any :class:`Preset` setting, overriding the preset's
             (``auto_pause``, ``resume_delay``, ``paused_connect``, ``connect_latency``,
             ``idle_timeout``, ``idle_notice``, ``session_cap``, ``transaction_limit``,
@@ -760,6 +784,11 @@ class Emulator:
         max_unauthenticated: int = _MAX_UNAUTHENTICATED,
         tls_timeout: float = _TLS_TIMEOUT,
         auth_timeout: float = _AUTH_TIMEOUT,
+        loopback_names: bool = False,
+        advertise_port: int | None = None,
+        require_rds_iam: bool = True,
+        account_id: str = DEFAULT_ACCOUNT,
+        resource_id: str | None = None,
         **settings: Unpack[PresetSettings],
     ) -> None:
         self._profile = _resolve_profile(service, preset, profile, dict(settings))
@@ -784,11 +813,23 @@ class Emulator:
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
         self._backend = _BackendTarget.parse(backend)
+        self._backend_dsn = backend
         self._hostnames = tuple(hostnames)
         self._region = region
         self._listen_host, self._requested_port = _listen_address(listen_host, port)
         self._keys = store
         self._first_credentials = first
+        self._strict = _authz.Rules.checked(
+            hostnames=self._hostnames,
+            region=region,
+            dsql=self._profile.service == "dsql",
+            loopback_names=loopback_names,
+            advertise_port=advertise_port,
+            require_rds_iam=require_rds_iam,
+            account_id=account_id,
+            resource_id=resource_id,
+        )
+        self._policies, self._iam_check = PolicyStore(), cast("RdsIamCheck | None", None)
         self._events: deque[Event] = deque(maxlen=_MAX_EVENTS)
         self._events_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -854,6 +895,47 @@ class Emulator:
         if self._ca_file is None:
             raise RuntimeError("the emulator is not running: start it first")
         return self._ca_file
+
+    @property
+    def advertise_port(self) -> int | None:
+        """The port RDS tokens are signed for when it is not :attr:`port`, else None."""
+        return self._strict.advertise_port
+
+    @property
+    def account_id(self) -> str:
+        """The AWS account of :meth:`resource_arn`."""
+        return self._strict.account_id
+
+    @property
+    def resource_id(self) -> str:
+        """RDS's ``DbiResourceId`` (the ``<resource id>`` of ``rds-db:connect`` ARNs)."""
+        return self._strict.resource_id
+
+    @property
+    def policies(self) -> PolicyStore:
+        """The IAM policies of the principals whose keys sign tokens (empty: all allowed).
+
+        Attach a :class:`Policy` to a user or role ARN (a key's
+        :attr:`Credentials.principal`, or the role an assumed-role session belongs to);
+        from then on a connection by that principal needs a statement allowing
+        ``rds-db:connect`` on :meth:`resource_arn` (DSQL: ``dsql:DbConnect`` or
+        ``dsql:DbConnectAdmin`` on the cluster ARN) and none denying it; else it is
+        refused with the service's text and an event whose ``detail`` names what was
+        missing.
+        """
+        return self._policies
+
+    def resource_arn(self, user: str) -> str:
+        """Return the resource ARN an IAM policy must allow for a connection as ``user``.
+
+        RDS: ``arn:aws:rds-db:<region>:<account>:dbuser:<resource id>/<user>``; DSQL: the
+        cluster, ``arn:aws:dsql:<region>:<account>:cluster/<cluster id>``.
+        """
+        return self._strict.resource_arn(user)
+
+    def iam_action(self, user: str) -> str:
+        """Return the IAM action a connection as ``user`` needs (``rds-db:connect``...)."""
+        return self._strict.action(user)
 
     @property
     def clock(self) -> EmulatorClock:
@@ -990,7 +1072,9 @@ class Emulator:
             loop = asyncio.get_running_loop()
             tmpdir = Path(tempfile.mkdtemp(prefix="iampg-emulator-"))
             try:
-                files = make_certificates(self._hostnames, tmpdir)
+                files = make_certificates(
+                    self._hostnames, tmpdir, loopback=self._strict.loopback_names
+                )
                 context = server_context(files)
                 listener = _listen(self._listen_host, self._requested_port)
             except BaseException:
@@ -1005,8 +1089,14 @@ class Emulator:
                 self._rules = TokenRules.dsql(region=self._region, hostnames=set(self._hostnames))
             else:
                 self._rules = TokenRules.rds(
-                    region=self._region, hostnames=set(self._hostnames), port=self._port
+                    region=self._region,
+                    hostnames=set(self._hostnames),
+                    port=self._strict.advertise_port or self._port,
                 )
+                if self._strict.require_rds_iam:
+                    self._iam_check = RdsIamCheck(
+                        self._backend_dsn, connect_timeout=self._backend.connect_timeout
+                    )
             context.sni_callback = self._on_sni
             profile = self._profile
             if profile.connection_rate is not None:
@@ -1043,6 +1133,9 @@ class Emulator:
             self._state = "paused"
         listener.close()
         await self._end_sessions()
+        if self._iam_check is not None:
+            await self._iam_check.aclose()
+            self._iam_check = None
         self._ssl = None
         await self._drop_streams()
         if self._door.trim is not None:
@@ -1182,16 +1275,25 @@ class Emulator:
         *,
         sqlstate: str = "",
         hint: str = "",
+        detail: str = "",
     ) -> None:
         peer = session.peer if session is not None else ""
-        event = Event(self._clock.now(), peer, user, database, outcome, reason, sqlstate, hint)
+        event = Event(
+            self._clock.now(), peer, user, database, outcome, reason, sqlstate, hint, detail
+        )
         with self._events_lock:
             self._events.append(event)
         if session is None:
             logger.debug("cluster %s: %s", outcome, reason)
         elif reason:
             logger.debug(
-                "%s user %r database %r from %s: %s", outcome, user, database, peer, reason
+                "%s user %r database %r from %s: %s%s",
+                outcome,
+                user,
+                database,
+                peer,
+                reason,
+                f" ({detail})" if detail else "",
             )
         else:
             logger.debug("%s user %r database %r from %s", outcome, user, database, peer)
@@ -1205,7 +1307,14 @@ class Emulator:
             self._sni[ssl_object] = name
 
     def _refuse(
-        self, session: _Session, sqlstate: str, message: str, reason: str, *, hint: str = ""
+        self,
+        session: _Session,
+        sqlstate: str,
+        message: str,
+        reason: str,
+        *,
+        hint: str = "",
+        detail: str = "",
     ) -> None:
         """Record a refusal and send the client its FATAL error (with a HINT if given)."""
         self._record(
@@ -1216,6 +1325,7 @@ class Emulator:
             reason,
             sqlstate=sqlstate,
             hint=hint,
+            detail=detail,
         )
         if session.client is not None:
             session.client.write(_error_response(sqlstate, message, hint or None))
@@ -1737,7 +1847,7 @@ class Emulator:
             reason: str | None = MALFORMED
         else:
             try:
-                verify_token(
+                verified = verify_token(
                     token,
                     rules=self._rules,
                     action=self._action_for(user),
@@ -1749,6 +1859,10 @@ class Emulator:
                 reason = exc.reason
             else:
                 reason = None
+                # Past the token: RDS's rds_iam grant and the IAM policies (see _authz).
+                refused = await self._authorize(session, user, verified.principal)
+                if refused is not None:
+                    return False
         if reason is not None:
             if self._profile.service == "dsql":
                 hint = sl.dsql_hint(reason, token, user=user, clock=self._clock)
@@ -1762,6 +1876,46 @@ class Emulator:
         self._record(session, user, database, "accepted")
         self._authenticated(session)
         return True
+
+    # --- past the token: rds_iam and IAM policies (the rules live in _authz and _policy) ---
+
+    async def _authorize(
+        self, session: _Session, user: str, principal: str | None
+    ) -> _authz.Refusal | None:
+        """Refuse a valid token the database or IAM would not accept; return why, or None."""
+        try:
+            refusal = await _authz.authorize(
+                self._strict,
+                user=user,
+                principal=principal,
+                policies=self._policies,
+                iam_check=self._iam_check,
+            )
+        except BackendError as exc:
+            logger.warning("emulator cannot reach its backend server: %s", exc)
+            if session.client is not None:
+                session.client.write(_error_response("08006", _BACKEND_UNREACHABLE))
+            return _authz.Refusal("backend unreachable", str(exc))
+        if refusal is None:
+            return None
+        if self._profile.service == "dsql":
+            self._refuse(
+                session,
+                sl.DSQL_ACCESS_DENIED_CODE,
+                sl.DSQL_ACCESS_DENIED,
+                refusal.reason,
+                hint=refusal.hint,
+                detail=refusal.detail,
+            )
+        else:
+            self._refuse(
+                session,
+                "28000",
+                _PAM_FAILED.format(user=user),
+                refusal.reason,
+                detail=refusal.detail,
+            )
+        return refusal
 
     def _action_for(self, user: str) -> str:
         """Return the ``Action`` a token for ``user`` must carry."""
@@ -1788,9 +1942,7 @@ class Emulator:
             backend = await self._open_backend()
         except (OSError, asyncio.TimeoutError) as exc:
             logger.warning("emulator cannot reach its backend server: %s", exc)
-            client.write(
-                _error_response("08006", "iampg emulator: cannot reach the backend server")
-            )
+            client.write(_error_response("08006", _BACKEND_UNREACHABLE))
             return
         session.backend = backend
         backend.write(packet)

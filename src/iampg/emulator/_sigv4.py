@@ -136,12 +136,14 @@ class VerifiedToken:
         signed_at: ``X-Amz-Date``, in wall-clock epoch seconds.
         expires: ``X-Amz-Expires``, in seconds.
         action: The ``Action`` parameter.
+        principal: The IAM principal of the signing key (:attr:`Credentials.principal`).
     """
 
     access_key_id: str
     signed_at: float
     expires: int
     action: str
+    principal: str | None = None
 
 
 def _encode(value: str) -> str:
@@ -160,9 +162,10 @@ def signing_key(secret_access_key: str, date: str, region: str, service: str) ->
     return _hmac(k_service, "aws4_request")
 
 
-def _canonical_host(host: str, port: int | None) -> str:
-    # botocore signs urlsplit(url).hostname (lower-case) and drops https' default port.
-    host = host.lower()
+def _canonical_host(host: str, port: int | None, *, as_given: bool = False) -> str:
+    # botocore signs urlsplit(url).hostname (lower-case) and drops https' default port; the
+    # JavaScript SDK's signers sign the host header as given, upper-case letters included.
+    host = host if as_given else host.lower()
     if ":" in host:
         host = f"[{host}]"
     return host if port is None or port == 443 else f"{host}:{port}"  # noqa: PLR2004
@@ -337,6 +340,12 @@ def verify_token(
     credential scope (date, region, service), access key and session token, credential
     expiry, host and port, action, user, ``X-Amz-Expires`` and age, and last the signature.
 
+    Host names compare case-insensitively. A token whose host has upper-case letters is
+    accepted when signed over the lower-case host (botocore, the AWS CLI) or over the host
+    as written in the token (the JavaScript SDK's ``@aws-sdk/rds-signer`` and
+    ``@aws-sdk/dsql-signer`` keep the case they were given): both forms are tried, as
+    neither is refused by the services as far as users report (unconfirmed).
+
     Args:
         token: The password the client sent.
         rules: The service's requirements (signing service, region, host names, port).
@@ -363,19 +372,27 @@ def verify_token(
     signature = params["X-Amz-Signature"]
     if not _SIGNATURE_RE.fullmatch(signature):
         raise TokenVerificationError(SIGNATURE_MISMATCH)
-    expected = _signature(
-        params=[(k, v) for k, v in pairs if k != "X-Amz-Signature"],
-        canonical_host=_canonical_host(host, port),
-        amz_date=params["X-Amz-Date"],
-        scope=scope,
-        secret_access_key=creds.secret_access_key,
-        region=rules.region,
-        service=rules.service,
-    )
-    if not hmac.compare_digest(signature, expected):
+    forms = (False, True) if host != host.lower() else (False,)
+    matched = False
+    for as_given in forms:
+        expected = _signature(
+            params=[(k, v) for k, v in pairs if k != "X-Amz-Signature"],
+            canonical_host=_canonical_host(host, port, as_given=as_given),
+            amz_date=params["X-Amz-Date"],
+            scope=scope,
+            secret_access_key=creds.secret_access_key,
+            region=rules.region,
+            service=rules.service,
+        )
+        matched = hmac.compare_digest(signature, expected) or matched
+    if not matched:
         raise TokenVerificationError(SIGNATURE_MISMATCH)
     return VerifiedToken(
-        access_key_id=key_id, signed_at=signed_at, expires=expires, action=params["Action"]
+        access_key_id=key_id,
+        signed_at=signed_at,
+        expires=expires,
+        action=params["Action"],
+        principal=creds.principal,
     )
 
 
@@ -391,6 +408,7 @@ def presign(
     user: str | None = None,
     user_parameter: str = "DBUser",
     expires: int = RDS_MAX_EXPIRES,
+    host_as_given: bool = False,
 ) -> str:
     """Sign a token the way botocore's ``generate_db_auth_token`` does.
 
@@ -409,6 +427,8 @@ def presign(
         user: The database user, sent as ``user_parameter``; ``None`` sends none.
         user_parameter: The query parameter naming the user.
         expires: ``X-Amz-Expires``, in seconds.
+        host_as_given: Sign the host name as given, upper-case letters included, as the
+            JavaScript SDK's signers do (botocore signs it lower-cased).
 
     Returns:
         The token: ``host[:port]/?Action=...&X-Amz-Signature=...``.
@@ -429,7 +449,7 @@ def presign(
         params.append(("X-Amz-Security-Token", credentials.session_token))
     signature = _signature(
         params=params,
-        canonical_host=_canonical_host(host, port),
+        canonical_host=_canonical_host(host, port, as_given=host_as_given),
         amz_date=amz_date,
         scope=scope,
         secret_access_key=credentials.secret_access_key,

@@ -51,10 +51,11 @@ def _name(common_name: str) -> x509.Name:
     )
 
 
-def _subject_alt_names(hostnames: Sequence[str]) -> x509.SubjectAlternativeName:
+def _subject_alt_names(hostnames: Sequence[str], *, loopback: bool) -> x509.SubjectAlternativeName:
     entries: list[x509.GeneralName] = []
     seen: set[str] = set()
-    for name in (*hostnames, *_LOOPBACK_NAMES, *_LOOPBACK_IPS):
+    extra = (*_LOOPBACK_NAMES, *_LOOPBACK_IPS) if loopback else ()
+    for name in (*hostnames, *extra):
         key = name.lower()
         if key in seen:
             continue
@@ -66,17 +67,21 @@ def _subject_alt_names(hostnames: Sequence[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(entries)
 
 
-def make_certificates(hostnames: Sequence[str], directory: Path) -> TlsFiles:
+def make_certificates(
+    hostnames: Sequence[str], directory: Path, *, loopback: bool = False
+) -> TlsFiles:
     """Create a CA and a server certificate it signed, and write both as PEM files.
 
-    The server certificate names every host name, ``localhost``, ``127.0.0.1`` and ``::1``
-    in its subject alternative names, so ``sslmode=verify-full`` with ``sslrootcert`` set to
-    the CA file works for any of them. Keys are EC P-256: fast to make. Both certificates are
-    valid from an hour ago for a week.
+    The server certificate names every host name in its subject alternative names, and
+    nothing else, as a production endpoint's does: ``sslmode=verify-full`` with
+    ``sslrootcert`` set to the CA file works for those names only (dial another address
+    with ``hostaddr``). Keys are EC P-256: fast to make. Both certificates are valid from an
+    hour ago for a week.
 
     Args:
         hostnames: DNS names (or IP literals) the server answers to.
         directory: An existing private directory to write the files in.
+        loopback: Also name ``localhost``, ``127.0.0.1`` and ``::1``.
 
     Returns:
         The paths of the files written.
@@ -121,7 +126,7 @@ def make_certificates(hostnames: Sequence[str], directory: Path) -> TlsFiles:
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
-        .add_extension(_subject_alt_names(hostnames), critical=False)
+        .add_extension(_subject_alt_names(hostnames, loopback=loopback), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(

@@ -169,7 +169,7 @@ def iampg_endpoint(
     user = str(pytestconfig.getini("iampg_user")).strip() or (
         "admin" if dsql else iampg_backend.user
     )
-    _ensure_role(iampg_backend, user)
+    _ensure_role(iampg_backend, user, iam=not dsql)
     return Endpoint(
         iampg_emulator.host,
         user=user,
@@ -183,21 +183,22 @@ def iampg_endpoint(
     )
 
 
-def _ensure_role(backend: Backend, user: str) -> None:
+def _ensure_role(backend: Backend, user: str, *, iam: bool) -> None:
     """Create the endpoint's role on the backend, or fail at once saying why it cannot log in.
 
     A DSQL cluster's ``admin`` may do anything, so a new role is a superuser where the
-    backend's user may create one.
+    backend's user may create one. With ``iam``, the role (the backend's own user too) is
+    granted ``rds_iam``, which an RDS-mode emulator requires as RDS does.
     """
     from iampg.emulator import BackendError  # noqa: PLC0415
 
-    if user == backend.user:
+    if user == backend.user and not iam:
         return
     try:
-        backend.ensure_role(user, superuser=True)
+        backend.ensure_role(user, superuser=user != backend.user, iam=iam)
     except BackendError:
         try:
-            backend.ensure_role(user)
+            backend.ensure_role(user, iam=iam)
         except BackendError as exc:
             raise pytest.UsageError(
                 f"the iampg_endpoint user {user!r} does not exist on the backend and cannot "
