@@ -812,8 +812,7 @@ class Emulator:
             self._clock = clock if clock is not None else EmulatorClock(time_scale)
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
-        self._backend = _BackendTarget.parse(backend)
-        self._backend_dsn = backend
+        self._backend, self._backend_dsn = _BackendTarget.parse(backend), backend
         self._hostnames = tuple(hostnames)
         self._region = region
         self._listen_host, self._requested_port = _listen_address(listen_host, port)
