@@ -538,3 +538,77 @@ def test_dsql_banner_exports_work_too(
     assert (result.returncode, result.stdout) == (0, "admin\n"), result.stderr
     emulate.proc.send_signal(signal.SIGINT)
     assert emulate.finish()[0] == 0
+
+
+@pytest.mark.skipif(not HAVE_EMULATOR, reason="no iampg.emulator.Emulator")
+def test_door_limit_flags_reach_the_gateway(run_emulate: Launch, existing_server: Backend) -> None:
+    """--max-unauthenticated 1: one idle connection holds the door, the next gets 53300."""
+    emulate = run_emulate(
+        [
+            "--backend",
+            existing_server.dsn,
+            "--max-unauthenticated",
+            "1",
+            "--tls-timeout",
+            "20",
+            "--auth-timeout",
+            "30",
+        ],
+        standin=False,
+    )
+    banner = emulate.read_until("Ctrl-C")
+    exports = _exports(banner)
+    port = int(exports["PGPORT"])
+    with socket.create_connection((exports["PGHOSTADDR"], port), timeout=5):
+        with pytest.raises(psycopg.OperationalError, match="sorry, too many clients already"):
+            psycopg.connect(
+                host=exports["PGHOST"],
+                hostaddr=exports["PGHOSTADDR"],
+                port=port,
+                user="postgres",
+                password="not-a-token",
+                sslmode="verify-full",
+                sslrootcert=exports["PGSSLROOTCERT"],
+                connect_timeout=10,
+            )
+    emulate.proc.send_signal(signal.SIGINT)
+    assert emulate.finish()[0] == 0
+
+
+@pytest.mark.skipif(not HAVE_EMULATOR, reason="no iampg.emulator.Emulator")
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tls-timeout", "0"], "tls_timeout and auth_timeout must be"),
+        (["--tls-timeout", "9", "--auth-timeout", "5"], "tls_timeout no more than auth_timeout"),
+        (["--max-unauthenticated", "0"], "max_unauthenticated must be at least 1"),
+        (["--advertise-port", "70000"], "advertise_port must be from 1 to 65535"),
+    ],
+)
+def test_bad_door_limits_are_usage_errors(
+    run_emulate: Launch, existing_server: Backend, args: list[str], message: str
+) -> None:
+    """A limit that cannot work exits 2 with one line saying which, before listening."""
+    code, out, stderr = run_emulate(
+        ["--backend", existing_server.dsn, *args], standin=False
+    ).finish()
+    assert code == 2, stderr
+    assert out == []
+    assert message in stderr
+    assert stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(not HAVE_EMULATOR, reason="no iampg.emulator.Emulator")
+def test_advertise_port_is_what_tokens_and_exports_use(
+    run_emulate: Launch, existing_server: Backend
+) -> None:
+    """--advertise-port: the banner names it, and PGPORT and the token command use it."""
+    emulate = run_emulate(
+        ["--backend", existing_server.dsn, "--advertise-port", "6543"], standin=False
+    )
+    banner = emulate.read_until("Ctrl-C")
+    assert _field(banner, "advertised").startswith("port 6543 ")
+    assert _exports(banner)["PGPORT"] == "6543"
+    assert any("generate-db-auth-token" in line and "--port 6543" in line for line in banner)
+    emulate.proc.send_signal(signal.SIGINT)
+    assert emulate.finish()[0] == 0

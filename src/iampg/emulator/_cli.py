@@ -142,6 +142,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dbname", default="postgres", help="database for the examples (default: %(default)s)"
     )
+    parser.add_argument(
+        "--advertise-port",
+        type=int,
+        metavar="PORT",
+        default=None,
+        help="port tokens are signed for, when clients reach the emulator through a tunnel "
+        "or forwarded port other than --port (default: the listening port; RDS only)",
+    )
+    parser.add_argument(
+        "--loopback-names",
+        action="store_true",
+        help="also name localhost, 127.0.0.1 and ::1 in the certificate (default: the host "
+        "names only, as a production endpoint's certificate)",
+    )
+    parser.add_argument(
+        "--no-rds-iam",
+        dest="require_rds_iam",
+        action="store_false",
+        help="accept tokens for database users not granted rds_iam (RDS refuses them)",
+    )
+    parser.add_argument(
+        "--max-unauthenticated",
+        type=int,
+        metavar="N",
+        default=None,
+        help="connections that may be open without having authenticated; one more is refused "
+        "with 53300 (default: 256)",
+    )
+    parser.add_argument(
+        "--tls-timeout",
+        type=float,
+        metavar="SECONDS",
+        default=None,
+        help="seconds a connection has from being accepted to finishing TLS (default: 10)",
+    )
+    parser.add_argument(
+        "--auth-timeout",
+        type=float,
+        metavar="SECONDS",
+        default=None,
+        help="seconds a connection has from being accepted to being authenticated, as "
+        "PostgreSQL's authentication_timeout (default: 60)",
+    )
 
 
 def _preset(value: str) -> str:
@@ -203,6 +246,19 @@ def _emulator_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     preset = _chosen_preset(args)
     if preset:
         kwargs["preset"] = preset
+    for name in (
+        "advertise_port",
+        "max_unauthenticated",
+        "tls_timeout",
+        "auth_timeout",
+    ):
+        value = getattr(args, name, None)
+        if value is not None:
+            kwargs[name] = value
+    if getattr(args, "loopback_names", False):
+        kwargs["loopback_names"] = True
+    if not getattr(args, "require_rds_iam", True):
+        kwargs["require_rds_iam"] = False
     return kwargs
 
 
@@ -233,9 +289,15 @@ def _token_command(emu: _Emulator, user: str) -> str:
         )
         return f"aws dsql {verb} --hostname {q(emu.host)} --region {q(emu.region)}"
     return (
-        f"aws rds generate-db-auth-token --hostname {q(emu.host)} --port {emu.port} "
+        f"aws rds generate-db-auth-token --hostname {q(emu.host)} --port {_signed_port(emu)} "
         f"--region {q(emu.region)} --username {q(user)}"
     )
+
+
+def _signed_port(emu: _Emulator) -> int:
+    """Return the port tokens are signed for: ``--advertise-port``, else the listening one."""
+    advertised: int | None = getattr(emu, "advertise_port", None)
+    return advertised or emu.port
 
 
 def _describe_backend(backend: Backend) -> str:
@@ -251,7 +313,7 @@ def _exports(emu: _Emulator, user: str, dbname: str) -> dict[str, str]:
     env = {
         "PGHOST": emu.host,
         "PGHOSTADDR": emu.listen_host,
-        "PGPORT": str(emu.port),
+        "PGPORT": str(_signed_port(emu)),
         "PGUSER": user,
         "PGDATABASE": dbname,
         "PGSSLMODE": "verify-full",
@@ -283,6 +345,11 @@ def _banner(emu: _Emulator, backend: Backend, user: str, dbname: str) -> str:
         f"  host name:  {emu.host}",
         f"  address:    {emu.listen_host}",
         f"  port:       {emu.port}",
+        *(
+            [f"  advertised: port {_signed_port(emu)} (tokens are signed for it: dial it)"]
+            if _signed_port(emu) != emu.port
+            else []
+        ),
         f"  region:     {emu.region}",
         f"  CA file:    {env['PGSSLROOTCERT']}",
         f"  user:       {user}",
@@ -308,7 +375,7 @@ def _banner(emu: _Emulator, backend: Backend, user: str, dbname: str) -> str:
         "or with psql and a token from the AWS CLI:",
         "",
         (
-            f"  PGHOST={q(emu.host)} PGHOSTADDR={q(emu.listen_host)} PGPORT={emu.port} "
+            f"  PGHOST={q(emu.host)} PGHOSTADDR={q(emu.listen_host)} PGPORT={_signed_port(emu)} "
             f"PGSSLMODE=verify-full PGSSLROOTCERT={q(env['PGSSLROOTCERT'])} \\"
         ),
         f'  PGPASSWORD="$({token})" \\',
@@ -334,6 +401,9 @@ _ADVICE = {
     "wrong action": "DSQL: admin signs with DbConnectAdmin, other roles with DbConnect",
     "no encryption": "connect with sslmode=verify-full (PGSSLMODE)",
     "no sni": "connect by host name (PGHOST) with PGHOSTADDR, not to an IP address",
+    "not granted rds_iam": "grant the database user rds_iam, as on RDS",
+    "not authorized": "a policy of the signing identity must allow the action on the resource",
+    "explicitly denied": "a Deny statement of the signing identity's policies matches",
 }
 
 
@@ -364,9 +434,10 @@ class _RefusalReporter:
         assert emu is not None
         advice = _ADVICE.get(event.reason, "")
         if advice:
-            advice = ": " + advice.format(region=emu.region, host=emu.host, port=emu.port)
+            advice = ": " + advice.format(region=emu.region, host=emu.host, port=_signed_port(emu))
         who = f"user {event.user!r} database {event.database!r} from {event.peer}"
-        return f"refused {who}: {event.reason}{advice}"
+        detail = f" ({event.detail})" if getattr(event, "detail", "") else ""
+        return f"refused {who}: {event.reason}{detail}{advice}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -453,7 +524,9 @@ def _start(
     if stop.is_set():
         return None
     user = _user(args)
-    backend.ensure_role(user, superuser=backend.kind == "temporary")
+    dsql = _chosen_preset(args) == "dsql"
+    # RDS mode: the user logs in with a token only once granted rds_iam, as on RDS.
+    backend.ensure_role(user, superuser=backend.kind == "temporary", iam=not dsql)
     with warnings.catch_warnings(record=True) as caught:  # e.g. listening beyond loopback
         warnings.simplefilter("always")
         emu = factory(backend.dsn, **_emulator_kwargs(args))
