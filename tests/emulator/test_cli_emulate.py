@@ -559,18 +559,20 @@ def test_door_limit_flags_reach_the_gateway(run_emulate: Launch, existing_server
     banner = emulate.read_until("Ctrl-C")
     exports = _exports(banner)
     port = int(exports["PGPORT"])
-    with socket.create_connection((exports["PGHOSTADDR"], port), timeout=5):
-        with pytest.raises(psycopg.OperationalError, match="sorry, too many clients already"):
-            psycopg.connect(
-                host=exports["PGHOST"],
-                hostaddr=exports["PGHOSTADDR"],
-                port=port,
-                user="postgres",
-                password="not-a-token",
-                sslmode="verify-full",
-                sslrootcert=exports["PGSSLROOTCERT"],
-                connect_timeout=10,
-            )
+    with (
+        socket.create_connection((exports["PGHOSTADDR"], port), timeout=5),
+        pytest.raises(psycopg.OperationalError, match="sorry, too many clients already"),
+    ):
+        psycopg.connect(
+            host=exports["PGHOST"],
+            hostaddr=exports["PGHOSTADDR"],
+            port=port,
+            user="postgres",
+            password="not-a-token",
+            sslmode="verify-full",
+            sslrootcert=exports["PGSSLROOTCERT"],
+            connect_timeout=10,
+        )
     emulate.proc.send_signal(signal.SIGINT)
     assert emulate.finish()[0] == 0
 

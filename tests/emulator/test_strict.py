@@ -50,9 +50,7 @@ def mint(
     session = botocore.session.get_session()
     session.set_credentials(creds.access_key_id, creds.secret_access_key, creds.session_token)
     client = session.create_client("rds", region_name=emu.region)
-    token: str = client.generate_db_auth_token(
-        host or emu.host, port or emu.port, user, emu.region
-    )
+    token: str = client.generate_db_auth_token(host or emu.host, port or emu.port, user, emu.region)
     return token
 
 
@@ -174,9 +172,7 @@ def test_missing_user_is_refused_like_one_without_rds_iam(emulator: Emulator) ->
     assert "does not exist" not in text
 
 
-def test_rds_iam_rule_can_be_switched_off(
-    start_emulator: EmulatorFactory, roles: Backend
-) -> None:
+def test_rds_iam_rule_can_be_switched_off(start_emulator: EmulatorFactory, roles: Backend) -> None:
     """require_rds_iam=False accepts a user without the grant (today's laxer behaviour)."""
     emu = start_emulator(require_rds_iam=False)
     assert connects(emu, NO_IAM_USER, mint(emu, NO_IAM_USER))
@@ -274,9 +270,7 @@ def test_without_a_policy_everything_is_allowed(emulator: Emulator) -> None:
     assert connects(emulator, "postgres", mint(emulator))
 
 
-def test_policy_allowing_the_user_arn_lets_it_in(
-    emulator: Emulator, policies: PolicyStore
-) -> None:
+def test_policy_allowing_the_user_arn_lets_it_in(emulator: Emulator, policies: PolicyStore) -> None:
     """rds-db:connect on the dbuser ARN (exact, or with wildcards) allows the connection."""
     principal = FAKE_CREDENTIALS.principal
     assert principal == "arn:aws:iam::123456789012:user/iampg-example"
@@ -377,7 +371,7 @@ def test_doctor_names_the_arn_the_policy_must_allow(
     emulator: Emulator, policies: PolicyStore, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """iampg doctor fails the authentication step and names the dbuser ARN to allow."""
-    from iampg.cli import main  # noqa: PLC0415
+    from iampg.cli import main
 
     policies.attach(FAKE_CREDENTIALS.principal or "", Policy(Statement.deny("*", "*")))
     code = main(
