@@ -79,7 +79,7 @@ def connects(emu: Emulator, user: str, token: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def roles(backend: Backend) -> Iterator[Backend]:
+def roles(backend: Backend) -> Backend:
     """Create one user without rds_iam and one with it (idempotent on a shared server)."""
     backend.ensure_role(NO_IAM_USER)
     backend.ensure_role(IAM_USER, iam=True)

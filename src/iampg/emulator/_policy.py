@@ -95,8 +95,6 @@ class Statement:
     def __post_init__(self) -> None:
         if self.effect not in ("Allow", "Deny"):
             raise ValueError(f"Effect must be 'Allow' or 'Deny', not {self.effect!r}")
-        if isinstance(self.actions, str) or isinstance(self.resources, str):
-            raise TypeError("actions and resources are tuples of strings, not strings")
         if not self.actions or not self.resources:
             raise ValueError("a statement needs at least one action and one resource")
 
