@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         backend = stack.enter_context(Backend.auto())
         backend.ensure_role("admin", superuser=True)
+        backend.ensure_role(backend.user, iam=True)  # RDS logs a user in with a token only so
         rds = stack.enter_context(emulator_process(backend.dsn, "rds"))
         assert rds is not None, "the RDS emulator did not start"
         dsql = stack.enter_context(emulator_process(backend.dsn, "dsql"))

@@ -263,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     from iampg.emulator import Backend  # noqa: PLC0415
 
     with ExitStack() as stack:
-        dsn = args.backend or stack.enter_context(Backend.auto()).dsn
+        backend = (
+            Backend.from_dsn(args.backend) if args.backend else stack.enter_context(Backend.auto())
+        )
+        backend.ensure_role(backend.user, iam=True)  # RDS logs a user in with a token only so
+        dsn = backend.dsn
         figures = gateway(dsn, connections=args.connections, logins=args.logins)
     print(_describe(figures))
     return 0

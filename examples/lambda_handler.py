@@ -126,6 +126,7 @@ def _simulate_on_emulator() -> None:
         # Opened before the PG* variables below are set, which libpq would read.
         psycopg.connect(backend.dsn, autocommit=True) as admin,
     ):
+        backend.ensure_role("postgres", iam=True)  # as on RDS: IAM logins need rds_iam
         # What the function's configuration would hold, plus what only the emulator needs.
         os.environ.update(emu.aws_env())
         os.environ.update(

@@ -114,6 +114,7 @@ def emulated() -> Iterator[tuple[iampg.TokenProvider, Callable[[str], None]]]:
 
     print("no endpoint given: starting the local emulator")
     with Backend.auto() as backend, Emulator(backend.dsn) as emu:
+        backend.ensure_role("postgres", iam=True)  # as on RDS: IAM logins need rds_iam
         # The emulator knows only the documented example keys: sign with those.
         os.environ.update(emu.aws_env())
         ep = iampg.Endpoint(

@@ -85,6 +85,7 @@ def emulated() -> Iterator[tuple[iampg.TokenProvider, list[str]]]:
 
     print("no endpoint given: starting the local emulator")
     with Backend.auto() as backend, Emulator(backend.dsn) as emu:
+        backend.ensure_role("postgres", iam=True)  # as on RDS: IAM logins need rds_iam
         os.environ.update(emu.aws_env())  # the emulator knows only the documented example keys
         ep = iampg.Endpoint(
             emu.host,

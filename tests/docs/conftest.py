@@ -80,7 +80,7 @@ def _pinned_dsn(dsn: str) -> str:
 def _prepare_backend(backend: Backend) -> None:
     """Create the roles and databases the documentation uses, if missing."""
     for role in ROLES:
-        backend.ensure_role(role)
+        backend.ensure_role(role, iam=True)  # RDS logs them in with a token only so
     backend.ensure_role("admin", superuser=True)  # DSQL's administrator role
     with psycopg.connect(backend.dsn, autocommit=True) as conn:
         for name in DATABASES:

@@ -114,6 +114,44 @@ def test_fixtures_serve_a_user_test_suite(user_suite: pytest.Pytester) -> None:
     result.assert_outcomes(passed=4)
 
 
+STRICT_TESTS = """
+import pytest
+
+import iampg
+from iampg.emulator import FAKE_CREDENTIALS, Policy, Statement
+
+
+def test_database_user_without_rds_iam(iampg_endpoint, iampg_aws_env, iampg_emulator,
+                                       iampg_database_user):
+    user = iampg_database_user("plugin_no_iam", iam=False)
+    with pytest.raises(iampg.AuthenticationError, match="PAM authentication failed"):
+        iampg.connect(iampg_endpoint.replace(user=user)).close()
+    assert iampg_emulator.events[-1].reason == "not granted rds_iam"
+    iampg.connect(iampg_endpoint.replace(user=iampg_database_user("plugin_no_iam"))).close()
+
+
+def test_policy_refuses(iampg_endpoint, iampg_aws_env, iampg_emulator, iampg_policies):
+    iampg_policies.attach(
+        FAKE_CREDENTIALS.principal, Policy(Statement.deny("rds-db:connect", "*"))
+    )
+    with pytest.raises(iampg.AuthenticationError):
+        iampg.connect(iampg_endpoint).close()
+    assert iampg_emulator.events[-1].reason == "explicitly denied"
+
+
+def test_policies_are_detached_after_each_test(iampg_endpoint, iampg_aws_env, iampg_policies):
+    assert iampg_policies.policies(FAKE_CREDENTIALS.principal) == []
+    iampg.connect(iampg_endpoint).close()
+"""
+
+
+def test_strictness_fixtures_serve_a_user_test_suite(user_suite: pytest.Pytester) -> None:
+    """iampg_database_user makes users with or without rds_iam; iampg_policies resets."""
+    user_suite.makepyfile(test_strict=STRICT_TESTS)
+    result = run(user_suite, "-q")
+    result.assert_outcomes(passed=3)
+
+
 def test_nothing_starts_until_a_fixture_is_requested(user_suite: pytest.Pytester) -> None:
     """A suite that asks for no fixture starts no emulator, server or cluster."""
     user_suite.makepyfile(
@@ -268,6 +306,8 @@ def test_fixtures_are_documented(user_suite: pytest.Pytester) -> None:
         ("iampg_endpoint", " [[]session scope[]]", "Return an :class:`iampg.Endpoint`"),
         ("iampg_aws_env", "", "Give botocore the documented fake keys"),
         ("iampg_credentials_server", "", "Serve rotating temporary keys to botocore"),
+        ("iampg_policies", "", "Return the session emulator's IAM policies"),
+        ("iampg_database_user", "", "Return ``make(name, *, iam=True) -> name``"),
     ]:
         result.stdout.fnmatch_lines([f"{name}{scope} -- *pytest_plugin.py:*", f"    {summary}*"])
 

@@ -16,6 +16,10 @@ Fixtures:
 - ``iampg_aws_env``: botocore's environment with the documented fake keys, nothing else.
 - ``iampg_credentials_server``: a :class:`iampg.emulator.CredentialsServer` botocore fetches
   rotating temporary keys from.
+- ``iampg_policies``: the session emulator's :class:`iampg.emulator.PolicyStore`, to attach
+  IAM policies to principals for one test (all detached after it).
+- ``iampg_database_user``: a factory creating database users on the backend, granted
+  ``rds_iam`` unless asked not to, for tests of who may log in.
 
 Settings (``[tool.pytest.ini_options]`` or ``pytest.ini``):
 
@@ -40,11 +44,11 @@ import pytest
 from iampg.emulator._pytest_settings import register
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
     from iampg import Endpoint
-    from iampg.emulator import Backend, CredentialsServer, Emulator, EmulatorClock
+    from iampg.emulator import Backend, CredentialsServer, Emulator, EmulatorClock, PolicyStore
 
 __all__ = [
     "iampg_aws_env",
@@ -52,8 +56,10 @@ __all__ = [
     "iampg_ca_file",
     "iampg_clock",
     "iampg_credentials_server",
+    "iampg_database_user",
     "iampg_emulator",
     "iampg_endpoint",
+    "iampg_policies",
 ]
 
 _BACKEND_ENV = "IAMPG_EMULATOR_BACKEND"
@@ -271,3 +277,46 @@ def iampg_credentials_server(
         _aws._shared.clear()  # noqa: SLF001
         yield server
     _aws._shared.clear()  # noqa: SLF001
+
+
+@pytest.fixture
+def iampg_policies(iampg_emulator: Emulator) -> Iterator[PolicyStore]:
+    """Return the session emulator's IAM policies; every policy is detached after the test.
+
+    Attach a :class:`iampg.emulator.Policy` to a principal (the fake keys belong to
+    :data:`iampg.emulator.FAKE_CREDENTIALS`'s ``principal``; keys from
+    ``iampg_credentials_server`` to its role): from then on that principal's connections
+    need a statement allowing ``rds-db:connect`` on ``iampg_emulator.resource_arn(user)``
+    (DSQL: ``dsql:DbConnect``/``dsql:DbConnectAdmin`` on the cluster), as IAM requires.
+    """
+    iampg_emulator.policies.clear()
+    yield iampg_emulator.policies
+    iampg_emulator.policies.clear()
+
+
+@pytest.fixture
+def iampg_database_user(iampg_backend: Backend) -> Callable[..., str]:
+    """Return ``make(name, *, iam=True) -> name``: create a login role on the backend.
+
+    With ``iam=True`` the role is granted ``rds_iam``, which an RDS-mode emulator requires
+    of every user logging in with a token, as RDS does; ``iam=False`` makes a user RDS
+    would refuse (``PAM authentication failed``), revoking the grant if it existed. Roles
+    are left in place (creating one again is harmless).
+    """
+
+    def make(name: str, *, iam: bool = True) -> str:
+        iampg_backend.ensure_role(name, iam=iam)
+        if not iam:
+            _revoke_rds_iam(iampg_backend, name)
+        return name
+
+    return make
+
+
+def _revoke_rds_iam(backend: Backend, name: str) -> None:
+    import psycopg  # noqa: PLC0415
+    from psycopg import sql  # noqa: PLC0415
+
+    with psycopg.connect(backend.dsn, autocommit=True, connect_timeout=10) as conn:
+        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'rds_iam'").fetchone():
+            conn.execute(sql.SQL("REVOKE rds_iam FROM {}").format(sql.Identifier(name)))
