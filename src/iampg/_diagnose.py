@@ -86,7 +86,10 @@ def _causes(endpoint: Endpoint, kind: FailureKind) -> list[str]:
         action = "dsql:DbConnectAdmin" if user == "admin" else "dsql:DbConnect"
         return [
             *common,
-            f"the IAM policy does not allow {action} on the cluster",
+            (
+                f"the IAM policy does not allow {action} on the cluster, "
+                f"arn:aws:dsql:{region}:<account>:cluster/{endpoint.host.partition('.')[0]}"
+            ),
             (
                 "the user/action mapping: 'admin' needs a DbConnectAdmin token, any other role "
                 "a DbConnect token and an AWS IAM GRANT mapping the IAM role to it"

@@ -540,3 +540,19 @@ def test_bad_strictness_settings_are_configuration_errors(
     """Settings that cannot work are refused when the emulator is made."""
     with pytest.raises(ConfigurationError, match=message):
         Emulator(backend.dsn, **options)
+
+
+def test_dsql_authentication_error_names_the_cluster_arn(
+    start_emulator: EmulatorFactory, backend: Backend
+) -> None:
+    """DSQL: AuthenticationError names the cluster ARN; the emulator refused exactly that."""
+    backend.ensure_role("admin", superuser=True)
+    emu = start_emulator(service="dsql")
+    emu.policies.attach(FAKE_CREDENTIALS.principal or "", Policy(Statement.deny("dsql:*", "*")))
+    with pytest.raises(AuthenticationError) as info:
+        iampg.connect(endpoint_for(emu, "admin", kind="dsql")).close()
+    cluster = emu.host.split(".")[0]
+    pattern = f"arn:aws:dsql:{emu.region}:<account>:cluster/{cluster}"
+    assert f"does not allow dsql:DbConnectAdmin on the cluster, {pattern}" in str(info.value)
+    assert pattern.replace("<account>", emu.account_id) == emu.resource_arn("admin")
+    assert emu.resource_arn("admin") in emu.events[-1].detail
