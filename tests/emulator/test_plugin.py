@@ -147,7 +147,7 @@ def test_policies_are_detached_after_each_test(iampg_endpoint, iampg_aws_env, ia
 
 def test_strictness_fixtures_serve_a_user_test_suite(user_suite: pytest.Pytester) -> None:
     """iampg_database_user makes users with or without rds_iam; iampg_policies resets."""
-    user_suite.makepyfile(test_strict=STRICT_TESTS)
+    user_suite.makepyfile(test_user_rules=STRICT_TESTS)
     result = run(user_suite, "-q")
     result.assert_outcomes(passed=3)
 
