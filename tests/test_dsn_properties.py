@@ -229,7 +229,7 @@ class Role:
         self.name = f"t{os.getpid()}{name}"
 
     def __enter__(self) -> str:
-        self.backend.ensure_role(self.name)
+        self.backend.ensure_role(self.name, iam=True)  # RDS logs in rds_iam members only
         return self.name
 
     def __exit__(self, *exc: object) -> None:

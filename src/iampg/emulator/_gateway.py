@@ -123,7 +123,9 @@ class Event:
             established session cut by the emulator), ``"paused"``, ``"resuming"`` or
             ``"resumed"``.
         reason: Why: for ``rejected`` a token check (``"signature mismatch"``, ``"token
-            expired"``, ``"wrong host"``, ``"wrong action"``...), ``"no encryption"``,
+            expired"``, ``"wrong host"``, ``"wrong action"``...), past a valid token
+            ``"not granted rds_iam"``, ``"not authorized"`` or ``"explicitly denied"`` (see
+            ``detail``), ``"no encryption"``,
             ``"no sni"``, ``"rate exceeded"``, ``"too many connections"``,
             ``"too many unauthenticated"`` (see ``max_unauthenticated``) or
             ``"waking up"``; for ``closed`` ``"idle timeout"``, ``"session cap"``,
