@@ -145,6 +145,7 @@ def test_backend_down_and_back(backend: Backend) -> None:
         except iampg.ConfigurationError as exc:  # no PostgreSQL binaries on this machine
             pytest.skip(f"cannot start a throwaway PostgreSQL: {exc}")
         try:
+            temporary.ensure_role("postgres", iam=True)  # as on RDS: IAM logins need rds_iam
             with iampg.connect(provider=provider, wait=0) as conn:
                 assert conn.execute("SELECT 1").fetchone() == (1,)
         finally:
