@@ -19,8 +19,9 @@ latency one client sees per query (p50 and p99 added over direct). The variants 
 within each round, the order rotating per round; each claim is the median of the per-round
 ratios with their range and the load average.
 
-``python -m benchmarks.proxy --profile FILE`` runs the proxy under cProfile while pgbench
-drives it and prints where the relay's time goes.
+``python -m benchmarks.proxy --profile FILE [--reconnect]`` runs the proxy under cProfile while
+pgbench drives it and prints where the relay's (or, with ``--reconnect``, session setup's)
+time goes.
 """
 
 from __future__ import annotations
@@ -538,8 +539,12 @@ def run(emu: EmulatorInfo, backend_dsn: str, *, quick: bool = False) -> list[Res
 # -- profiling -----------------------------------------------------------------------------
 
 
-def profile(output: str, seconds: int, top: int) -> None:
-    """Drive the proxy with pgbench under cProfile and print where its time goes."""
+def profile(output: str, seconds: int, top: int, *, reconnect: bool = False) -> None:
+    """Drive the proxy with pgbench under cProfile and print where its time goes.
+
+    ``reconnect``: a new connection per transaction (``pgbench -C``), so session setup
+    (accept, upstream TLS, the token, the login) is profiled instead of the relay.
+    """
     from benchmarks._common import emulator_process, isolate_aws_env  # noqa: PLC0415
     from iampg.emulator import Backend  # noqa: PLC0415
 
@@ -554,7 +559,7 @@ def profile(output: str, seconds: int, top: int) -> None:
             if isinstance(proxy, str):
                 sys.exit(proxy)
             pgbench(program, proxy, clients=CLIENTS, transactions=50)
-            got = pgbench(program, proxy, clients=CLIENTS, seconds=seconds)
+            got = pgbench(program, proxy, clients=CLIENTS, seconds=seconds, reconnect=reconnect)
             print(f"{got.tps:.0f} tps through the profiled proxy ({_load()})")
     stats = pstats.Stats(output)
     stats.sort_stats("tottime").print_stats(top)
@@ -566,8 +571,9 @@ def main() -> None:
     parser.add_argument("--profile", required=True, help="where to write the pstats file")
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--reconnect", action="store_true", help="pgbench -C: profile setup")
     args = parser.parse_args()
-    profile(args.profile, args.seconds, args.top)
+    profile(args.profile, args.seconds, args.top, reconnect=args.reconnect)
 
 
 if __name__ == "__main__":
