@@ -1,0 +1,92 @@
+"""Helpers for the proxy's tests: a raw protocol client and a running proxy factory."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from iampg.proxy import Proxy
+
+ProxyFactory = Callable[..., Proxy]
+
+PROTOCOL_3_0 = 3 << 16
+PROTOCOL_3_2 = (3 << 16) | 2
+CANCEL_REQUEST = 80877102
+
+
+def startup_packet(params: dict[str, str], version: int = PROTOCOL_3_0) -> bytes:
+    """Return a StartupMessage with ``params``."""
+    body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()) + b"\0"
+    return struct.pack("!II", 8 + len(body), version) + body
+
+
+def read_message(sock: socket.socket) -> tuple[bytes, bytes]:
+    """Read one backend message; ``(b"", b"")`` at EOF."""
+    header = _read(sock, 5)
+    if len(header) < 5:
+        return b"", b""
+    (length,) = struct.unpack("!I", header[1:])
+    return header[:1], _read(sock, length - 4)
+
+
+def _read(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def raw_login(
+    proxy: Proxy, params: dict[str, str], version: int = PROTOCOL_3_0
+) -> tuple[socket.socket, list[tuple[bytes, bytes]]]:
+    """Log in through ``proxy`` without TLS or password; return the socket and the messages.
+
+    The messages are what came until ReadyForQuery (or an ErrorResponse, or EOF).
+    """
+    sock = socket.create_connection((proxy.host, proxy.port), timeout=10)
+    try:
+        sock.sendall(startup_packet(params, version))
+        messages: list[tuple[bytes, bytes]] = []
+        for _ in range(1000):
+            kind, body = read_message(sock)
+            messages.append((kind, body))
+            if kind in (b"Z", b"E", b""):
+                break
+    except BaseException:
+        sock.close()
+        raise
+    return sock, messages
+
+
+def cancel_request(proxy: Proxy, key: bytes) -> bytes:
+    """Send a CancelRequest with ``key`` (pid and secret) to the proxy; return what it said."""
+    with socket.create_connection((proxy.host, proxy.port), timeout=10) as sock:
+        sock.sendall(struct.pack("!II", 8 + len(key), CANCEL_REQUEST) + key)
+        return _read(sock, 1)  # the proxy closes once it has handled it
+
+
+def error_fields(body: bytes) -> dict[str, str]:
+    """Return the fields of an ErrorResponse body."""
+    return {item[:1].decode(): item[1:].decode() for item in body.split(b"\0") if item}
+
+
+def query(sock: socket.socket, sql: str) -> list[tuple[bytes, bytes]]:
+    """Run a simple query on a raw session; return the messages until ReadyForQuery."""
+    sock.sendall(b"Q" + struct.pack("!I", len(sql) + 5) + sql.encode() + b"\0")
+    messages = []
+    for _ in range(10_000):
+        kind, body = read_message(sock)
+        messages.append((kind, body))
+        if kind in (b"Z", b""):
+            break
+    return messages
+
+
+def options(**extra: Any) -> dict[str, Any]:
+    """Return Proxy keyword options for tests (no grace: stop at once)."""
+    return {"grace": 0.0, **extra}
