@@ -90,3 +90,14 @@ def query(sock: socket.socket, sql: str) -> list[tuple[bytes, bytes]]:
 def options(**extra: Any) -> dict[str, Any]:
     """Return Proxy keyword options for tests (no grace: stop at once)."""
     return {"grace": 0.0, **extra}
+
+
+def eventually(condition: Callable[[], bool], *, attempts: int = 1000) -> bool:
+    """Poll ``condition`` every 10 ms, at most ``attempts`` times; return its last value."""
+    import time  # noqa: PLC0415
+
+    for _ in range(attempts):
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()

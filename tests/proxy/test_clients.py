@@ -12,7 +12,7 @@ import pytest
 
 from iampg import Endpoint
 from iampg.proxy import Proxy
-from proxy_support import PROTOCOL_3_2, error_fields, query, raw_login
+from proxy_support import PROTOCOL_3_2, error_fields, eventually, query, raw_login
 
 
 def test_conninfo_names_the_local_side_without_password(proxy: Proxy) -> None:
@@ -91,8 +91,19 @@ def test_psql_through_the_unix_socket(emulator_endpoint_proxy: Proxy) -> None:
     proxy = emulator_endpoint_proxy
     assert proxy.unix_socket is not None
     result = subprocess.run(
-        [psql, "-h", str(proxy.unix_socket.parent), "-p", str(proxy.port), "-U", "postgres",
-         "-d", "postgres", "-XAtc", "select 'unix'"],
+        [
+            psql,
+            "-h",
+            str(proxy.unix_socket.parent),
+            "-p",
+            str(proxy.port),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-XAtc",
+            "select 'unix'",
+        ],
         capture_output=True,
         text=True,
         timeout=30,
@@ -235,12 +246,8 @@ def test_stats_and_open_sessions(proxy: Proxy) -> None:
         assert info.client.startswith("127.0.0.1:")
         assert info.bytes_from_client > 0
         assert info.bytes_to_client > 0
-    for _ in range(500):
-        if proxy.stats().closed == 1:
-            break
-        asyncio.run(asyncio.sleep(0.01))
+    assert eventually(lambda: proxy.stats().closed == 1)
     stats = proxy.stats()
     assert (stats.opened, stats.closed, stats.failed, stats.active) == (1, 1, 0, 0)
     assert stats.bytes_from_clients > 0
     assert stats.bytes_to_clients > 0
-
