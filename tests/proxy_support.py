@@ -1,13 +1,20 @@
-"""Helpers for the proxy's tests: a raw protocol client and a running proxy factory."""
+"""The proxy's test fixtures (a plugin of tests/conftest.py) and a raw protocol client."""
 
 from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from iampg import Endpoint
+from iampg.emulator import Emulator
 from iampg.proxy import Proxy
+from support import endpoint_for
 
 ProxyFactory = Callable[..., Proxy]
 
@@ -87,17 +94,44 @@ def query(sock: socket.socket, sql: str) -> list[tuple[bytes, bytes]]:
     return messages
 
 
-def options(**extra: Any) -> dict[str, Any]:
-    """Return Proxy keyword options for tests (no grace: stop at once)."""
-    return {"grace": 0.0, **extra}
-
-
 def eventually(condition: Callable[[], bool], *, attempts: int = 1000) -> bool:
     """Poll ``condition`` every 10 ms, at most ``attempts`` times; return its last value."""
-    import time  # noqa: PLC0415
+    import time
 
     for _ in range(attempts):
         if condition():
             return True
         time.sleep(0.01)
     return condition()
+
+
+@pytest.fixture
+def start_proxy() -> Iterator[ProxyFactory]:
+    """Return a factory of running proxies (``Proxy``'s arguments), stopped after the test."""
+    with ExitStack() as running:
+
+        def start(endpoint: Endpoint | str, **options: Any) -> Proxy:
+            options.setdefault("grace", 0.0)
+            return running.enter_context(Proxy(endpoint, **options))
+
+        yield start
+
+
+@pytest.fixture
+def proxy(emulator: Emulator, start_proxy: ProxyFactory) -> Proxy:
+    """Return a running proxy in front of the RDS-mode emulator, user postgres."""
+    return start_proxy(endpoint_for(emulator))
+
+
+@pytest.fixture
+def emulator_endpoint(emulator: Emulator) -> Endpoint:
+    """Return the endpoint of the RDS-mode emulator, user postgres."""
+    return endpoint_for(emulator)
+
+
+@pytest.fixture
+def emulator_endpoint_proxy(
+    emulator_endpoint: Endpoint, start_proxy: ProxyFactory, tmp_path: Path
+) -> Proxy:
+    """Return a running proxy that also listens on a Unix socket in a temporary directory."""
+    return start_proxy(emulator_endpoint, unix_socket_dir=tmp_path)

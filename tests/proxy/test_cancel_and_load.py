@@ -17,6 +17,9 @@ from iampg.proxy import Proxy
 from proxy_support import ProxyFactory, cancel_request, eventually
 from support import endpoint_for, startup_like
 
+# Keep botocore's DEBUG lines (which show signatures) out of failure reports.
+pytestmark = pytest.mark.usefixtures("quiet_botocore")
+
 
 def test_cancel_reaches_the_upstream_session(proxy: Proxy) -> None:
     """A client's cancel request cancels its query, through the proxy and over TLS upstream."""

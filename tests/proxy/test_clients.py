@@ -14,6 +14,9 @@ from iampg import Endpoint
 from iampg.proxy import Proxy
 from proxy_support import PROTOCOL_3_2, error_fields, eventually, query, raw_login
 
+# Keep botocore's DEBUG lines (which show signatures) out of failure reports.
+pytestmark = pytest.mark.usefixtures("quiet_botocore")
+
 
 def test_conninfo_names_the_local_side_without_password(proxy: Proxy) -> None:
     """The connection string is host, port, user and dbname of the local side, no password."""

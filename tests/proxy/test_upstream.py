@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-
 import time
 from typing import Any
 
 import psycopg
 import pytest
 
-from iampg import TokenProvider
+from iampg import Endpoint, TokenProvider
 from iampg.emulator import Backend, Emulator
 from proxy_support import ProxyFactory, error_fields, eventually, query, raw_login
 from support import EmulatorFactory, endpoint_for
+
+# Keep botocore's DEBUG lines (which show signatures) out of failure reports.
+pytestmark = pytest.mark.usefixtures("quiet_botocore")
 
 # The AWS documentation's second example key pair: a key the emulator does not know.
 OTHER_KEY_ID = "AKIAI44QH8DHBEXAMPLE"
@@ -181,8 +183,24 @@ def test_a_client_leaving_mid_query_ends_its_upstream_session(
 def test_a_raw_session_queries(proxy: Any) -> None:
     """The relay carries a simple query and its rows both ways."""
     sock, messages = raw_login(proxy, {"user": "postgres", "database": "postgres"})
+    assert messages[-1][0] == b"Z"
     with sock:
         answer = query(sock, "select 'relay'")
     rows = [body for kind, body in answer if kind == b"D"]
     assert len(rows) == 1
     assert rows[0].endswith(b"relay")
+
+
+def test_the_upstream_certificate_is_verified(
+    emulator: Emulator, start_proxy: ProxyFactory
+) -> None:
+    """verify-full with iampg's shipped AWS CA set: the emulator's certificate fails, explained."""
+    endpoint = endpoint_for(emulator)
+    endpoint = Endpoint(endpoint.host, user="postgres", port=endpoint.port, hostaddr="127.0.0.1")
+    proxy = start_proxy(endpoint)
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(proxy.conninfo)
+    text = str(info.value)
+    assert "did not verify as iampg-emulator" in text
+    assert "iampg's RDS CA set" in text
+    assert [e.outcome for e in emulator.events] == []  # no token was ever sent
