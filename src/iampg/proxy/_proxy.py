@@ -596,19 +596,21 @@ class Proxy:
 
     async def _serve(self, session: _Session) -> None:
         try:
-            await self._serve_or_explain(session)
-        except asyncio.CancelledError:
-            session.outcome = "shutdown" if session.established else session.outcome or "shutdown"
-            self._close(session, abort=True)
+            try:
+                await self._serve_or_explain(session)
+            except asyncio.CancelledError:
+                if session.established or not session.outcome:
+                    session.outcome = "shutdown"
+                self._close(session, abort=True)
+                raise
+            self._close(session, abort=False)
+            if session.sock is not None and session.client is None:
+                await drain_and_shutdown(session.sock, 1.0)
+            for stream in (session.client, session.upstream):
+                if stream is not None:
+                    await stream.wait_closed(CLOSE_TIMEOUT)
+        finally:
             self._finish(session)
-            raise
-        self._close(session, abort=False)
-        if session.sock is not None and session.client is None:
-            await drain_and_shutdown(session.sock, 1.0)
-        for stream in (session.client, session.upstream):
-            if stream is not None:
-                await stream.wait_closed(CLOSE_TIMEOUT)
-        self._finish(session)
 
     async def _serve_or_explain(self, session: _Session) -> None:
         """Serve a client connection; record (and for a protocol error, send) why it ended."""
