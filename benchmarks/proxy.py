@@ -56,7 +56,7 @@ USER = "postgres"
 CLIENTS = 8
 BUDGET = 80.0  # seconds for the measured rounds of the whole group; setup comes on top
 WHAT_LATENCY = "latency added per query, 1 client, persistent (`pgbench -S -c 1`)"
-INSTALL_HINT = "bash tools/bench_tools.sh installs it (root, apt-get)"
+INSTALL_HINT = "bash tools/bench_tools.sh installs it as root with apt-get"
 
 
 def find_program(name: str) -> str | None:
@@ -427,87 +427,79 @@ def _latency_row(got: dict[str, list[Run]], seconds: int) -> Result:
     )
 
 
-def run(emu: EmulatorInfo, backend_dsn: str, *, quick: bool = False) -> list[Result]:
-    """Measure the proxy against a direct client and PgBouncer with pgbench."""
+DIRECT_WITH = "pgbench directly to the emulator, static token, verified TLS"
+BOUNCER_WITH = "PgBouncer (session mode) in front of the same emulator, static token"
+# Every row of the group: what, compared with, bar. A row that cannot be measured says why.
+ROWS = {
+    "proxy_select": (
+        f"pgbench -S, {CLIENTS} clients, persistent connections",
+        DIRECT_WITH,
+        "ratio ≥ 0.85",
+    ),
+    "proxy_pgbouncer": (
+        f"pgbench -S, {CLIENTS} clients, persistent: proxy vs PgBouncer",
+        BOUNCER_WITH,
+        "ratio ≥ 1 (proxy ≥ PgBouncer)",
+    ),
+    "proxy_connect": (
+        f"pgbench -S -C, {CLIENTS} clients, a new connection per transaction",
+        "pgbench directly, a token signed once (PGPASSWORD)",
+        "reported",
+    ),
+    "proxy_latency": (WHAT_LATENCY, DIRECT_WITH + "; PgBouncer", "reported"),
+}
+
+
+def _ratio(
+    row_id: str, got: dict[str, list[Run]], ours: str, theirs: str, goal: float | None
+) -> Result:
+    what, compared_with, bar = ROWS[row_id]
+    return _ratio_row(
+        row_id,
+        what,
+        compared_with=compared_with,
+        ours=[r.tps for r in got[ours]],
+        theirs=[r.tps for r in got[theirs]],
+        names=(ours, "PgBouncer" if theirs == "pgbouncer" else theirs),
+        bar=bar,
+        goal=goal,
+    )
+
+
+def _measure(emu: EmulatorInfo, backend_dsn: str, *, quick: bool, rows: list[Result]) -> str:
+    """Append the rows measured to ``rows``; return why the others were not measured."""
     seconds, runs = (1, 2) if quick else (2, 5)
-    what_select = f"pgbench -S, {CLIENTS} clients, persistent connections"
-    what_bouncer = f"pgbench -S, {CLIENTS} clients, persistent: proxy vs PgBouncer"
-    what_connect = f"pgbench -S -C, {CLIENTS} clients, a new connection per transaction"
-    what_latency = WHAT_LATENCY
-    direct_with = "pgbench directly to the emulator, static token, verified TLS"
-    bouncer_with = "PgBouncer (session mode) in front of the same emulator, static token"
-    bars = {"select": "ratio ≥ 0.85", "bouncer": "ratio ≥ 1 (proxy ≥ PgBouncer)"}
     program = find_program("pgbench")
     if program is None:
-        reason = f"pgbench not found ({INSTALL_HINT})"
-        return [
-            _skipped("proxy_select", what_select, direct_with, bars["select"], reason),
-            _skipped("proxy_pgbouncer", what_bouncer, bouncer_with, bars["bouncer"], reason),
-            _skipped("proxy_connect", what_connect, direct_with, "reported", reason),
-            _skipped("proxy_latency", what_latency, direct_with, "reported", reason),
-        ]
+        return f"pgbench not found; {INSTALL_HINT}"
     prepare_database(program, backend_dsn)
     token = TokenProvider(emu.endpoint(USER, dbname=DATABASE)).token()
-    direct = Target(
-        "direct", make_conninfo(**{**emu.conninfo(USER, DATABASE), "connect_timeout": 10}), token
-    )
+    direct = Target("direct", make_conninfo(**emu.conninfo(USER, DATABASE)), token)
     bouncer_program = find_program("pgbouncer")
-    rows: list[Result] = []
     with contextlib.ExitStack() as stack:
         proxy = stack.enter_context(proxy_process(emu))
         if isinstance(proxy, str):
-            return [
-                _skipped("proxy_select", what_select, direct_with, bars["select"], proxy),
-                _skipped("proxy_pgbouncer", what_bouncer, bouncer_with, bars["bouncer"], proxy),
-                _skipped("proxy_connect", what_connect, direct_with, "reported", proxy),
-                _skipped("proxy_latency", what_latency, direct_with, "reported", proxy),
-            ]
+            return proxy
         targets = [direct, proxy]
-        bouncer_reason = f"pgbouncer not found ({INSTALL_HINT})"
+        bouncer_reason = f"pgbouncer not found; {INSTALL_HINT}"
         if bouncer_program is not None:
             try:
                 targets.append(stack.enter_context(pgbouncer_process(bouncer_program, emu, token)))
             except RuntimeError as exc:
                 bouncer_reason = str(exc).splitlines()[0]
                 print(f"[bench] {exc}", file=sys.stderr)
+        if all(target.name != "pgbouncer" for target in targets):
+            rows.append(_skipped("proxy_pgbouncer", *ROWS["proxy_pgbouncer"], bouncer_reason))
         start = time.monotonic()
         for target in targets:  # warm up: connections, caches, the proxy's token
             pgbench(program, target, clients=CLIENTS, transactions=50)
         # Shares of the budget: persistent 8 clients (3 variants), -C (2), latency (3).
-        deadline = start + BUDGET * 0.4
-        got = _rounds(program, targets, runs, deadline, clients=CLIENTS, seconds=seconds)
-        tps = {name: [r.tps for r in runs_] for name, runs_ in got.items()}
-        rows.append(
-            _ratio_row(
-                "proxy_select",
-                what_select,
-                compared_with=direct_with,
-                ours=tps["proxy"],
-                theirs=tps["direct"],
-                names=("proxy", "direct"),
-                bar=bars["select"],
-                goal=0.85,
-            )
+        got = _rounds(
+            program, targets, runs, start + BUDGET * 0.4, clients=CLIENTS, seconds=seconds
         )
-        if "pgbouncer" in tps:
-            rows.append(
-                _ratio_row(
-                    "proxy_pgbouncer",
-                    what_bouncer,
-                    compared_with=bouncer_with,
-                    ours=tps["proxy"],
-                    theirs=tps["pgbouncer"],
-                    names=("proxy", "PgBouncer"),
-                    bar=bars["bouncer"],
-                    goal=1.0,
-                )
-            )
-        else:
-            rows.append(
-                _skipped(
-                    "proxy_pgbouncer", what_bouncer, bouncer_with, bars["bouncer"], bouncer_reason
-                )
-            )
+        rows.append(_ratio("proxy_select", got, "proxy", "direct", 0.85))
+        if "pgbouncer" in got:
+            rows.append(_ratio("proxy_pgbouncer", got, "proxy", "pgbouncer", 1.0))
         deadline = time.monotonic() + BUDGET * 0.25
         got = _rounds(
             program,
@@ -518,22 +510,27 @@ def run(emu: EmulatorInfo, backend_dsn: str, *, quick: bool = False) -> list[Res
             seconds=seconds,
             reconnect=True,
         )
-        rows.append(
-            _ratio_row(
-                "proxy_connect",
-                what_connect,
-                compared_with="pgbench directly, a token signed once (PGPASSWORD)",
-                ours=[r.tps for r in got["proxy"]],
-                theirs=[r.tps for r in got["direct"]],
-                names=("proxy", "direct"),
-                bar="reported",
-                goal=None,
-            )
-        )
+        rows.append(_ratio("proxy_connect", got, "proxy", "direct", None))
         deadline = time.monotonic() + BUDGET * 0.35
         got = _rounds(program, targets, runs, deadline, clients=1, seconds=seconds, latencies=True)
         rows.append(_latency_row(got, seconds))
-    return rows
+    return "not measured"
+
+
+def run(emu: EmulatorInfo, backend_dsn: str, *, quick: bool = False) -> list[Result]:
+    """Measure the proxy against a direct client and PgBouncer with pgbench.
+
+    A missing program, a proxy that does not start or a pgbench run that fails ends the
+    group, not the benchmark run: the rows not measured say why.
+    """
+    rows: list[Result] = []
+    try:
+        reason = _measure(emu, backend_dsn, quick=quick, rows=rows)
+    except (RuntimeError, OSError, subprocess.SubprocessError, psycopg.Error) as exc:
+        reason = f"failed: {str(exc).strip().splitlines()[0][:300]}"
+        print(f"[bench] proxy group failed: {exc}", file=sys.stderr)
+    done = {row.id: row for row in rows}
+    return [done.get(row_id) or _skipped(row_id, *ROWS[row_id], reason) for row_id in ROWS]
 
 
 # -- profiling -----------------------------------------------------------------------------
@@ -551,7 +548,7 @@ def profile(output: str, seconds: int, top: int, *, reconnect: bool = False) -> 
     isolate_aws_env()
     program = find_program("pgbench")
     if program is None:
-        sys.exit(f"pgbench not found ({INSTALL_HINT})")
+        sys.exit(f"pgbench not found; {INSTALL_HINT}")
     with Backend.auto() as backend, emulator_process(backend.dsn, "rds") as emu:
         assert emu is not None, "the emulator did not start"
         prepare_database(program, backend.dsn)
