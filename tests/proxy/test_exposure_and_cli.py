@@ -228,3 +228,21 @@ def test_stop_lets_open_sessions_finish_within_the_grace_period(
         assert stopper.is_alive()
     stopper.join(timeout=30)
     assert not stopper.is_alive()
+
+
+def test_a_second_signal_ends_the_grace_period(
+    emulator: Emulator, run_command: list[subprocess.Popen[str]]
+) -> None:
+    """SIGTERM starts a long grace period; a second one closes the open sessions at once."""
+    process = _start(run_command, _command(emulator, "--grace", "600"))
+    assert process.stdout is not None
+    conninfo = process.stdout.readline().strip()
+    with psycopg.connect(conninfo) as conn:
+        process.send_signal(signal.SIGTERM)
+        assert conn.execute("select 'in grace'").fetchone() == ("in grace",)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+        assert process.returncode == 0
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("select 1")
+    assert "outcome=shutdown" in err
