@@ -246,3 +246,35 @@ def test_a_second_signal_ends_the_grace_period(
         with pytest.raises(psycopg.OperationalError):
             conn.execute("select 1")
     assert "outcome=shutdown" in err
+
+
+def test_exit_codes_of_the_command(emulator: Emulator, tmp_path: Path) -> None:
+    """A taken port exits 1; a Unix socket directory that does not exist exits 2."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = _command(emulator, "--port", str(port))
+        busy = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert busy.returncode == 1, busy.stderr
+    assert "Address already in use" in busy.stderr
+    argv = _command(emulator, "--unix-socket", str(tmp_path / "missing"))
+    missing = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert missing.returncode == 2, missing.stderr
+    assert "does not exist" in missing.stderr
+
+
+def test_the_password_comes_from_one_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--password-file or IAMPG_PROXY_PASSWORD, not both; an empty file is refused."""
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    base = ["proxy", AWS_HOST, "-U", "app", "--password-file"]
+    assert main([*base, str(empty)]) == 2
+    assert "is empty" in capsys.readouterr().err
+    given = tmp_path / "password"
+    given.write_text(SENTINEL_PASSWORD + "\n")
+    monkeypatch.setenv("IAMPG_PROXY_PASSWORD", SENTINEL_PASSWORD)
+    assert main([*base, str(given)]) == 2
+    assert "not both" in capsys.readouterr().err
