@@ -60,8 +60,9 @@ _EXIT_CODES: dict[str, str] = {
     "emulate": "0 stopped (Ctrl-C or SIGTERM); 1 the emulator could not run (backend "
     "unreachable, port busy...); 2 usage error (bad options, no PostgreSQL binaries)",
     "proxy": "0 stopped (SIGINT or SIGTERM, after the grace period); 1 the proxy could not "
-    "run (port busy, Unix socket directory unusable...); 2 usage error (bad options or "
-    "endpoint, or listening beyond loopback without client TLS and a password)",
+    "run (port busy, no permission for the Unix socket...); 2 usage error (bad options or "
+    "endpoint, missing Unix socket directory, unusable TLS files, or listening beyond "
+    "loopback without client TLS and a password)",
 }
 
 

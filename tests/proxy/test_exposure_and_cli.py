@@ -228,3 +228,53 @@ def test_stop_lets_open_sessions_finish_within_the_grace_period(
         assert stopper.is_alive()
     stopper.join(timeout=30)
     assert not stopper.is_alive()
+
+
+def test_a_second_signal_ends_the_grace_period(
+    emulator: Emulator, run_command: list[subprocess.Popen[str]]
+) -> None:
+    """SIGTERM starts a long grace period; a second one closes the open sessions at once."""
+    process = _start(run_command, _command(emulator, "--grace", "600"))
+    assert process.stdout is not None
+    conninfo = process.stdout.readline().strip()
+    with psycopg.connect(conninfo) as conn:
+        process.send_signal(signal.SIGTERM)
+        assert conn.execute("select 'in grace'").fetchone() == ("in grace",)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+        assert process.returncode == 0
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("select 1")
+    assert "outcome=shutdown" in err
+
+
+def test_exit_codes_of_the_command(emulator: Emulator, tmp_path: Path) -> None:
+    """A taken port exits 1; a Unix socket directory that does not exist exits 2."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = _command(emulator, "--port", str(port))
+        busy = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert busy.returncode == 1, busy.stderr
+    assert "Address already in use" in busy.stderr
+    argv = _command(emulator, "--unix-socket", str(tmp_path / "missing"))
+    missing = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert missing.returncode == 2, missing.stderr
+    assert "does not exist" in missing.stderr
+
+
+def test_the_password_comes_from_one_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--password-file or IAMPG_PROXY_PASSWORD, not both; an empty file is refused."""
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    base = ["proxy", AWS_HOST, "-U", "app", "--password-file"]
+    assert main([*base, str(empty)]) == 2
+    assert "is empty" in capsys.readouterr().err
+    given = tmp_path / "password"
+    given.write_text(SENTINEL_PASSWORD + "\n")
+    monkeypatch.setenv("IAMPG_PROXY_PASSWORD", SENTINEL_PASSWORD)
+    assert main([*base, str(given)]) == 2
+    assert "not both" in capsys.readouterr().err

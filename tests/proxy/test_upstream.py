@@ -79,11 +79,17 @@ def test_an_authentication_failure_is_explained(
     assert eventually(lambda: proxy.stats().failed == 2)
 
 
-def test_dsql_mode(start_emulator: EmulatorFactory, start_proxy: ProxyFactory) -> None:
-    """A DSQL endpoint: DbConnectAdmin token for admin, SNI sent (the emulator requires it)."""
+@pytest.mark.parametrize("sslmode", ["verify-full", "require"])
+def test_dsql_mode(
+    start_emulator: EmulatorFactory, start_proxy: ProxyFactory, sslmode: str
+) -> None:
+    """A DSQL endpoint: DbConnectAdmin token for admin, SNI sent (the emulator requires it).
+
+    SNI goes out whether the certificate's name is checked (verify-full) or not (require).
+    """
     emu = start_emulator(service="dsql")
     assert emu.preset.require_sni
-    proxy = start_proxy(endpoint_for(emu, user="admin"))
+    proxy = start_proxy(endpoint_for(emu, user="admin", sslmode=sslmode))
     assert proxy.conninfo.endswith("user=admin dbname=postgres")
     with psycopg.connect(proxy.conninfo) as conn:
         assert conn.execute("select current_user").fetchone() == ("admin",)

@@ -256,6 +256,7 @@ class Proxy:
         self._upstream: Upstream | None = None
         self._thread: threading.Thread | None = None
         self._thread_stop: asyncio.Event | None = None
+        self._hurry = asyncio.Event()
 
     # --- what it reports ---
 
@@ -375,6 +376,7 @@ class Proxy:
                 raise
             self._address = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(bound[0], bound[0])  # noqa: S104
             self._loop = loop
+            self._hurry = asyncio.Event()
             self._upstream = Upstream(self._target, self._streams)
             self._accept_tasks = [
                 loop.create_task(self._accept_loop(sock, unix=sock.family == socket.AF_UNIX))
@@ -412,7 +414,16 @@ class Proxy:
             logger.info(
                 "proxy stopping: %d sessions may finish within %g s", len(pending), self._grace
             )
-            _, pending = await asyncio.wait(pending, timeout=self._grace)
+            hurry = asyncio.ensure_future(self._hurry.wait())
+            finished = asyncio.ensure_future(asyncio.wait(pending))
+            try:
+                await asyncio.wait(
+                    {finished, hurry}, timeout=self._grace, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                hurry.cancel()
+                finished.cancel()
+            pending = {task for task in pending if not task.done()}
         while pending:
             for task in pending:
                 task.cancel()
@@ -422,6 +433,13 @@ class Proxy:
         self._port = 0
         self._loop = None
         logger.info("proxy stopped")
+
+    def close_sessions_now(self) -> None:
+        """End a :meth:`astop` grace period now (call on the proxy's loop): close the sessions.
+
+        ``iampg proxy`` calls it on a second SIGINT or SIGTERM.
+        """
+        self._hurry.set()
 
     async def _drop_streams(self) -> None:
         loop = asyncio.get_running_loop()
