@@ -242,7 +242,7 @@ def test_a_second_signal_ends_the_grace_period(
         assert conn.execute("select 'in grace'").fetchone() == ("in grace",)
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=30)
-        assert process.returncode == 0
+        assert process.returncode == 0, err
         with pytest.raises(psycopg.OperationalError):
             conn.execute("select 1")
     assert "outcome=shutdown" in err

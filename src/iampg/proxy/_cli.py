@@ -236,8 +236,15 @@ async def _serve(proxies: list[Proxy], out: TextIO) -> int:
             await proxy.astart()
             started.append(proxy)
         stop = asyncio.Event()
+
+        def on_signal() -> None:
+            if stop.is_set():  # the second one: no more grace
+                for proxy in started:
+                    proxy.close_sessions_now()
+            stop.set()
+
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, on_signal)
         for proxy in proxies:
             out.write(proxy.conninfo + "\n")
         out.flush()
@@ -251,6 +258,7 @@ async def _serve(proxies: list[Proxy], out: TextIO) -> int:
                     flush=True,
                 )
         await stop.wait()
+        await asyncio.gather(*(proxy.astop() for proxy in started))
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError, RuntimeError):

@@ -66,10 +66,10 @@ ClientTls = (
 pair of PEM files, or ``"generate"`` (a throwaway CA and certificate, see
 :attr:`Proxy.ca_file`)."""
 
-_AUTH_TIMEOUT: Final = 60.0  # from accept to a startup packet (and the password): libpq's
+# From accept to the startup packet (and the password), as PostgreSQL's authentication_timeout.
+_AUTH_TIMEOUT: Final = 60.0
 _TLS_TIMEOUT: Final = 10.0
-_MAX_PENDING: Final = 1024  # connections not yet logged in upstream; more are closed
-_CALL_TIMEOUT: Final = 10.0
+_MAX_PENDING: Final = 1024  # connections still in their client startup; more are closed at once
 _NO_REPLICATION: Final = frozenset({"false", "off", "no", "0"})
 
 
