@@ -254,3 +254,18 @@ def test_stats_and_open_sessions(proxy: Proxy) -> None:
     assert (stats.opened, stats.closed, stats.failed, stats.active) == (1, 1, 0, 0)
     assert stats.bytes_from_clients > 0
     assert stats.bytes_to_clients > 0
+
+
+def test_client_given_names_cannot_forge_log_lines(
+    proxy: Proxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A user or database name with a line break is quoted in the text log line."""
+    forged = "x\nsession closed client=1.2.3.4:5 user=admin"
+    sock, messages = raw_login(proxy, {"user": "postgres", "database": forged})
+    sock.close()
+    assert messages[-1][0] == b"E"  # no such database
+    assert eventually(lambda: proxy.stats().failed == 1)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("session closed")]
+    assert len(lines) == 1
+    assert "\n" not in lines[0]
+    assert repr(forged) in lines[0]

@@ -707,8 +707,8 @@ class Proxy:
             "session closed client=%s user=%s database=%s duration=%.3fs "
             "bytes_from_client=%d bytes_to_client=%d outcome=%s",
             fields["client"],
-            fields["user"],
-            fields["database"],
+            _printable(session.user),
+            _printable(session.database),
             duration,
             fields["bytes_from_client"],
             fields["bytes_to_client"],
@@ -874,8 +874,8 @@ class Proxy:
         logger.info(
             "session opened client=%s user=%s database=%s",
             session.peer,
-            session.user,
-            session.database,
+            _printable(session.user),
+            _printable(session.database),
             extra={
                 "iampg_proxy": {
                     "event": "session opened",
@@ -931,6 +931,13 @@ class Proxy:
         await stream.wait_closed(CLOSE_TIMEOUT)
         self._counters.cancels_forwarded += 1
         logger.debug("cancel request from %s forwarded", session.peer)
+
+
+def _printable(text: str) -> str:
+    """Return a client-given name for a text log line: no line breaks or control characters."""
+    if text.isprintable() and " " not in text:
+        return text
+    return repr(text)
 
 
 def _peer_text(address: Any) -> str:
