@@ -108,7 +108,7 @@ def test_temporary_has_speed_settings(cluster: Backend) -> None:
         "fsync": "off",
         "synchronous_commit": "off",
         "full_page_writes": "off",
-        "max_connections": "200",
+        "max_connections": "210",
     }
     assert encoding == ("UTF8",)
 

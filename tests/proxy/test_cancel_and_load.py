@@ -88,6 +88,7 @@ def test_a_guessed_cancel_key_cancels_nothing(proxy: Proxy, backend: Backend) ->
 def roomy_backend() -> Iterator[Backend]:
     """A throwaway PostgreSQL with room for 200 sessions (the shared one allows 100)."""
     with Backend.temporary() as backend:
+        backend.ensure_role(backend.user, iam=True)  # as on RDS: IAM logins need rds_iam
         yield backend
 
 

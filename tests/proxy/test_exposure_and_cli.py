@@ -81,7 +81,7 @@ def test_a_given_certificate_and_direct_tls(
     """A certificate and key given as files; libpq's direct TLS (ALPN) works too."""
     from iampg.emulator._tls import make_certificates
 
-    files = make_certificates(["localhost"], tmp_path)
+    files = make_certificates(["localhost"], tmp_path, loopback=True)
     proxy = start_proxy(
         emulator_endpoint,
         client_tls=(files.cert_file, files.key_file),

@@ -60,7 +60,7 @@ _SERVER_SETTINGS = {
     "synchronous_commit": "off",
     "full_page_writes": "off",
     "shared_buffers": "32MB",
-    "max_connections": "200",
+    "max_connections": "210",  # 200 sessions, plus the emulator's own (rds_iam checks)
     "huge_pages": "off",
     "jit": "off",
     "logging_collector": "off",

@@ -476,7 +476,8 @@ class Proxy:
             tmpdir = Path(tempfile.mkdtemp(prefix="iampg-proxy-"))
             names = [n for n in (self._listen_host, socket.gethostname()) if n]
             try:
-                files = make_certificates(names, tmpdir)
+                # a local listener: clients may dial it as localhost or its address
+                files = make_certificates(names, tmpdir, loopback=True)
             except BaseException:
                 shutil.rmtree(tmpdir, ignore_errors=True)
                 raise
