@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -514,6 +516,46 @@ def test_upper_case_host_tokens_are_accepted_in_both_signing_forms(emulator: Emu
     )
     assert PAM.format(user="postgres") in refusal(emulator, "postgres", tampered)
     assert emulator.events[-1].reason == "signature mismatch"
+
+
+_JS_SIGNER = """
+const { Signer } = require('@aws-sdk/rds-signer');
+const [host, port, user] = process.argv.slice(1);
+new Signer({ hostname: host, port: Number(port), username: user, region: 'us-east-1',
+             credentials: { accessKeyId: 'AKIAIOSFODNN7EXAMPLE',
+                            secretAccessKey: 'wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY' } })
+  .getAuthToken().then((token) => process.stdout.write(token))
+  .catch((err) => { console.error(err.message); process.exit(1); });
+"""
+
+
+def _node_with_rds_signer() -> str | None:
+    node = shutil.which("node")
+    if node is None:
+        return None
+    probe = subprocess.run(
+        [node, "-e", "require('@aws-sdk/rds-signer')"], capture_output=True, timeout=30, check=False
+    )
+    return node if probe.returncode == 0 else None
+
+
+def test_javascript_sdk_tokens_for_upper_case_hosts(emulator: Emulator) -> None:
+    """@aws-sdk/rds-signer signs the host as given; its tokens log in in any case."""
+    node = _node_with_rds_signer()
+    if node is None:
+        pytest.skip("node or @aws-sdk/rds-signer is not installed (npm install, NODE_PATH)")
+    mixed = "IAMPG-Emulator" + emulator.host[len("iampg-emulator") :]
+    for host in (emulator.host, emulator.host.upper(), mixed):
+        result = subprocess.run(
+            [node, "-e", _JS_SIGNER, host, str(emulator.port), "postgres"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(host + ":")
+        assert connects(emulator, "postgres", result.stdout)
 
 
 def test_advertise_port_is_the_port_tokens_carry(start_emulator: EmulatorFactory) -> None:
