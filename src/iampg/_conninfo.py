@@ -41,6 +41,8 @@ def parse(text: str) -> dict[str, str]:
     Raises:
         ConfigurationError: The string cannot be parsed (libpq's reason quoted).
     """
+    if not text or text.isspace():
+        return {}  # what every pool connection's check parses: no need to ask libpq
     libpq = _libpq()
     if libpq is None:
         return parse_python(text)
