@@ -1,10 +1,11 @@
 """Service presets in every integration: no query fails while DSQL's cap closes sessions.
 
-A DSQL emulator whose session cap is shortened to about a second stands for the one-hour cap:
-sessions are closed on time, idle ones at once, those inside a transaction when it ends or
-``transaction_limit`` after it began. Each test runs an application's usual loop across
-several caps, with the integration's defaults (or, where the default is a duration scaled to
-the real cap, the same duration scaled to the short one), and counts failed queries: none.
+Two DSQL emulators stand for the one-hour cap. For the checks at checkout, the emulator's clock
+jumps an hour between rounds, while the application's connections sit in its pool: the cap
+closes every idle session, and the next round must not meet one. For the maximum connection
+age, the cap is shortened to two seconds of real time and each round holds its connection
+between two statements: only a connection replaced before the cap (the preset's 3300 s of 3600,
+scaled) never meets it. Each test runs across several caps and counts failed queries: none.
 """
 
 from __future__ import annotations
@@ -24,17 +25,21 @@ from iampg.integrations import asyncpg as iampg_asyncpg
 from iampg.integrations import sqlalchemy as iampg_sqlalchemy
 from support import EmulatorFactory, endpoint_for
 
-CAP = 1.0  # seconds: DSQL's 3600, shortened
-ROUNDS = 14  # each round waits PAUSE: about four caps in all
-PAUSE = 0.3
-HOLD = 0.3  # seconds a connection is held between two statements
-# DSQL's 3300 s recycle for a 3600 s cap leaves 300 s; scaled to CAP, with room for HOLD.
-LIFETIME = CAP - HOLD - 0.2
+HOUR = 3600.0  # DSQL's cap, in the emulator's seconds
+JUMPS = 3  # caps met by the checkout tests
+CAP = 2.0  # seconds of real time: the shortened cap of the lifetime tests
+ROUNDS = 16  # rounds of the lifetime tests, each HOLD plus PAUSE or more: over two caps
+PAUSE = 0.1
+HOLD = 0.25  # seconds a connection is held between two statements
+# DSQL's 3300 s recycle for a 3600 s cap leaves 300 s; scaled to CAP, with room for HOLD and a
+# loaded machine's delays.
+LIFETIME = CAP - HOLD - 1.0
+WAIT = 10.0  # seconds to wait for the emulator to close the sessions after a jump
 
 
 @pytest.fixture
 def dsql(backend: Backend, start_emulator: EmulatorFactory) -> Emulator:
-    """A DSQL emulator whose sessions are capped at CAP seconds."""
+    """A DSQL emulator whose sessions are capped at CAP seconds of real time."""
     backend.ensure_role("admin")
     return start_emulator(service="dsql", session_cap=CAP, transaction_limit=0.1)
 
@@ -46,22 +51,62 @@ def provider(dsql: Emulator) -> TokenProvider:
     return TokenProvider(ep)
 
 
+@pytest.fixture
+def hourly(backend: Backend, start_emulator: EmulatorFactory) -> Emulator:
+    """A DSQL emulator with the real one-hour cap, whose clock the test moves."""
+    backend.ensure_role("admin")
+    return start_emulator(service="dsql")
+
+
+@pytest.fixture
+def hourly_provider(hourly: Emulator) -> TokenProvider:
+    """A provider on the emulator's clock: after a jump it signs a token valid there."""
+    return TokenProvider(endpoint_for(hourly, user="admin"), clock=hourly.clock.monotonic)
+
+
+def capped(emu: Emulator) -> int:
+    """How many sessions the emulator has closed at the cap."""
+    return sum(1 for e in emu.events if (e.outcome, e.reason) == ("closed", "session cap"))
+
+
+def jump_an_hour(emu: Emulator) -> None:
+    """Move the emulator's clock past the cap; wait until it closed the open sessions."""
+    before = capped(emu)
+    emu.clock.advance(HOUR)
+    deadline = time.monotonic() + WAIT
+    while capped(emu) == before:
+        assert time.monotonic() < deadline, "the emulator closed no session at the cap"
+        time.sleep(0.01)
+
+
+async def ajump_an_hour(emu: Emulator) -> None:
+    """:func:`jump_an_hour` without blocking the loop, which must read the server's close."""
+    before = capped(emu)
+    emu.clock.advance(HOUR)
+    deadline = time.monotonic() + WAIT
+    while capped(emu) == before:
+        assert time.monotonic() < deadline, "the emulator closed no session at the cap"
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # let the loop read the close the emulator sent
+
+
 # -- SQLAlchemy -----------------------------------------------------------------------------
 
 
-def test_sqlalchemy_dsql_engine_checks_connections_at_checkout(provider: TokenProvider) -> None:
+def test_sqlalchemy_dsql_engine_checks_connections_at_checkout(
+    hourly: Emulator, hourly_provider: TokenProvider
+) -> None:
     """The DSQL preset's pre-ping replaces a connection the cap closed in the pool."""
-    engine = iampg_sqlalchemy.create_engine(provider, pool_size=1)
+    engine = iampg_sqlalchemy.create_engine(hourly_provider, pool_size=1)
     try:
-        assert engine.pool._pre_ping
         pids = set()
-        for _ in range(ROUNDS):
+        for _ in range(JUMPS + 1):
             with engine.connect() as conn:
                 pids.add(conn.execute(text("select pg_backend_pid()")).scalar_one())
-            time.sleep(PAUSE)
+            jump_an_hour(hourly)
     finally:
         engine.dispose()
-    assert len(pids) >= 3  # the cap closed sessions, and each was replaced unseen
+    assert len(pids) == JUMPS + 1  # each capped session was replaced unseen
 
 
 def test_sqlalchemy_dsql_engine_recycles_under_the_cap(provider: TokenProvider) -> None:
@@ -91,7 +136,7 @@ def test_sqlalchemy_dsql_async_engine_on_asyncpg(provider: TokenProvider) -> Non
                     pids.add((await conn.execute(text("select pg_backend_pid()"))).scalar_one())
                     await asyncio.sleep(HOLD)
                     await conn.execute(text("select 1"))
-                await asyncio.sleep(PAUSE / 3)
+                await asyncio.sleep(PAUSE)
         finally:
             await engine.dispose()
         return pids
@@ -148,23 +193,27 @@ def test_asyncpg_dsql_pool_replaces_connections_under_the_cap(provider: TokenPro
                     pids.add(await conn.fetchval("select pg_backend_pid()"))
                     await asyncio.sleep(HOLD)
                     await conn.fetchval("select 1")
-                await asyncio.sleep(PAUSE / 3)
+                await asyncio.sleep(PAUSE)
         return pids
 
     assert len(asyncio.run(main())) >= 3
 
 
-def test_asyncpg_dsql_pool_survives_the_cap_while_idle(provider: TokenProvider) -> None:
-    """With the DSQL defaults, connections the cap closed in the pool are never handed out."""
+def test_asyncpg_dsql_pool_survives_the_cap_while_idle(
+    hourly: Emulator, hourly_provider: TokenProvider
+) -> None:
+    """asyncpg itself replaces a connection the cap closed while it sat in the pool."""
 
-    async def main() -> None:
-        async with iampg_asyncpg.create_pool(provider, min_size=1, max_size=2) as pool:
-            for _ in range(ROUNDS):
+    async def main() -> set[int]:
+        pids = set()
+        async with iampg_asyncpg.create_pool(hourly_provider, min_size=1, max_size=2) as pool:
+            for _ in range(JUMPS + 1):
                 async with pool.acquire() as conn:
-                    await conn.fetchval("select 1")
-                await asyncio.sleep(PAUSE)
+                    pids.add(await conn.fetchval("select pg_backend_pid()"))
+                await ajump_an_hour(hourly)
+        return pids
 
-    asyncio.run(main())
+    assert len(asyncio.run(main())) == JUMPS + 1
 
 
 def test_asyncpg_presets_set_the_pool(dsql: Emulator, start_emulator: EmulatorFactory) -> None:
@@ -229,38 +278,38 @@ def _django_query(conn: Any) -> int:
 
 
 def test_django_native_pool_on_dsql_checks_connections(
-    provider: TokenProvider, django_handler: Any
+    hourly: Emulator, hourly_provider: TokenProvider, django_handler: Any
 ) -> None:
     """The DSQL preset turns Django's health checks on: the native pool survives the cap."""
     from iampg.integrations.django import database
 
-    entry = database(provider, pool={"min_size": 1, "max_size": 1, "timeout": 5.0})
+    entry = database(hourly_provider, pool={"min_size": 1, "max_size": 1, "timeout": 5.0})
     assert entry["CONN_HEALTH_CHECKS"] is True
     assert entry["OPTIONS"]["pool"]["max_lifetime"] == 3300.0
     assert "check" not in entry["OPTIONS"]["pool"]  # Django passes its own
     conn = django_handler(entry)
     pids = set()
-    for _ in range(ROUNDS):
+    for _ in range(JUMPS + 1):
         pids.add(_django_query(conn))
         conn.close()  # the end of a request: the connection goes back to the pool
-        time.sleep(PAUSE)
-    assert len(pids) >= 3
+        jump_an_hour(hourly)
+    assert len(pids) == JUMPS + 1
 
 
 def test_django_persistent_connection_on_dsql_checks_health(
-    provider: TokenProvider, django_handler: Any
+    hourly: Emulator, hourly_provider: TokenProvider, django_handler: Any
 ) -> None:
     """Persistent connections (CONN_MAX_AGE) are checked at each request: the cap is survived."""
     from iampg.integrations.django import database
 
-    conn = django_handler(database(provider, CONN_MAX_AGE=None))
+    conn = django_handler(database(hourly_provider, CONN_MAX_AGE=3300))
     pids = set()
-    for _ in range(ROUNDS):
+    for _ in range(JUMPS + 1):
         conn.close_if_unusable_or_obsolete()  # what Django runs at request_started
         pids.add(_django_query(conn))
         conn.close_if_unusable_or_obsolete()  # and at request_finished
-        time.sleep(PAUSE)
-    assert len(pids) >= 3
+        jump_an_hour(hourly)
+    assert len(pids) == JUMPS + 1
 
 
 def test_django_aurora_preset_sets_the_pool(start_emulator: EmulatorFactory) -> None:
@@ -282,13 +331,17 @@ def test_django_aurora_preset_sets_the_pool(start_emulator: EmulatorFactory) -> 
     assert "CONN_HEALTH_CHECKS" not in database(endpoint_for(aurora), preset="rds")
 
 
-def test_psycopg_check_stays_with_psycopg(provider: TokenProvider) -> None:
-    """The same DSQL emulator, for reference: iampg's own pool meets the cap without failing."""
+def test_psycopg_pool_for_reference(hourly: Emulator, hourly_provider: TokenProvider) -> None:
+    """The same rounds through iampg's own pool, whose DSQL preset these follow."""
     import iampg
 
-    with iampg.ConnectionPool(provider=provider, min_size=1, max_size=1, timeout=5.0) as pool:
-        for _ in range(ROUNDS):
+    pids = set()
+    with iampg.ConnectionPool(
+        provider=hourly_provider, min_size=1, max_size=1, timeout=5.0
+    ) as pool:
+        for _ in range(JUMPS + 1):
             with pool.connection() as conn:
-                conn.execute("select 1")
-            time.sleep(PAUSE)
-    assert isinstance(pool, iampg.ConnectionPool)
+                row = conn.execute("select pg_backend_pid()").fetchone()
+                pids.add(row[0] if row else None)
+            jump_an_hour(hourly)
+    assert len(pids) == JUMPS + 1
