@@ -276,3 +276,32 @@ def test_async_pool_opened_before_a_fork_is_refused_in_the_child(emulator: Emula
     before, answer, after = asyncio.run(parent())
     assert answer == "refused"
     assert before == after
+
+
+def test_psycopg2_pool_made_before_a_fork_is_refused_in_the_child(emulator: Emulator) -> None:
+    """psycopg2's pool (iampg's subclass) refuses the child too; closeall() there is harmless."""
+    iampg_psycopg2 = pytest.importorskip("iampg.integrations.psycopg2")
+    pool = iampg_psycopg2.ThreadedConnectionPool(1, 1, TokenProvider(endpoint_for(emulator)))
+    try:
+        conn = pool.getconn()
+        with conn.cursor() as cur:
+            cur.execute("select pg_backend_pid()")
+            before = cur.fetchone()[0]
+        pool.putconn(conn)
+
+        def work() -> str:
+            try:
+                pool.getconn()
+            except iampg.ConfigurationError as exc:
+                pool.closeall()  # must not end the parent's session
+                return f"refused {'before a fork' in str(exc)}"
+            return "used the parent's connection"
+
+        assert in_child(work) == "refused True"
+        conn = pool.getconn()
+        with conn.cursor() as cur:
+            cur.execute("select pg_backend_pid()")
+            assert cur.fetchone()[0] == before
+        pool.putconn(conn)
+    finally:
+        pool.closeall()

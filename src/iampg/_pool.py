@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
@@ -26,58 +25,13 @@ from iampg._connecting import (
 )
 from iampg._defaults import pool_options
 from iampg._endpoint import Endpoint
+from iampg._forks import Opened as _Opened
 from iampg._lost import AsyncLivenessCheck, AsyncPurgingCheck, PurgingCheck
 from iampg._tokens import TokenProvider
-from iampg.errors import ConfigurationError
 
 __all__ = ["AsyncConnectionPool", "ConnectionPool", "aconnect", "connect"]
 
 logger = logging.getLogger("iampg.pool")
-
-# -- pools are never shared across a fork --------------------------------------------------
-
-_forks = [0]  # how many forks separate this process from the one that imported iampg
-
-
-def _forked() -> None:
-    _forks[0] += 1
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
-    os.register_at_fork(after_in_child=_forked)
-
-
-class _Opened:
-    """Where a pool was opened: the fork generation and process id, to refuse it after a fork."""
-
-    __slots__ = ("generation", "pid")
-
-    def __init__(self) -> None:
-        self.generation = _forks[0]
-        self.pid = os.getpid()
-
-    def inherited(self) -> bool:
-        """Tell whether the pool was opened in a parent of this process (before a fork)."""
-        return self.generation != _forks[0]
-
-    def refuse(self, pool: object, action: str) -> None:
-        """Raise if the pool was opened before a fork; say where to open pools instead.
-
-        Raises:
-            ConfigurationError: The pool was opened in a parent process.
-        """
-        if self.inherited():
-            name = type(pool).__name__
-            raise ConfigurationError(
-                f"cannot {action} this {name} in process {os.getpid()}: it was opened in "
-                f"process {self.pid} before a fork, and its connections belong to that "
-                f"process (sharing them would mix both processes' queries on one session). "
-                f"Create or open the pool after the fork, in each process: gunicorn's "
-                f"post_fork hook (or no --preload), uWSGI's lazy-apps, Celery's "
-                f"worker_process_init signal; a pool made with open=False before the fork "
-                f"may be opened in the child"
-            )
-
 
 CT = TypeVar("CT", bound="psycopg.Connection[Any]", default="psycopg.Connection[TupleRow]")
 ACT = TypeVar(
