@@ -210,7 +210,7 @@ def run(*, quick: bool = False) -> list[Result]:
             claim=(
                 f"`import iampg` (no psycopg) costs {_than(cost['ours'] - cost['pool'])} "
                 f"psycopg_pool; with the first psycopg helper, "
-                f"{_than(cost['helper'] - cost['pool'])} ({basis})"
+                f"{_than(cost['helper'] - cost['pool'])} psycopg_pool ({basis})"
             ),
             bar="≤ psycopg_pool + 15 ms, with the psycopg helper loaded",
             passed=max(cost["ours"], cost["helper"]) <= cost["pool"] + 0.015,
