@@ -7,6 +7,7 @@ supported CPython, `minimums` on the oldest with the lowest versions pyproject.t
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -68,20 +69,32 @@ def _pyenv_root() -> Path | None:
     return Path(found.stdout.strip()) if found.returncode == 0 and found.stdout.strip() else None
 
 
+def _shim_root(program: str) -> Path | None:
+    """Return the pyenv root when ``program`` is one of its shims (``ROOT/shims/NAME``)."""
+    shims = Path(program).parent
+    return shims.parent if shims.name == "shims" and (shims.parent / "versions").is_dir() else None
+
+
+@functools.cache
 def interpreter(version: str) -> str:
     """Return what to give nox for CPython ``version``: ``pythonX.Y`` when it runs, else a path.
 
-    A pyenv shim for a version that is installed but not selected is on PATH and fails when
-    run; then the newest pyenv-installed ``X.Y.*`` is used, found with ``pyenv root``.
+    Every nox command calls this for each supported version while loading this file, so it
+    runs no pyenv shim: a shim starts pyenv (half a second), and one for a version that is
+    installed but not selected fails when run. For a shim, or a ``pythonX.Y`` on PATH that
+    does not run, the newest pyenv-installed ``X.Y.*`` is used, under the shim's pyenv root
+    or ``pyenv root``.
     """
     name = f"python{version}"
     found = shutil.which(name)
+    root = _shim_root(found) if found else None
     if (
         found
+        and root is None
         and subprocess.run([found, "-c", ""], capture_output=True, check=False).returncode == 0
     ):
         return version
-    root = _pyenv_root()
+    root = root or _pyenv_root()
     if root is not None:
         candidates = sorted(root.glob(f"versions/{version}.*/bin/{name}"), key=_version_key)
         if candidates:
