@@ -1,6 +1,6 @@
 """Quality gates: `nox` runs the local ones, `nox -t ci` every gate CI runs (the README's test).
 
-Local: lint typecheck tests build docs. `tests` is the fast suite on nox's own interpreter;
+Local: lint typecheck tests build docs. `tests` is the fast suite on nox's own interpreter and every core;
 `tests-3.10` … `tests-3.13` run the whole suite (the slow tests too, not the soak) on each
 supported CPython, `minimums` on the oldest with the lowest versions pyproject.toml allows.
 """
@@ -8,6 +8,7 @@ supported CPython, `minimums` on the oldest with the lowest versions pyproject.t
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -45,6 +46,10 @@ SUITE_TIMEOUT = 1500.0  # seconds for one whole-suite run; it takes about 4 minu
 # pytest selections (markers in pyproject.toml). The default addopts leave out the slow tests
 # and the soak; the whole suite is everything but the soak, which only `nox -s soak` runs.
 WHOLE_SUITE = ["-m", "not soak"]
+# The fast suite runs on every core (pytest-xdist), one test file per worker at a time: the
+# tests of a file share table and application names on the backend. `-- -n 0` runs it in one
+# process.
+PARALLEL = ["-n", "auto", "--dist", "loadfile"]
 
 
 def _group(name: str) -> list[str]:
@@ -102,6 +107,24 @@ def interpreter(version: str) -> str:
     return version  # nox says it is missing
 
 
+def _install(session: nox.Session, *args: str) -> None:
+    """Run ``session.install(*args)`` unless this environment has them from this pyproject.toml.
+
+    pip takes seconds to find that nothing is missing, on every run of a reused environment.
+    A stamp in the environment records what was installed from which pyproject.toml, written
+    only when the installation ran (``--no-install`` skips both); the project itself is
+    installed editable, so a change to its code needs no new installation.
+    """
+    stamp = Path(session.bin).parent / ".nox-installed"
+    wanted = hashlib.sha256("\0".join([*args, Path("pyproject.toml").read_text()]).encode())
+    if stamp.is_file() and stamp.read_text() == wanted.hexdigest():
+        session.log("already installed: %s", " ".join(args))
+        return
+    session.install(*args)
+    write = "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text(sys.argv[2])"
+    session.run_install("python", "-c", write, str(stamp), wanted.hexdigest(), log=False)
+
+
 def _pytest(session: nox.Session, *args: str) -> None:
     """Run pytest with ``args`` and the session's arguments (given after ``--``).
 
@@ -146,14 +169,14 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the fast tests (not the slow ones, not the soak) on nox's own Python."""
-    session.install("-e", ".[emulator]", *_group("tests"))
-    _pytest(session)
+    """Run the fast tests (not the slow ones, not the soak) on nox's own Python, in parallel."""
+    _install(session, "-e", ".[emulator]", *_group("tests"))
+    _pytest(session, *PARALLEL)
 
 
 def _whole_suite(session: nox.Session) -> None:
     """Run the whole suite (slow tests too, not the soak) on this Python."""
-    session.install("-e", ".[emulator]", *_group("tests"))
+    _install(session, "-e", ".[emulator]", *_group("tests"))
     _pytest(session, *WHOLE_SUITE)
 
 
@@ -255,7 +278,7 @@ def bench(session: nox.Session) -> None:
 @nox.session(default=False)
 def soak(session: nox.Session) -> None:
     """Run the 2-minute soak (pools, key rotation, gateway restarts); only this session does."""
-    session.install("-e", ".[emulator]", *_group("tests"))
+    _install(session, "-e", ".[emulator]", *_group("tests"))
     env = {"IAMPG_SOAK_SECONDS": session.env.get("IAMPG_SOAK_SECONDS", "120")}
     # -s: the run ends by printing its figures (queries, retries, signings, service events).
     args = ["tests/reliability/test_soak.py", "-m", "soak", "-p", "no:cacheprovider", "-s"]
