@@ -1,8 +1,9 @@
 """Quality gates: `nox` runs the local ones, `nox -t ci` every gate CI runs (the README's test).
 
-Local: lint typecheck tests build docs. `tests` is the fast suite on nox's own interpreter and every core;
-`tests-3.10` … `tests-3.13` run the whole suite (the slow tests too, not the soak) on each
-supported CPython, `minimums` on the oldest with the lowest versions pyproject.toml allows.
+Local: lint typecheck tests build docs. `tests` is the fast suite on nox's own interpreter, on
+every core; `tests-3.10` … `tests-3.13` run the whole suite (the slow tests too, not the soak)
+on each supported CPython, `minimums` on the oldest with the lowest versions pyproject.toml
+allows.
 """
 
 from __future__ import annotations
@@ -132,6 +133,10 @@ def _pytest(session: nox.Session, *args: str) -> None:
     an empty selection is a mistake, never a pass. tests/conftest.py says what was left out.
     A run still going after ``SUITE_TIMEOUT`` is killed (pytest's faulthandler_timeout has
     dumped where it hangs by then).
+
+    Bytecode is written even where ``PYTHONDONTWRITEBYTECODE`` is set: pytest keeps its
+    assertion-rewritten test modules there (``__pycache__``, ignored by git), and without them
+    each process (every worker, every pytest a test starts) rewrites them all again.
     """
     session.run(
         "python",
@@ -142,6 +147,7 @@ def _pytest(session: nox.Session, *args: str) -> None:
         "pytest",
         *args,
         *session.posargs,
+        env={"PYTHONDONTWRITEBYTECODE": ""},
     )
 
 
