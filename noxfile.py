@@ -48,9 +48,10 @@ SUITE_TIMEOUT = 1500.0  # seconds for one whole-suite run; it takes about 4 minu
 # and the soak; the whole suite is everything but the soak, which only `nox -s soak` runs.
 WHOLE_SUITE = ["-m", "not soak"]
 # The fast suite runs on every core (pytest-xdist), one test file per worker at a time: the
-# tests of a file share table and application names on the backend. `-- -n 0` runs it in one
-# process.
-PARALLEL = ["-n", "auto", "--dist", "loadfile"]
+# tests of a file share table and application names on the backend. Logical cores, as a
+# machine with two threads per core runs the suite's waits and subprocesses well in parallel;
+# $PYTEST_XDIST_AUTO_NUM_WORKERS sets another count, `-- -n 0` runs it in one process.
+PARALLEL = ["-n", "logical", "--dist", "loadfile"]
 
 
 def _group(name: str) -> list[str]:
