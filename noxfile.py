@@ -127,6 +127,26 @@ def _install(session: nox.Session, *args: str) -> None:
     session.run_install("python", "-c", write, str(stamp), wanted.hexdigest(), log=False)
 
 
+NODE_PEERS = Path("tests/node")  # node-postgres and the AWS SDK's signers, for the tests
+
+
+def _node_peers(session: nox.Session) -> None:
+    """Install the JavaScript peers the tests run (``npm ci``) where npm is; else they skip.
+
+    npm records what it installed in ``node_modules/.package-lock.json``: while that is newer
+    than the lock file, nothing is installed again.
+    """
+    npm = shutil.which("npm")
+    installed = NODE_PEERS / "node_modules" / ".package-lock.json"
+    lock = NODE_PEERS / "package-lock.json"
+    if npm is None:
+        session.log("npm not found: the tests with JavaScript clients skip")
+    elif not installed.exists() or installed.stat().st_mtime < lock.stat().st_mtime:
+        session.run(
+            npm, "ci", "--prefix", str(NODE_PEERS), "--no-audit", "--no-fund", external=True
+        )
+
+
 def _pytest(session: nox.Session, *args: str) -> None:
     """Run pytest with ``args`` and the session's arguments (given after ``--``).
 
@@ -139,6 +159,7 @@ def _pytest(session: nox.Session, *args: str) -> None:
     assertion-rewritten test modules there (``__pycache__``, ignored by git), and without them
     each process (every worker, every pytest a test starts) rewrites them all again.
     """
+    _node_peers(session)
     session.run(
         "python",
         "-c",
