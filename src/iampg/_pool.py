@@ -24,7 +24,7 @@ from iampg._connecting import (
 )
 from iampg._defaults import pool_options
 from iampg._endpoint import Endpoint
-from iampg._lost import AsyncLivenessCheck, AsyncPurgingCheck, PurgingCheck
+from iampg._lost import AsyncLivenessCheck, AsyncPurgingCheck, PurgingCheck, purging
 from iampg._tokens import TokenProvider
 
 __all__ = ["AsyncConnectionPool", "ConnectionPool", "aconnect", "connect"]
@@ -284,7 +284,7 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
 
         check = options.get("check")
         if check is not None:
-            options["check"] = check = PurgingCheck(check)
+            options["check"] = check = purging(check, PurgingCheck)
         super().__init__(
             make_conninfo(**target.params),
             kwargs=connection_kwargs,
@@ -335,7 +335,7 @@ class AsyncConnectionPool(psycopg_pool.AsyncConnectionPool[ACT]):
         options.setdefault("open", False)
         check = options.get("check")
         if check is not None:
-            options["check"] = check = AsyncPurgingCheck(check)
+            options["check"] = check = purging(check, AsyncPurgingCheck)
         super().__init__(
             make_conninfo(**target.params),
             kwargs=connection_kwargs,
