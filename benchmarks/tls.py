@@ -35,7 +35,7 @@ from typing import Any
 
 import psycopg
 
-from benchmarks._common import EmulatorInfo, Result, Stats, ms, percentile
+from benchmarks._common import EmulatorInfo, Result, Stats, median_interval, ms, percentile
 from iampg import TokenProvider, _trust
 
 SYSTEM_BUNDLES = (
@@ -101,15 +101,6 @@ def _measure(
     return {name: Stats.of(values) for name, values in samples.items()}, ratios
 
 
-def _median_interval(values: list[float], *, resamples: int = 2000) -> tuple[float, float]:
-    """Return a 95 % bootstrap interval of the median of ``values`` (seeded, repeatable)."""
-    rng = random.Random(7)
-    medians = sorted(
-        statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples)
-    )
-    return medians[int(resamples * 0.025)], medians[int(resamples * 0.975) - 1]
-
-
 def _connect_with(base: dict[str, Any], sslrootcert: str, token: str) -> Callable[[], Any]:
     return lambda: psycopg.connect(**base, sslrootcert=sslrootcert, password=token)
 
@@ -134,7 +125,7 @@ def run(rds: EmulatorInfo, *, quick: bool = False, rounds: int | None = None) ->
         path, count = files[name]
         median = statistics.median(values)
         low, high = percentile(values, 0.25), percentile(values, 0.75)
-        ci_low, ci_high = _median_interval(values)
+        ci_low, ci_high = median_interval(values)
         extra = stats[name].median - stats[REQUIRE].median
         bar = "≤ 1.05x require" if name == SMALL else "report only"
         results.append(
