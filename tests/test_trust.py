@@ -311,12 +311,12 @@ def test_every_region_file_holds_that_regions_three_cas() -> None:
         ("app.cluster-ro-abc123.eu-west-1.rds.amazonaws.com", None, None, "aws-eu-west-1.pem"),
         ("app.proxy-abc123.us-east-1.rds.amazonaws.com", None, None, "amazon-roots.pem"),
         ("ro.endpoint.proxy-abc123.us-east-1.rds.amazonaws.com", None, None, "amazon-roots.pem"),
-        ("abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws", None, None, "amazon-roots.pem"),
+        ("abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws", None, None, "amazon-root-ca-1.pem"),
         ("db.abc123.us-gov-west-1.rds.amazonaws.com", None, None, "rds-global.pem"),
         ("db.abc123.cn-north-1.rds.amazonaws.com.cn", None, None, "rds-global.pem"),
         ("db.internal.example", None, "us-east-2", "aws-us-east-2.pem"),
         ("db.internal.example", None, "xx-nowhere-9", "rds-global.pem"),
-        ("dsql.internal.example", "dsql", "us-east-1", "amazon-roots.pem"),
+        ("dsql.internal.example", "dsql", "us-east-1", "amazon-root-ca-1.pem"),
     ],
 )
 def test_root_file_picks_the_smallest_file(

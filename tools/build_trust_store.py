@@ -7,7 +7,9 @@ The store holds, as small PEM files that libpq reads on every connection:
 - ``aws-<region>.pem``: the same plus Amazon Root CA 1, for Aurora cluster endpoints and host
   names that are not AWS names (a tunnel alias, the emulator);
 - ``amazon-roots.pem``: Amazon Root CA 1-4 and Starfield Services Root CA G2, which RDS Proxy
-  and Aurora DSQL certificates chain to;
+  certificates chain to;
+- ``amazon-root-ca-1.pem``: Amazon Root CA 1 alone, for Aurora DSQL (the one root AWS says a
+  DSQL client must trust);
 - ``rds-global.pem``: every region's RDS CAs and the public roots, for regions without a file
   of their own;
 - ``manifest.json``: for every certificate where it came from (package, version and path inside
@@ -516,6 +518,9 @@ def plan_files(found: Collected) -> dict[str, tuple[dict[str, str], list[Entry]]
     root_ca_1 = [e for e in roots if e.subject == ROOT_CA_1]
     files: dict[str, tuple[dict[str, str], list[Entry]]] = {
         "amazon-roots.pem": ({"kind": "amazon-roots"}, roots),
+        # Aurora DSQL: AWS documents one root ("your client system must trust Amazon Root CA
+        # 1"), and each certificate in the file costs every connection.
+        "amazon-root-ca-1.pem": ({"kind": "amazon-root-ca-1"}, root_ca_1),
         "rds-global.pem": ({"kind": "aws", "region": "*"}, rds + roots),
     }
     for region in regions:
