@@ -7,10 +7,12 @@ the same token; only the TLS settings differ:
 - ``require``: encrypted, certificate not checked (the opt-out).
 - ``verify-full, 1 certificate``: the emulator's CA alone: what verifying costs besides
   reading a larger file.
-- ``verify-full, rds-<region> size``: the emulator's CA plus as many shipped certificates as
-  iampg's per-region RDS file holds (3), so libpq parses what it parses for an RDS instance.
-- ``verify-full, aws-<region> size``: the same with the size of the file a cluster endpoint
-  or a non-AWS host name gets (4: the RDS CAs and Amazon Root CA 1).
+- ``verify-full, rds-<region> size``: the file an RDS instance endpoint gets, with the
+  emulator's CA in the place of the CA the server's chain ends in: the region's RSA4096 and
+  ECC384 CAs and the emulator's CA (3 certificates, as in ``rds-<region>.pem``; the
+  emulator's key is EC P-256, like an instance using rds-ca-ecc384-g1 signs with EC).
+- ``verify-full, aws-<region> size``: the same plus Amazon Root CA 1, the file a cluster
+  endpoint or a non-AWS host name gets (4 certificates, as in ``aws-<region>.pem``).
 - ``verify-full, system store``: the operating system's bundle with the emulator's CA
   appended, what ``sslrootcert=system`` (libpq >= 16) makes libpq read.
 
@@ -56,15 +58,30 @@ def _certs(data: bytes) -> list[bytes]:
     return [b[b.index(b"-----BEGIN CERTIFICATE-----") :] + marker + b"\n" for b in blocks]
 
 
+def _cn(pem: bytes) -> str:
+    """Return a certificate's common name."""
+    from cryptography import x509  # noqa: PLC0415 -- only when the files are written
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
+    attrs = x509.load_pem_x509_certificate(pem).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(attrs[0].value) if attrs else ""
+
+
 def _ca_files(emu: EmulatorInfo, workdir: Path) -> dict[str, tuple[Path, int]]:
     """Write the CA files each verified variant reads; return (path, certificates) per variant."""
     ca = Path(emu.ca_file).read_bytes()
     shipped = _trust.directory()
     (workdir / "ca.pem").write_bytes(ca)
     files: dict[str, tuple[Path, int]] = {ONE: (workdir / "ca.pem", 1)}
-    for name, source in ((SMALL, "rds-us-east-1.pem"), (MEDIUM, "aws-us-east-1.pem")):
-        certs = _certs((shipped / source).read_bytes())
-        path = workdir / source
+    # The region's CAs without its RSA2048 one, whose place the emulator's CA takes.
+    region = _certs((shipped / "rds-us-east-1.pem").read_bytes())
+    kept = [c for c in region if _cn(c) != "Amazon RDS us-east-1 Root CA RSA2048 G1"]
+    root_ca_1 = _certs((shipped / "amazon-root-ca-1.pem").read_bytes())
+    for name, certs, file in (
+        (SMALL, kept, "rds-us-east-1.pem"),
+        (MEDIUM, kept + root_ca_1, "aws-us-east-1.pem"),
+    ):
+        path = workdir / file
         path.write_bytes(b"".join(certs) + ca)
         files[name] = (path, len(certs) + 1)
     for system in SYSTEM_BUNDLES:
