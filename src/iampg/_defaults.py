@@ -108,7 +108,7 @@ PROFILES: Mapping[str, ServiceDefaults] = {
     # restart) makes the socket readable, and a connection that sat idle longer is checked
     # with a query. The window left: a connection the network drops without a word within
     # that second fails its query, as it would a moment later, and retry_transaction runs it
-    # again. In a busy pool the check is a clock read and one poll() (about 2 % of the
+    # again. In a busy pool the check is a clock read and one poll() (about 3 % of the
     # client's instructions per checkout and SELECT 1): the speed of a pool without a check.
     "dsql": ServiceDefaults(
         connect_timeout=10,

@@ -211,7 +211,7 @@ class _Recent:
     its inline attribute values into a real dictionary, and every later attribute access
     psycopg makes on that connection takes a slower path (measured with callgrind: +12,000
     instructions per checkout, for one ``__dict__`` write). The check now costs a checkout
-    about 5,000 instructions (it was 16,600), of about 205,000 that a checkout and
+    about 6,000 instructions (it was 17,300), of about 205,000 that a checkout and
     ``SELECT 1`` cost the client.
     """
 
