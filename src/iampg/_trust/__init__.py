@@ -217,10 +217,10 @@ def report(*, today: dt.date | None = None) -> list[str]:
         f"earliest expiry: {earliest['not_after'][:10]} ({_subject_cn(earliest['subject'])})",
         f"regions: {' '.join(regions)}",
     ]
-    lines.extend(
-        f"{name}: {len(files[name]['certificates'])} certificates: {_what(files[name])}"
-        for name in (AMAZON_ROOTS, AMAZON_ROOT_CA_1, GLOBAL)
-    )
+    for name in (AMAZON_ROOTS, AMAZON_ROOT_CA_1, GLOBAL):
+        count = len(files[name]["certificates"])
+        plural = "" if count == 1 else "s"
+        lines.append(f"{name}: {count} certificate{plural}: {_what(files[name])}")
     for prefix, what in (("rds", "the region's RDS CAs"), ("aws", "the same + Amazon Root CA 1")):
         counts = sorted(
             {len(i["certificates"]) for n, i in files.items() if _per_region(n, prefix)}
