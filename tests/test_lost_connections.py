@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
+import uuid
 from typing import Any
 
 import psycopg
@@ -17,7 +19,17 @@ from iampg.emulator import Backend, Emulator
 from support import endpoint_for
 
 POOL_SIZE = 4
-APP = "iampg-lost-test"
+APP = "iampg-lost-test"  # made unique per test by _own_application_name
+
+
+@pytest.fixture(autouse=True)
+def _own_application_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Give each test's sessions a name of their own on the shared server.
+
+    A previous test's sessions (or another run's, on a shared PostgreSQL) may still be ending
+    on the server when the next test counts the sessions it terminates.
+    """
+    monkeypatch.setattr(sys.modules[__name__], "APP", f"iampg-lost-{uuid.uuid4().hex[:12]}")
 
 
 class CountingCheck:
