@@ -1,12 +1,15 @@
 """Quality gates: `nox` runs the local ones, `nox -t ci` every gate CI runs (the README's test).
 
-Local: lint typecheck tests build docs. `tests` is the fast suite on nox's own interpreter;
-`tests-3.10` … `tests-3.13` run the whole suite (the slow tests too, not the soak) on each
-supported CPython, `minimums` on the oldest with the lowest versions pyproject.toml allows.
+Local: lint typecheck tests build docs. `tests` is the fast suite on nox's own interpreter, on
+every core; `tests-3.10` … `tests-3.13` run the whole suite (the slow tests too, not the soak)
+on each supported CPython, `minimums` on the oldest with the lowest versions pyproject.toml
+allows.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import re
 import shutil
@@ -44,6 +47,11 @@ SUITE_TIMEOUT = 1500.0  # seconds for one whole-suite run; it takes about 4 minu
 # pytest selections (markers in pyproject.toml). The default addopts leave out the slow tests
 # and the soak; the whole suite is everything but the soak, which only `nox -s soak` runs.
 WHOLE_SUITE = ["-m", "not soak"]
+# The fast suite runs on every core (pytest-xdist), one test file per worker at a time: the
+# tests of a file share table and application names on the backend. Logical cores, as a
+# machine with two threads per core runs the suite's waits and subprocesses well in parallel;
+# $PYTEST_XDIST_AUTO_NUM_WORKERS sets another count, `-- -n 0` runs it in one process.
+PARALLEL = ["-n", "logical", "--dist", "loadfile"]
 
 
 def _group(name: str) -> list[str]:
@@ -68,25 +76,75 @@ def _pyenv_root() -> Path | None:
     return Path(found.stdout.strip()) if found.returncode == 0 and found.stdout.strip() else None
 
 
+def _shim_root(program: str) -> Path | None:
+    """Return the pyenv root when ``program`` is one of its shims (``ROOT/shims/NAME``)."""
+    shims = Path(program).parent
+    return shims.parent if shims.name == "shims" and (shims.parent / "versions").is_dir() else None
+
+
+@functools.cache
 def interpreter(version: str) -> str:
     """Return what to give nox for CPython ``version``: ``pythonX.Y`` when it runs, else a path.
 
-    A pyenv shim for a version that is installed but not selected is on PATH and fails when
-    run; then the newest pyenv-installed ``X.Y.*`` is used, found with ``pyenv root``.
+    Every nox command calls this for each supported version while loading this file, so it
+    runs no pyenv shim: a shim starts pyenv (half a second), and one for a version that is
+    installed but not selected fails when run. For a shim, or a ``pythonX.Y`` on PATH that
+    does not run, the newest pyenv-installed ``X.Y.*`` is used, under the shim's pyenv root
+    or ``pyenv root``.
     """
     name = f"python{version}"
     found = shutil.which(name)
+    root = _shim_root(found) if found else None
     if (
         found
+        and root is None
         and subprocess.run([found, "-c", ""], capture_output=True, check=False).returncode == 0
     ):
         return version
-    root = _pyenv_root()
+    root = root or _pyenv_root()
     if root is not None:
         candidates = sorted(root.glob(f"versions/{version}.*/bin/{name}"), key=_version_key)
         if candidates:
             return str(candidates[-1])
     return version  # nox says it is missing
+
+
+def _install(session: nox.Session, *args: str) -> None:
+    """Run ``session.install(*args)`` unless this environment has them from this pyproject.toml.
+
+    pip takes seconds to find that nothing is missing, on every run of a reused environment.
+    A stamp in the environment records what was installed from which pyproject.toml, written
+    only when the installation ran (``--no-install`` skips both); the project itself is
+    installed editable, so a change to its code needs no new installation.
+    """
+    stamp = Path(session.bin).parent / ".nox-installed"
+    wanted = hashlib.sha256("\0".join([*args, Path("pyproject.toml").read_text()]).encode())
+    if stamp.is_file() and stamp.read_text() == wanted.hexdigest():
+        session.log("already installed: %s", " ".join(args))
+        return
+    session.install(*args)
+    write = "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text(sys.argv[2])"
+    session.run_install("python", "-c", write, str(stamp), wanted.hexdigest(), log=False)
+
+
+NODE_PEERS = Path("tests/node")  # node-postgres and the AWS SDK's signers, for the tests
+
+
+def _node_peers(session: nox.Session) -> None:
+    """Install the JavaScript peers the tests run (``npm ci``) where npm is; else they skip.
+
+    npm records what it installed in ``node_modules/.package-lock.json``: while that is newer
+    than the lock file, nothing is installed again.
+    """
+    npm = shutil.which("npm")
+    installed = NODE_PEERS / "node_modules" / ".package-lock.json"
+    lock = NODE_PEERS / "package-lock.json"
+    if npm is None:
+        session.log("npm not found: the tests with JavaScript clients skip")
+    elif not installed.exists() or installed.stat().st_mtime < lock.stat().st_mtime:
+        session.run(
+            npm, "ci", "--prefix", str(NODE_PEERS), "--no-audit", "--no-fund", external=True
+        )
 
 
 def _pytest(session: nox.Session, *args: str) -> None:
@@ -96,7 +154,12 @@ def _pytest(session: nox.Session, *args: str) -> None:
     an empty selection is a mistake, never a pass. tests/conftest.py says what was left out.
     A run still going after ``SUITE_TIMEOUT`` is killed (pytest's faulthandler_timeout has
     dumped where it hangs by then).
+
+    Bytecode is written even where ``PYTHONDONTWRITEBYTECODE`` is set: pytest keeps its
+    assertion-rewritten test modules there (``__pycache__``, ignored by git), and without them
+    each process (every worker, every pytest a test starts) rewrites them all again.
     """
+    _node_peers(session)
     session.run(
         "python",
         "-c",
@@ -106,6 +169,7 @@ def _pytest(session: nox.Session, *args: str) -> None:
         "pytest",
         *args,
         *session.posargs,
+        env={"PYTHONDONTWRITEBYTECODE": ""},
     )
 
 
@@ -133,14 +197,14 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the fast tests (not the slow ones, not the soak) on nox's own Python."""
-    session.install("-e", ".[emulator]", *_group("tests"))
-    _pytest(session)
+    """Run the fast tests (not the slow ones, not the soak) on nox's own Python, in parallel."""
+    _install(session, "-e", ".[emulator]", *_group("tests"))
+    _pytest(session, *PARALLEL)
 
 
 def _whole_suite(session: nox.Session) -> None:
     """Run the whole suite (slow tests too, not the soak) on this Python."""
-    session.install("-e", ".[emulator]", *_group("tests"))
+    _install(session, "-e", ".[emulator]", *_group("tests"))
     _pytest(session, *WHOLE_SUITE)
 
 
@@ -247,7 +311,7 @@ def bench(session: nox.Session) -> None:
 @nox.session(default=False)
 def soak(session: nox.Session) -> None:
     """Run the 2-minute soak (pools, key rotation, gateway restarts); only this session does."""
-    session.install("-e", ".[emulator]", *_group("tests"))
+    _install(session, "-e", ".[emulator]", *_group("tests"))
     env = {"IAMPG_SOAK_SECONDS": session.env.get("IAMPG_SOAK_SECONDS", "120")}
     # -s: the run ends by printing its figures (queries, retries, signings, service events).
     args = ["tests/reliability/test_soak.py", "-m", "soak", "-p", "no:cacheprovider", "-s"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -88,6 +89,15 @@ class Stats:
     def spread(self) -> float:
         """Interquartile range relative to the median."""
         return (self.p75 - self.p25) / self.median if self.median else float("nan")
+
+
+def median_interval(values: list[float], *, resamples: int = 2000) -> tuple[float, float]:
+    """Return a 95 % bootstrap interval of the median of ``values`` (seeded, repeatable)."""
+    rng = random.Random(7)
+    medians = sorted(
+        statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples)
+    )
+    return medians[int(resamples * 0.025)], medians[int(resamples * 0.975) - 1]
 
 
 # -- results ------------------------------------------------------------------------------

@@ -7,10 +7,12 @@ the same token; only the TLS settings differ:
 - ``require``: encrypted, certificate not checked (the opt-out).
 - ``verify-full, 1 certificate``: the emulator's CA alone: what verifying costs besides
   reading a larger file.
-- ``verify-full, rds-<region> size``: the emulator's CA plus as many shipped certificates as
-  iampg's per-region RDS file holds (3), so libpq parses what it parses for an RDS instance.
-- ``verify-full, aws-<region> size``: the same with the size of the file a cluster endpoint
-  or a non-AWS host name gets (4: the RDS CAs and Amazon Root CA 1).
+- ``verify-full, rds-<region> size``: the file an RDS instance endpoint gets, with the
+  emulator's CA in the place of the CA the server's chain ends in: the region's RSA4096 and
+  ECC384 CAs and the emulator's CA (3 certificates, as in ``rds-<region>.pem``; the
+  emulator's key is EC P-256, like an instance using rds-ca-ecc384-g1 signs with EC).
+- ``verify-full, aws-<region> size``: the same plus Amazon Root CA 1, the file a cluster
+  endpoint or a non-AWS host name gets (4 certificates, as in ``aws-<region>.pem``).
 - ``verify-full, system store``: the operating system's bundle with the emulator's CA
   appended, what ``sslrootcert=system`` (libpq >= 16) makes libpq read.
 
@@ -35,7 +37,7 @@ from typing import Any
 
 import psycopg
 
-from benchmarks._common import EmulatorInfo, Result, Stats, ms, percentile
+from benchmarks._common import EmulatorInfo, Result, Stats, median_interval, ms, percentile
 from iampg import TokenProvider, _trust
 
 SYSTEM_BUNDLES = (
@@ -56,15 +58,30 @@ def _certs(data: bytes) -> list[bytes]:
     return [b[b.index(b"-----BEGIN CERTIFICATE-----") :] + marker + b"\n" for b in blocks]
 
 
+def _cn(pem: bytes) -> str:
+    """Return a certificate's common name."""
+    from cryptography import x509  # noqa: PLC0415 -- only when the files are written
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
+    attrs = x509.load_pem_x509_certificate(pem).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(attrs[0].value) if attrs else ""
+
+
 def _ca_files(emu: EmulatorInfo, workdir: Path) -> dict[str, tuple[Path, int]]:
     """Write the CA files each verified variant reads; return (path, certificates) per variant."""
     ca = Path(emu.ca_file).read_bytes()
     shipped = _trust.directory()
     (workdir / "ca.pem").write_bytes(ca)
     files: dict[str, tuple[Path, int]] = {ONE: (workdir / "ca.pem", 1)}
-    for name, source in ((SMALL, "rds-us-east-1.pem"), (MEDIUM, "aws-us-east-1.pem")):
-        certs = _certs((shipped / source).read_bytes())
-        path = workdir / source
+    # The region's CAs without its RSA2048 one, whose place the emulator's CA takes.
+    region = _certs((shipped / "rds-us-east-1.pem").read_bytes())
+    kept = [c for c in region if _cn(c) != "Amazon RDS us-east-1 Root CA RSA2048 G1"]
+    root_ca_1 = _certs((shipped / "amazon-root-ca-1.pem").read_bytes())
+    for name, certs, file in (
+        (SMALL, kept, "rds-us-east-1.pem"),
+        (MEDIUM, kept + root_ca_1, "aws-us-east-1.pem"),
+    ):
+        path = workdir / file
         path.write_bytes(b"".join(certs) + ca)
         files[name] = (path, len(certs) + 1)
     for system in SYSTEM_BUNDLES:
@@ -101,15 +118,6 @@ def _measure(
     return {name: Stats.of(values) for name, values in samples.items()}, ratios
 
 
-def _median_interval(values: list[float], *, resamples: int = 2000) -> tuple[float, float]:
-    """Return a 95 % bootstrap interval of the median of ``values`` (seeded, repeatable)."""
-    rng = random.Random(7)
-    medians = sorted(
-        statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples)
-    )
-    return medians[int(resamples * 0.025)], medians[int(resamples * 0.975) - 1]
-
-
 def _connect_with(base: dict[str, Any], sslrootcert: str, token: str) -> Callable[[], Any]:
     return lambda: psycopg.connect(**base, sslrootcert=sslrootcert, password=token)
 
@@ -134,7 +142,7 @@ def run(rds: EmulatorInfo, *, quick: bool = False, rounds: int | None = None) ->
         path, count = files[name]
         median = statistics.median(values)
         low, high = percentile(values, 0.25), percentile(values, 0.75)
-        ci_low, ci_high = _median_interval(values)
+        ci_low, ci_high = median_interval(values)
         extra = stats[name].median - stats[REQUIRE].median
         bar = "≤ 1.05x require" if name == SMALL else "report only"
         results.append(

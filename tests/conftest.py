@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -10,6 +11,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import botocore.session
 import psycopg
 import pytest
 from hypothesis import settings
@@ -81,6 +83,22 @@ def _isolated_aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # Providers share one signer per credential source for the whole process; each test
     # starts from none, so credentials cached for one test do not leak into the next.
     _aws._shared.clear()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_botocore_data() -> Iterator[None]:
+    """Let every botocore session of the run read botocore's data files through one loader.
+
+    iampg makes a botocore session per credential source and every test starts with none, so
+    each test would parse the same JSON service models and endpoint tables again (a third of
+    a second each time, a large part of the suite's CPU time). The files are read-only; one
+    loader for the run is what an application's long-lived session does.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            botocore.session, "create_loader", functools.cache(botocore.session.create_loader)
+        )
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import random
+import shutil
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -233,3 +237,23 @@ def startup_like(rng: random.Random) -> bytes:  # noqa: PLR0911 -- one return pe
     if choice == 6:  # SSLRequest or GSSENCRequest, then garbage instead of a handshake
         return rng.choice([SSL_REQUEST, GSS_REQUEST]) + body
     return CANCEL[: rng.randrange(1, len(CANCEL))]  # truncated cancel request
+
+
+# JavaScript peers (node-postgres, the AWS SDK's signers): tests/node/package.json lists them and
+# `nox -s tests` installs them with `npm ci`; a test skips with a reason where they are absent.
+NODE_MODULES = Path(__file__).parent / "node" / "node_modules"
+
+
+def node_with(*modules: str) -> tuple[str, dict[str, str]] | None:
+    """Return ``node`` and an environment in which it resolves ``modules``, or None."""
+    node = shutil.which("node")
+    if node is None:
+        return None
+    env = dict(os.environ)
+    if NODE_MODULES.is_dir():
+        env["NODE_PATH"] = os.pathsep.join(filter(None, [str(NODE_MODULES), env.get("NODE_PATH")]))
+    script = "".join(f"require({module!r});" for module in modules)
+    probe = subprocess.run(
+        [node, "-e", script], capture_output=True, timeout=30, check=False, env=env
+    )
+    return (node, env) if probe.returncode == 0 else None

@@ -45,12 +45,16 @@ def test_dsql_pool_recycles_under_the_hour_and_checks_at_checkout() -> None:
     pool = iampg.ConnectionPool(provider=provider(DSQL), open=False)
     params = conninfo_to_dict(str(pool.conninfo))
     assert pool.max_lifetime == 3300.0
+    assert isinstance(pool._check, LivenessCheck)  # a round trip only after idling
     assert isinstance(pool._check, PurgingCheck)  # a loss found also sweeps the idle ones
-    assert isinstance(pool._check.check, LivenessCheck)  # a round trip only after idling
+    assert pool._check.pool is not None
+    assert pool._check.pool() is pool
     assert (params["sslmode"], params["sslrootcert"]) == ("verify-full", str(root_file(DSQL)))
     apool = iampg.AsyncConnectionPool(provider=provider(DSQL), open=False)
+    assert isinstance(apool._check, AsyncLivenessCheck)
     assert isinstance(apool._check, AsyncPurgingCheck)
-    assert isinstance(apool._check.check, AsyncLivenessCheck)
+    assert apool._check.pool is not None
+    assert apool._check.pool() is apool
 
 
 def test_callers_override_every_default() -> None:

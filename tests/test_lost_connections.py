@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
+import uuid
 from typing import Any
 
 import psycopg
@@ -17,7 +19,17 @@ from iampg.emulator import Backend, Emulator
 from support import endpoint_for
 
 POOL_SIZE = 4
-APP = "iampg-lost-test"
+APP = "iampg-lost-test"  # made unique per test by _own_application_name
+
+
+@pytest.fixture(autouse=True)
+def _own_application_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Give each test's sessions a name of their own on the shared server.
+
+    A previous test's sessions (or another run's, on a shared PostgreSQL) may still be ending
+    on the server when the next test counts the sessions it terminates.
+    """
+    monkeypatch.setattr(sys.modules[__name__], "APP", f"iampg-lost-{uuid.uuid4().hex[:12]}")
 
 
 class CountingCheck:
@@ -274,3 +286,83 @@ def test_async_liveness_check_never_hands_out_a_session_the_server_just_closed(
             return pool.get_stats()
 
     assert asyncio.run(main())["connections_lost"] == 1
+
+
+class CountingLiveness(_lost.LivenessCheck[Any]):
+    """iampg's checkout check, counting the connections it refused for their age."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock)
+        self.expired = 0
+
+    def __call__(self, conn: psycopg.Connection[Any]) -> None:
+        try:
+            super().__call__(conn)
+        except _lost.Expired:
+            self.expired += 1
+            raise
+
+
+def _past(seconds: float) -> None:
+    """Let ``seconds`` of real time pass (max_lifetime runs on the real monotonic clock)."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(left)
+
+
+def test_liveness_check_recycles_idle_connections_past_max_lifetime(emulator: Emulator) -> None:
+    """A connection idle past its lifetime is replaced at checkout, with its idle siblings.
+
+    psycopg_pool enforces ``max_lifetime`` only when a connection is returned: without the
+    check's own test, both connections below would be handed out again after their lifetime
+    (DSQL closes at one hour, the pool's 3300 s exist to get there first). The fake clock keeps
+    them "recently used", so no query is involved: only their age replaces them.
+    """
+    clock = FakeClock()
+    check = CountingLiveness(clock)
+    with iampg.ConnectionPool(
+        endpoint_for(emulator),
+        min_size=2,
+        max_size=2,
+        max_lifetime=1.0,
+        check=check,
+        kwargs={"application_name": APP},
+        open=True,
+    ) as pool:
+        pool.wait()
+        old = set()
+        with pool.connection() as a, pool.connection() as b:
+            old |= {a.info.backend_pid, b.info.backend_pid}
+        check.expired = 0
+        _past(1.1)
+        with pool.connection() as a, pool.connection() as b:
+            new = {a.info.backend_pid, b.info.backend_pid}
+        assert not new & old
+        assert check.expired == 1  # the first found; the sweep replaced the other at once
+        assert pool.get_stats().get("connections_lost", 0) == 0
+
+
+def test_async_liveness_check_recycles_idle_connections_past_max_lifetime(
+    emulator: Emulator,
+) -> None:
+    """The async twin refuses a connection past its lifetime too."""
+    clock = FakeClock()
+
+    async def main() -> tuple[set[int], set[int]]:
+        async with iampg.AsyncConnectionPool(
+            endpoint_for(emulator),
+            min_size=1,
+            max_size=1,
+            max_lifetime=1.0,
+            check=_lost.AsyncLivenessCheck(clock=clock),
+        ) as pool:
+            await pool.wait()
+            async with pool.connection() as conn:
+                old = {conn.info.backend_pid}
+            await asyncio.to_thread(_past, 1.1)
+            async with pool.connection() as conn:
+                new = {conn.info.backend_pid}
+        return old, new
+
+    old, new = asyncio.run(main())
+    assert not new & old

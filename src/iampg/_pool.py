@@ -26,7 +26,7 @@ from iampg._connecting import (
 from iampg._defaults import pool_options
 from iampg._endpoint import Endpoint
 from iampg._forks import Opened as _Opened
-from iampg._lost import AsyncLivenessCheck, AsyncPurgingCheck, PurgingCheck
+from iampg._lost import AsyncLivenessCheck, AsyncPurgingCheck, PurgingCheck, purging
 from iampg._tokens import TokenProvider
 
 __all__ = ["AsyncConnectionPool", "ConnectionPool", "aconnect", "connect"]
@@ -288,7 +288,7 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
 
         check = options.get("check")
         if check is not None:
-            options["check"] = check = PurgingCheck(check)
+            options["check"] = check = purging(check, PurgingCheck)
         self._iampg_opened: _Opened | None = None
         super().__init__(
             make_conninfo(**target.params),
@@ -389,7 +389,7 @@ class AsyncConnectionPool(psycopg_pool.AsyncConnectionPool[ACT]):
         options.setdefault("open", False)
         check = options.get("check")
         if check is not None:
-            options["check"] = check = AsyncPurgingCheck(check)
+            options["check"] = check = purging(check, AsyncPurgingCheck)
         self._iampg_opened: _Opened | None = None
         super().__init__(
             make_conninfo(**target.params),

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
@@ -199,9 +199,19 @@ def test_orphaned_clusters_are_reaped() -> None:
 
 
 @pytest.mark.slow
-def test_failed_start_reports_the_server_log_and_cleans_up() -> None:
+def test_failed_start_reports_the_server_log_and_cleans_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A port already taken makes temporary(port=...) fail with the log's tail, leaving nothing."""
-    before = set(Path(tempfile.gettempdir()).glob("iampg-pg-*"))
+    # Its own cluster directory, not every iampg-pg-* one: other test runs make theirs meanwhile.
+    made: list[Path] = []
+    make_tempdir = _backend._make_tempdir
+
+    def recording(*args: Any, **kwargs: Any) -> Path:
+        made.append(make_tempdir(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(_backend, "_make_tempdir", recording)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -210,7 +220,8 @@ def test_failed_start_reports_the_server_log_and_cleans_up() -> None:
             Backend.temporary(port=port)
     assert isinstance(info.value, Error)
     assert "server log" in str(info.value)
-    assert set(Path(tempfile.gettempdir()).glob("iampg-pg-*")) <= before
+    assert len(made) == 1
+    assert not made[0].exists()
 
 
 def test_explicit_bindir_without_binaries_is_a_configuration_error(

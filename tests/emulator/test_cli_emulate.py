@@ -393,13 +393,13 @@ def test_unreachable_backend_is_a_runtime_failure(run_emulate: Launch) -> None:
 
 
 def test_backend_from_the_environment(
-    run_emulate: Launch, env: dict[str, str], existing_server: Backend
+    run_emulate: Launch, env: dict[str, str], backend: Backend
 ) -> None:
-    """IAMPG_EMULATOR_BACKEND is the default backend."""
-    env["IAMPG_EMULATOR_BACKEND"] = existing_server.dsn
+    """IAMPG_EMULATOR_BACKEND is the default backend (not a throwaway cluster of its own)."""
+    env["IAMPG_EMULATOR_BACKEND"] = backend.dsn
     emulate = run_emulate([])
     banner = emulate.read_until("Ctrl-C")
-    assert _field(banner, "backend").startswith(f"127.0.0.1:{existing_server.port} ")
+    assert _field(banner, "backend").startswith(f"{backend.host}:{backend.port} user=")
     emulate.proc.send_signal(signal.SIGINT)
     assert emulate.finish()[0] == 0
 

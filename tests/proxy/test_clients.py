@@ -13,6 +13,7 @@ import pytest
 from iampg import Endpoint
 from iampg.proxy import Proxy
 from proxy_support import PROTOCOL_3_2, error_fields, eventually, query, raw_login
+from support import node_with
 
 # Keep botocore's DEBUG lines (which show signatures) out of failure reports.
 pytestmark = pytest.mark.usefixtures("quiet_botocore")
@@ -128,27 +129,19 @@ client.connect()
 """
 
 
-def _node_with_pg() -> str | None:
-    node = shutil.which("node")
-    if node is None:
-        return None
-    probe = subprocess.run(
-        [node, "-e", "require('pg')"], capture_output=True, timeout=30, check=False
-    )
-    return node if probe.returncode == 0 else None
-
-
 def test_node_postgres(proxy: Proxy) -> None:
     """node-postgres (pure JavaScript) logs in and queries."""
-    node = _node_with_pg()
-    if node is None:
-        pytest.skip("node or its pg package is not installed (npm install pg)")
+    found = node_with("pg")
+    if found is None:
+        pytest.skip("node or its pg package is not installed (npm ci --prefix tests/node)")
+    node, env = found
     result = subprocess.run(
         [node, "-e", _NODE_SCRIPT, proxy.host, str(proxy.port)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "node-postgres"

@@ -29,8 +29,10 @@ small as what the endpoint's certificate chains to):
   end elsewhere, the verification error names the file and ``IAMPG_SSLROOTCERT`` fixes it.
   Instance endpoints, which the express configuration does not expose, keep the RDS CAs
   alone.
-- RDS Proxy endpoints (a ``proxy-`` label) and Aurora DSQL: ``amazon-roots.pem`` (Amazon Root
-  CA 1-4, Starfield Services Root CA G2).
+- RDS Proxy endpoints (a ``proxy-`` label): ``amazon-roots.pem`` (Amazon Root CA 1-4,
+  Starfield Services Root CA G2).
+- Aurora DSQL: ``amazon-root-ca-1.pem``, Amazon Root CA 1 alone, the root AWS says a DSQL
+  client must trust (one certificate: a verified DSQL connect parses 1 certificate, not 5).
 - A host name that is not an AWS name (a tunnel alias, a private DNS name, the emulator):
   ``aws-<region>.pem``, since the name does not say what is behind it.
 - A region without a file of its own (not in the store yet): ``rds-global.pem``, every
@@ -64,6 +66,7 @@ ENV_VAR = "IAMPG_SSLROOTCERT"
 _DIR = Path(__file__).resolve().parent
 _AWS_RDS_NAME = re.compile(r"\.rds\.amazonaws\.com(?:\.cn)?$")
 AMAZON_ROOTS = "amazon-roots.pem"
+AMAZON_ROOT_CA_1 = "amazon-root-ca-1.pem"
 GLOBAL = "rds-global.pem"
 
 
@@ -125,7 +128,7 @@ def root_file(endpoint: Endpoint, *, environ: Mapping[str, str] | None = None) -
     if (chosen := override(environ)) is not None:
         return chosen
     if endpoint.kind == "dsql":
-        return _DIR / AMAZON_ROOTS
+        return _DIR / AMAZON_ROOT_CA_1
     host = endpoint.host.lower()
     if not _AWS_RDS_NAME.search(host):
         return _regional("aws", endpoint.region)
@@ -158,7 +161,9 @@ def _age(today: dt.date | None = None) -> str:
 def _what(info: Mapping[str, Any]) -> str:
     region = info.get("region")
     if info["kind"] == "amazon-roots":
-        return "Amazon public roots (RDS Proxy, Aurora DSQL)"
+        return "Amazon public roots (RDS Proxy)"
+    if info["kind"] == "amazon-root-ca-1":
+        return "Amazon Root CA 1 (Aurora DSQL)"
     if region == "*":
         return (
             "RDS CA set of every region the store holds (not GovCloud, China or regions "
@@ -212,10 +217,10 @@ def report(*, today: dt.date | None = None) -> list[str]:
         f"earliest expiry: {earliest['not_after'][:10]} ({_subject_cn(earliest['subject'])})",
         f"regions: {' '.join(regions)}",
     ]
-    lines.extend(
-        f"{name}: {len(files[name]['certificates'])} certificates: {_what(files[name])}"
-        for name in (AMAZON_ROOTS, GLOBAL)
-    )
+    for name in (AMAZON_ROOTS, AMAZON_ROOT_CA_1, GLOBAL):
+        count = len(files[name]["certificates"])
+        plural = "" if count == 1 else "s"
+        lines.append(f"{name}: {count} certificate{plural}: {_what(files[name])}")
     for prefix, what in (("rds", "the region's RDS CAs"), ("aws", "the same + Amazon Root CA 1")):
         counts = sorted(
             {len(i["certificates"]) for n, i in files.items() if _per_region(n, prefix)}
@@ -226,7 +231,7 @@ def report(*, today: dt.date | None = None) -> list[str]:
 
 
 def _per_region(name: str, prefix: str) -> bool:
-    return name.startswith(f"{prefix}-") and name not in (GLOBAL, AMAZON_ROOTS)
+    return name.startswith(f"{prefix}-") and name not in (GLOBAL, AMAZON_ROOTS, AMAZON_ROOT_CA_1)
 
 
 def _subject_cn(subject: str) -> str:
