@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from typing import TYPE_CHECKING, Any
@@ -26,7 +25,7 @@ from iampg.emulator import (
 from iampg.emulator._policy import arn_matches
 from iampg.emulator._sigv4 import presign
 from iampg.errors import AuthenticationError, ConfigurationError
-from support import EmulatorFactory, endpoint_for
+from support import EmulatorFactory, endpoint_for, node_with
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -529,21 +528,12 @@ new Signer({ hostname: host, port: Number(port), username: user, region: 'us-eas
 """
 
 
-def _node_with_rds_signer() -> str | None:
-    node = shutil.which("node")
-    if node is None:
-        return None
-    probe = subprocess.run(
-        [node, "-e", "require('@aws-sdk/rds-signer')"], capture_output=True, timeout=30, check=False
-    )
-    return node if probe.returncode == 0 else None
-
-
 def test_javascript_sdk_tokens_for_upper_case_hosts(emulator: Emulator) -> None:
     """@aws-sdk/rds-signer signs the host as given; its tokens log in in any case."""
-    node = _node_with_rds_signer()
-    if node is None:
-        pytest.skip("node or @aws-sdk/rds-signer is not installed (npm install, NODE_PATH)")
+    found = node_with("@aws-sdk/rds-signer")
+    if found is None:
+        pytest.skip("node or @aws-sdk/rds-signer is not installed (npm ci --prefix tests/node)")
+    node, env = found
     mixed = "IAMPG-Emulator" + emulator.host[len("iampg-emulator") :]
     for host in (emulator.host, emulator.host.upper(), mixed):
         result = subprocess.run(
@@ -552,6 +542,7 @@ def test_javascript_sdk_tokens_for_upper_case_hosts(emulator: Emulator) -> None:
             text=True,
             timeout=60,
             check=False,
+            env=env,
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith(host + ":")
