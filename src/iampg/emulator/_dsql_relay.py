@@ -278,6 +278,7 @@ class DsqlSession:
         self._from_client = _Framer()
         self._from_backend = _Framer()
         self.pid = 0
+        self._status = b"I"  # the backend's last ReadyForQuery
         # the transaction as the client's statements tell it
         self._explicit = False
         self._ddl = 0
@@ -402,8 +403,8 @@ class DsqlSession:
         return None
 
     def _commit_failure(self) -> dq.Refusal | None:
-        if not self._explicit:
-            return None
+        if not self._explicit or self._status == b"E":
+            return None  # nothing to commit: a failed transaction's COMMIT rolls back
         limit = self._limit_exceeded()
         if limit is not None:
             return limit
@@ -439,6 +440,8 @@ class DsqlSession:
             message = _message(kind, body)
             if kind == b"K" and len(body) >= 4:  # noqa: PLR2004
                 (self.pid,) = struct.unpack("!I", body[:4])
+            elif kind == b"Z":
+                self._status = body[:1]
             elif kind == b"E":
                 message = self._on_error(body) or message
             elif kind == b"C":
