@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import asyncio.sslproto
-import base64
 import contextlib
-import ctypes
 import functools
-import hashlib
-import hmac
 import ipaddress
 import logging
 import os
-import secrets
 import shutil
 import socket
 import struct
@@ -24,11 +18,40 @@ import weakref
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal, cast
+from typing import TYPE_CHECKING, Final, Literal
 
 from psycopg.conninfo import conninfo_to_dict
 
 from iampg._signer import dsql_action
+from iampg._wire.login import BackendAuthError as _BackendAuthError
+from iampg._wire.login import BackendLogin as _BackendLogin
+from iampg._wire.login import ScramClient as _ScramClient  # noqa: F401  (tests use it here)
+from iampg._wire.protocol import AUTH_CLEARTEXT_REQUEST as _AUTH_CLEARTEXT_REQUEST
+from iampg._wire.protocol import AUTH_OK as _AUTH_OK
+from iampg._wire.protocol import CANCEL_REQUEST as _CANCEL_REQUEST
+from iampg._wire.protocol import CLOSE_TIMEOUT as _CLOSE_TIMEOUT
+from iampg._wire.protocol import MAX_AUTH_MESSAGE as _MAX_AUTH_MESSAGE
+from iampg._wire.protocol import MAX_BACKEND_AUTH_MESSAGE as _MAX_BACKEND_AUTH_MESSAGE
+from iampg._wire.protocol import MAX_CANCEL_PACKET as _MAX_CANCEL_PACKET
+from iampg._wire.protocol import MIN_CANCEL_PACKET as _MIN_CANCEL_PACKET
+from iampg._wire.protocol import SSL_REQUEST as _SSL_REQUEST
+from iampg._wire.protocol import TLS_HANDSHAKE_BYTE as _TLS_HANDSHAKE_BYTE
+from iampg._wire.protocol import PeerGoneError as _PeerGoneError
+from iampg._wire.protocol import ProtocolViolationError as _ProtocolViolationError
+from iampg._wire.protocol import error_response as _error_response
+from iampg._wire.protocol import pack_message as _message
+from iampg._wire.protocol import quote_conninfo as _quote_conninfo
+from iampg._wire.protocol import read_message as _read_message
+from iampg._wire.protocol import read_startup_packet as _read_startup_packet
+from iampg._wire.protocol import startup_parameters as _startup_parameters
+from iampg._wire.startup import read_startup, require_alpn
+from iampg._wire.streams import RawChannel as _RawChannel
+from iampg._wire.streams import Stream as _Stream
+from iampg._wire.streams import accept_tls
+from iampg._wire.streams import drain_and_shutdown as _drain_and_shutdown
+from iampg._wire.streams import listen as _listen
+from iampg._wire.streams import malloc_trim as _malloc_trim
+from iampg._wire.streams import readable as _readable
 from iampg.errors import ConfigurationError
 
 from . import _dsql_relay as dsql
@@ -38,7 +61,7 @@ from ._credentials import FAKE_CREDENTIALS, CredentialLookup, Credentials, Crede
 from ._dsql_sql import DsqlRules
 from ._profiles import Preset, PresetName, Service, dsql_hostname, get_preset
 from ._sigv4 import MALFORMED, TokenRules, TokenVerificationError, verify_token
-from ._tls import ALPN_PROTOCOL, make_certificates, server_context
+from ._tls import make_certificates, server_context
 
 if TYPE_CHECKING:
     import ssl
@@ -56,38 +79,16 @@ logger = logging.getLogger("iampg.emulator")
 #: The host name the emulator answers to unless told otherwise.
 DEFAULT_HOSTNAME: Final = "iampg-emulator.cluster-emulated.us-east-1.rds.amazonaws.com"
 
-_SSL_REQUEST: Final = 80877103
-_GSSENC_REQUEST: Final = 80877104
-_CANCEL_REQUEST: Final = 80877102
-_TLS_HANDSHAKE_BYTE: Final = 0x16
-_MAX_STARTUP_PACKET: Final = 10_000
-_MIN_CANCEL_PACKET: Final = 16
-_MAX_CANCEL_PACKET: Final = 8 + 256  # protocol 3.2 allows cancel keys up to 256 bytes
-_MAX_AUTH_MESSAGE: Final = 65_535 + 4
-_MAX_BACKEND_AUTH_MESSAGE: Final = 1 << 20
-_MAX_NEGOTIATIONS: Final = 2
-_READ_LIMIT: Final = 1 << 16
 _AUTH_TIMEOUT: Final = 60.0  # PostgreSQL's authentication_timeout default
 _TLS_TIMEOUT: Final = 10.0  # from accept to an encrypted connection
 _MAX_UNAUTHENTICATED: Final = 256
 _TURN_AWAY_DRAIN: Final = 1.0  # seconds a refused connection may take to read its error
 _TOO_MANY_CLIENTS: Final = "sorry, too many clients already"
 _BACKEND_CONNECT_TIMEOUT: Final = 10.0
-_CLOSE_TIMEOUT: Final = 2.0
 _MAX_EVENTS: Final = 10_000
-# asyncio gives every TLS connection a 256 KiB receive buffer; 32 KiB holds two full TLS
-# records and keeps thousands of connections from costing hundreds of megabytes.
-_TLS_BUFFER: Final = 32 * 1024
 _TRIM_EVERY: Final = 64  # closed connections between two returns of free memory to the system
 # (and once the last connection has closed)
 _TRIM_DELAY: Final = 0.5  # seconds: let the closed connections' transports go first
-_AUTH_OK: Final = 0
-_AUTH_CLEARTEXT: Final = 3
-_AUTH_MD5: Final = 5
-_AUTH_SASL: Final = 10
-_AUTH_SASL_CONTINUE: Final = 11
-_AUTH_SASL_FINAL: Final = 12
-_PROTOCOL_MAJOR: Final = 3
 
 _MONITOR_TICK: Final = 0.02  # real seconds between the monitor's looks at the clock
 _CALL_TIMEOUT: Final = 10.0  # real seconds pause()/resume() wait for the emulator's loop
@@ -159,381 +160,6 @@ RESUME_DELAY: Final = "resume delay"
 ROLE_NOT_MAPPED: Final = "role not mapped"
 
 
-class _ProtocolViolationError(Exception):
-    """The client broke the protocol; it gets this error and the connection is closed."""
-
-    def __init__(self, sqlstate: str, message: str) -> None:
-        super().__init__(message)
-        self.sqlstate = sqlstate
-        self.message = message
-
-
-class _PeerGoneError(Exception):
-    """The other side closed the connection while a message was expected."""
-
-
-def _message(kind: bytes, body: bytes) -> bytes:
-    return kind + struct.pack("!I", len(body) + 4) + body
-
-
-def _error_response(sqlstate: str, message: str, hint: str | None = None) -> bytes:
-    items = [(b"S", "FATAL"), (b"V", "FATAL"), (b"C", sqlstate), (b"M", message)]
-    if hint is not None:
-        items.append((b"H", hint))
-    fields = b"".join(code + value.encode("utf-8", "replace") + b"\0" for code, value in items)
-    return _message(b"E", fields + b"\0")
-
-
-_AUTH_CLEARTEXT_REQUEST: Final = _message(b"R", struct.pack("!I", _AUTH_CLEARTEXT))
-
-
-class _Channel:
-    """What the startup code reads from and writes to: a raw socket or a TLS stream."""
-
-    async def read_exactly(self, n: int) -> bytes:
-        raise NotImplementedError
-
-    async def send(self, data: bytes) -> None:
-        raise NotImplementedError
-
-
-class _RawChannel(_Channel):
-    """The accepted socket before TLS: exact reads only, so nothing is read ahead."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-        self._loop = loop
-        self._sock = sock
-
-    async def read_exactly(self, n: int) -> bytes:
-        data = bytearray()
-        while len(data) < n:
-            chunk = await self._loop.sock_recv(self._sock, n - len(data))
-            if not chunk:
-                raise _PeerGoneError
-            data += chunk
-        return bytes(data)
-
-    async def send(self, data: bytes) -> None:
-        await self._loop.sock_sendall(self._sock, data)
-
-    async def peek_first_byte(self) -> int | None:
-        """Wait for the first byte and return it without consuming it; ``None`` on EOF."""
-        while True:
-            try:
-                data = self._sock.recv(1, socket.MSG_PEEK)
-            except (BlockingIOError, InterruptedError):
-                await _readable(self._loop, self._sock)
-                continue
-            return data[0] if data else None
-
-    def has_pending_data(self) -> bool:
-        """Tell whether bytes already wait in the socket (sent without waiting for us)."""
-        try:
-            return bool(self._sock.recv(1, socket.MSG_PEEK))
-        except (BlockingIOError, InterruptedError):
-            return False
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    """Wait until ``sock`` is readable (or, for a listener, has a connection to accept)."""
-    fd = sock.fileno()
-    waiter: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    loop.add_reader(fd, wake)
-    try:
-        await waiter
-    finally:
-        loop.remove_reader(fd)
-
-
-class _Stream(asyncio.Protocol, _Channel):
-    """A buffered connection that can be switched to piping into another one."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, live: set[_Stream]) -> None:
-        self._loop = loop
-        self._live = live  # the emulator's connected streams, which stop() aborts
-        self.transport: asyncio.Transport | None = None
-        self.closed: asyncio.Future[None] = loop.create_future()
-        self._buffer = bytearray()
-        self._eof = False
-        self._reading_paused = False
-        self._waiter: asyncio.Future[None] | None = None
-        self._partner: _Stream | None = None
-        #: Called with what is relayed to the partner, just before relaying it.
-        self.on_data: Callable[[bytes], None] | None = None
-        #: DSQL mode only: returns what to relay instead of what was received.
-        self.transform: Callable[[bytes], bytes] | None = None
-
-    # asyncio.Protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast("asyncio.Transport", transport)
-        self._live.add(self)
-
-    def data_received(self, data: bytes) -> None:
-        if self._partner is not None:
-            if self.on_data is not None:
-                self.on_data(data)
-            if self.transform is not None:
-                data = self.transform(data)
-            self._partner.write(data)
-            return
-        self._buffer += data
-        if len(self._buffer) > _READ_LIMIT and self.transport is not None:
-            self.transport.pause_reading()
-            self._reading_paused = True
-        self._wake()
-
-    def eof_received(self) -> bool:
-        self._eof = True
-        self._wake()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        del exc  # a lost connection ends the session whatever the cause
-        self._live.discard(self)
-        self._eof = True
-        self._wake()
-        if not self.closed.done():
-            self.closed.set_result(None)
-        if self._partner is not None:
-            self._partner.close()
-
-    def pause_writing(self) -> None:
-        if self._partner is not None and self._partner.transport is not None:
-            self._partner.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self._partner is not None and self._partner.transport is not None:
-            self._partner.transport.resume_reading()
-
-    # reading and writing
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def read_exactly(self, n: int) -> bytes:
-        while len(self._buffer) < n:
-            if self._eof:
-                raise _PeerGoneError
-            if self._reading_paused and self.transport is not None:
-                self._reading_paused = False
-                self.transport.resume_reading()
-            self._waiter = self._loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        data = bytes(self._buffer[:n])
-        del self._buffer[:n]
-        return data
-
-    async def send(self, data: bytes) -> None:
-        self.write(data)
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def pipe_to(self, partner: _Stream) -> None:
-        """Send everything received from now on (and anything buffered) to ``partner``."""
-        self._partner = partner
-        if self._buffer:
-            data = bytes(self._buffer)
-            self._buffer.clear()
-            if self.on_data is not None:
-                self.on_data(data)
-            if self.transform is not None:
-                data = self.transform(data)
-            partner.write(data)
-        if self._reading_paused and self.transport is not None:
-            self._reading_paused = False
-            self.transport.resume_reading()
-        if self._eof:
-            partner.close()
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-    async def wait_closed(self, timeout: float) -> None:
-        if self.transport is None:
-            return
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self.closed), timeout)
-        if not self.closed.done():
-            self.transport.abort()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self.closed), timeout)
-
-
-class _TlsProtocol(asyncio.sslproto.SSLProtocol):
-    """asyncio's TLS layer with a receive buffer sized for TLS records, not 256 KiB."""
-
-    max_size = _TLS_BUFFER
-
-
-def _find_malloc_trim() -> Callable[[], None] | None:
-    """Return a call that gives the C allocator's free memory back to the system, if any.
-
-    glibc keeps what a burst of connections freed in its arenas (the emulator's thread has
-    its own) instead of returning it; ``malloc_trim(0)`` returns it. Elsewhere: None.
-    """
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError, TypeError):  # TypeError: no CDLL(None) on Windows
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-
-    def release() -> None:
-        trim(0)
-
-    return release
-
-
-_malloc_trim: Final = _find_malloc_trim()
-
-
-async def _read_startup_packet(channel: _Channel) -> tuple[int, bytes]:
-    header = await channel.read_exactly(4)
-    (length,) = struct.unpack("!I", header)
-    if not 8 <= length <= _MAX_STARTUP_PACKET:  # noqa: PLR2004
-        raise _ProtocolViolationError("08P01", "invalid length of startup packet")
-    body = await channel.read_exactly(length - 4)
-    (code,) = struct.unpack("!I", body[:4])
-    return code, header + body
-
-
-def _startup_parameters(packet: bytes) -> dict[str, str]:
-    data = packet[8:]
-    if not data.endswith(b"\0"):
-        raise _ProtocolViolationError(
-            "08P01", "invalid startup packet layout: expected terminator as last byte"
-        )
-    parts = data[:-1].split(b"\0")
-    items = parts[:-1]
-    if parts[-1] or len(items) % 2 or not all(items[::2]):
-        raise _ProtocolViolationError("08P01", "invalid startup packet layout")
-    try:
-        texts = [item.decode("utf-8") for item in items]
-    except UnicodeDecodeError:
-        raise _ProtocolViolationError("08P01", "invalid startup packet encoding") from None
-    return dict(zip(texts[::2], texts[1::2], strict=True))
-
-
-async def _read_message(channel: _Channel, limit: int) -> tuple[bytes, bytes]:
-    header = await channel.read_exactly(5)
-    kind = header[:1]
-    (length,) = struct.unpack("!I", header[1:])
-    if not 4 <= length <= limit:  # noqa: PLR2004
-        raise _ProtocolViolationError("08P01", "invalid message length")
-    return kind, await channel.read_exactly(length - 4)
-
-
-class _ScramClient:
-    """The client half of SCRAM-SHA-256 (RFC 7677), without channel binding."""
-
-    def __init__(self, password: str, *, user: str = "", nonce: str | None = None) -> None:
-        self._password = password
-        self._nonce = nonce or base64.b64encode(secrets.token_bytes(18)).decode()
-        self._first_bare = f"n={user},r={self._nonce}"
-        self._server_signature = b""
-
-    def first_message(self) -> bytes:
-        return f"n,,{self._first_bare}".encode()
-
-    def final_message(self, server_first: bytes) -> bytes:
-        text = server_first.decode()
-        attrs = dict(item.split("=", 1) for item in text.split(",") if "=" in item)
-        nonce, salt, iterations = attrs["r"], base64.b64decode(attrs["s"]), int(attrs["i"])
-        if not nonce.startswith(self._nonce):
-            raise ValueError("server nonce does not extend the client nonce")
-        salted = hashlib.pbkdf2_hmac("sha256", self._password.encode(), salt, iterations)
-        client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
-        stored_key = hashlib.sha256(client_key).digest()
-        without_proof = f"c=biws,r={nonce}"
-        auth_message = f"{self._first_bare},{text},{without_proof}".encode()
-        signature = hmac.new(stored_key, auth_message, hashlib.sha256).digest()
-        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
-        server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
-        self._server_signature = hmac.new(server_key, auth_message, hashlib.sha256).digest()
-        return f"{without_proof},p={base64.b64encode(proof).decode()}".encode()
-
-    def verify_final(self, server_final: bytes) -> None:
-        attrs = dict(item.split("=", 1) for item in server_final.decode().split(",") if "=" in item)
-        if "v" not in attrs or not hmac.compare_digest(
-            base64.b64decode(attrs["v"]), self._server_signature
-        ):
-            raise ValueError("the server's SCRAM signature does not match")
-
-
-class _BackendAuthError(Exception):
-    """The gateway cannot log in to the backend; the client gets this error."""
-
-    def __init__(self, sqlstate: str, message: str) -> None:
-        super().__init__(message)
-        self.sqlstate = sqlstate
-        self.message = message
-
-
-class _BackendLogin:
-    """Answers the backend's authentication requests with the backend DSN's password."""
-
-    def __init__(self, user: str, password: str | None) -> None:
-        self._user = user
-        self._password = password
-        self._scram: _ScramClient | None = None
-
-    def answer(self, code: int, data: bytes) -> bytes | None:
-        """Return the message answering AuthenticationRequest ``code``, or None for none."""
-        if code == _AUTH_SASL_CONTINUE and self._scram is not None:
-            return _message(b"p", self._scram.final_message(data))
-        if code == _AUTH_SASL_FINAL and self._scram is not None:
-            try:
-                self._scram.verify_final(data)
-            except ValueError:
-                raise _BackendAuthError(
-                    "28000", "iampg emulator: the backend server failed SCRAM verification"
-                ) from None
-            return None
-        if code not in (_AUTH_CLEARTEXT, _AUTH_MD5, _AUTH_SASL):
-            raise _BackendAuthError(
-                "28000",
-                f"iampg emulator: the backend server asks for an unsupported "
-                f"authentication method ({code})",
-            )
-        password = self._password
-        if password is None:
-            raise _BackendAuthError(
-                "28P01",
-                "iampg emulator: the backend server asks for a password "
-                "and the backend connection string has none",
-            )
-        if code == _AUTH_CLEARTEXT:
-            return _password_message(password)
-        if code == _AUTH_MD5:
-            inner = hashlib.md5((password + self._user).encode()).hexdigest()  # noqa: S324
-            outer = hashlib.md5(inner.encode() + data[:4]).hexdigest()  # noqa: S324
-            return _password_message(f"md5{outer}")
-        if b"SCRAM-SHA-256" not in data.split(b"\0"):
-            raise _BackendAuthError(
-                "28000", "iampg emulator: the backend server offers no SCRAM-SHA-256"
-            )
-        self._scram = _ScramClient(password)
-        first = self._scram.first_message()
-        return _message(b"p", b"SCRAM-SHA-256\0" + struct.pack("!I", len(first)) + first)
-
-
 @dataclass(frozen=True)
 class _BackendTarget:
     host: str
@@ -579,11 +205,6 @@ def _default_host(port: int) -> str:
 
 def _first(value: object) -> str:
     return str(value).split(",")[0].strip() if value is not None else ""
-
-
-def _password_message(password: str | bytes) -> bytes:
-    data = password.encode() if isinstance(password, str) else password
-    return _message(b"p", data + b"\0")
 
 
 def _credential_store(
@@ -1669,22 +1290,7 @@ class Emulator:
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, self._streams)
         sock, session.sock = session.sock, None  # the transport owns it from here on
-        # What loop.connect_accepted_socket(ssl=...) does, with a smaller receive buffer.
-        handshake: asyncio.Future[None] = loop.create_future()
-        tls = _TlsProtocol(
-            loop,
-            stream,
-            self._ssl,
-            handshake,
-            server_side=True,
-            ssl_handshake_timeout=cast("int", self._door.tls_timeout),  # typeshed: any number
-        )
-        transport, _ = await loop.connect_accepted_socket(lambda: tls, sock)
-        try:
-            await handshake
-        except BaseException:
-            transport.abort()
-            raise
+        await accept_tls(sock, stream, self._ssl, self._door.tls_timeout)
         session.client = stream
         return stream
 
@@ -1738,50 +1344,13 @@ class Emulator:
 
     async def _start_direct_tls(self, session: _Session) -> None:
         """Serve ``sslnegotiation=direct``: TLS from the first byte, ALPN required."""
-        stream = await self._start_tls(session)
-        transport = stream.transport
-        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-        if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN_PROTOCOL:
-            raise _ProtocolViolationError(
-                "08P01",
-                "received direct SSL connection request without ALPN protocol "
-                "negotiation extension",
-            )
+        require_alpn(await self._start_tls(session))
 
     async def _read_startup(self, session: _Session, raw: _RawChannel) -> bytes | None:
         """Negotiate encryption; return the StartupMessage, or None after a CancelRequest."""
-        negotiations = 0
-        while True:
-            channel: _Channel = raw if session.client is None else session.client
-            code, packet = await _read_startup_packet(channel)
-            if code == _CANCEL_REQUEST:
-                await self._forward_cancel(packet)
-                return None
-            if code not in (_SSL_REQUEST, _GSSENC_REQUEST):
-                major, minor = code >> 16, code & 0xFFFF
-                if major != _PROTOCOL_MAJOR:
-                    raise _ProtocolViolationError(
-                        "0A000",
-                        f"unsupported frontend protocol {major}.{minor}: "
-                        "server supports 3.0 to 3.2",
-                    )
-                return packet
-            negotiations += 1
-            if session.client is not None or negotiations > _MAX_NEGOTIATIONS:
-                raise _ProtocolViolationError(
-                    "08P01", "encryption requested on an encrypted connection"
-                )
-            if len(packet) != 8:  # noqa: PLR2004
-                raise _ProtocolViolationError("08P01", "invalid length of startup packet")
-            if code == _GSSENC_REQUEST:
-                await raw.send(b"N")
-                continue
-            if raw.has_pending_data():
-                raise _ProtocolViolationError(
-                    "08P01", "received unencrypted data after SSL request"
-                )
-            await raw.send(b"S")
-            await self._start_tls(session)
+        return await read_startup(
+            raw, lambda: session.client, lambda: self._start_tls(session), self._forward_cancel
+        )
 
     async def _authenticate(
         self, session: _Session, client: _Stream, user: str, database: str
@@ -1951,47 +1520,6 @@ class Emulator:
         backend.close()
         await backend.wait_closed(_CLOSE_TIMEOUT)
         logger.debug("cancel request forwarded")
-
-
-async def _drain_and_shutdown(sock: socket.socket, timeout: float = _CLOSE_TIMEOUT) -> None:
-    """Half-close, then read what the client still sends, so closing sends no RST.
-
-    Closing a socket with unread input makes the kernel reset the connection, which can
-    destroy the error message just sent before the client reads it.
-    """
-    loop = asyncio.get_running_loop()
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_WR)
-    channel = _RawChannel(loop, sock)
-    deadline = loop.time() + timeout
-    drained = 0
-    with contextlib.suppress(OSError, asyncio.TimeoutError):
-        while drained < _READ_LIMIT * 16:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            chunk = await asyncio.wait_for(loop.sock_recv(sock, _READ_LIMIT), remaining)
-            if not chunk:
-                break
-            drained += len(chunk)
-    del channel
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    infos = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV
-    )
-    family = infos[0][0]
-    sock = socket.create_server((host, port), family=family, backlog=128)
-    sock.setblocking(False)  # noqa: FBT003
-    return sock
-
-
-def _quote_conninfo(value: str) -> str:
-    if value and not any(c in value for c in " '\\\t\n\r"):
-        return value
-    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
-    return f"'{escaped}'"
 
 
 def _listen_address(listen_host: str, port: int) -> tuple[str, int]:

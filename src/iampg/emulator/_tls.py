@@ -13,14 +13,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from iampg._wire.protocol import ALPN_PROTOCOL
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from pathlib import Path
 
 __all__ = ["ALPN_PROTOCOL", "TlsFiles", "make_certificates", "server_context"]
 
-#: The ALPN protocol name PostgreSQL requires for direct TLS (``sslnegotiation=direct``).
-ALPN_PROTOCOL = "postgresql"
 _LOOPBACK_NAMES = ("localhost",)
 _LOOPBACK_IPS = ("127.0.0.1", "::1")
 _VALIDITY = dt.timedelta(days=7)
