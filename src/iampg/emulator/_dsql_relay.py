@@ -26,10 +26,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_PRINCIPAL",
+    "DsqlSession",
     "ForcedConflicts",
     "admit_session",
     "prepare_database",
-    "DsqlSession",
     "principal_arn",
     "startup_with_occ",
 ]
@@ -114,9 +114,7 @@ def startup_with_occ(packet: bytes) -> bytes:
     """Return the StartupMessage with REPEATABLE READ and a near-zero lock_timeout added."""
     extra = (
         b"default_transaction_isolation\0repeatable read\0"
-        + b"lock_timeout\0"
-        + OCC_LOCK_TIMEOUT.encode()
-        + b"\0"
+        b"lock_timeout\0" + OCC_LOCK_TIMEOUT.encode() + b"\0"
     )
     body = packet[4:-1] + extra + b"\0"
     return struct.pack("!I", len(body) + 4) + body
@@ -166,7 +164,7 @@ async def admit_session(
         return True, login
     backend_out.write(
         _query_message(
-            "SELECT 1 FROM sys.iam_pg_role_mappings WHERE pg_role_name = current_user "
+            "SELECT 1 FROM sys.iam_pg_role_mappings WHERE pg_role_name = current_user "  # noqa: S608 - a quoted literal
             f"AND arn = {_quote_literal(principal)}"
         )
     )
@@ -189,9 +187,7 @@ def prepare_database(dsn: str, database: str) -> None:
         conn.execute(_SETUP_SQL)
         if conn.execute("SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'admin'").fetchone():
             conn.execute("GRANT INSERT, DELETE ON sys.iam_pg_role_mappings TO admin")
-            conn.execute(
-                "GRANT USAGE ON SEQUENCE sys.iam_pg_role_mappings_iam_oid_seq TO admin"
-            )
+            conn.execute("GRANT USAGE ON SEQUENCE sys.iam_pg_role_mappings_iam_oid_seq TO admin")
 
 
 @dataclass
@@ -296,15 +292,16 @@ class DsqlSession:
     def from_client(self, data: bytes) -> bytes:
         """Return what to send the backend for ``data`` from the client."""
         out = []
-        for kind, body in self._from_client.feed(data):
+        for kind, received in self._from_client.feed(data):
+            body = received
             if kind == b"Q":
-                body = self._on_query(body)
+                body = self._on_query(received)
             elif kind == b"P":
-                body = self._on_parse(body)
+                body = self._on_parse(received)
             elif kind == b"S" and not self._explicit:
                 self._reset()
             elif kind in (b"B", b"d") and self._explicit:
-                self._size += len(body)
+                self._size += len(received)
             out.append(_message(kind, body))
         return b"".join(out)
 
@@ -323,9 +320,8 @@ class DsqlSession:
             action = self._judge(dq.classify(tokens, self._rules))
             if isinstance(action, dq.Refusal):
                 return self._marker(action).encode() + b"\0"
-            if isinstance(action, str):  # a rewrite, only alone in its message
-                if len(statements) == 1:
-                    return action.encode() + b"\0"
+            if isinstance(action, str) and len(statements) == 1:  # a rewrite: alone only
+                return action.encode() + b"\0"
         return body
 
     def _on_parse(self, body: bytes) -> bytes:
@@ -351,7 +347,9 @@ class DsqlSession:
         self._refusals[self._next_marker] = refusal
         return f"{_MARKER}{self._next_marker}"
 
-    def _judge(self, statement: dq.Statement, *, named: bool = False) -> dq.Refusal | str | None:
+    def _judge(  # noqa: C901, PLR0911
+        self, statement: dq.Statement, *, named: bool = False
+    ) -> dq.Refusal | str | None:
         """Follow the transaction; return a refusal, a replacement statement, or None."""
         rules = self._rules
         kind = statement.kind
@@ -419,11 +417,11 @@ class DsqlSession:
             return dq.Refusal(dq.IAM_GRANT_DENIED_CODE, message, "role_mapping")
         if verb == "REVOKE":
             return (
-                "DELETE FROM sys.iam_pg_role_mappings WHERE pg_role_name = "
+                "DELETE FROM sys.iam_pg_role_mappings WHERE pg_role_name = "  # noqa: S608
                 f"{_quote_literal(role)} AND arn = {_quote_literal(arn)}"
             )
         return (
-            "INSERT INTO sys.iam_pg_role_mappings (arn, pg_role_oid, pg_role_name, "
+            "INSERT INTO sys.iam_pg_role_mappings (arn, pg_role_oid, pg_role_name, "  # noqa: S608
             "grantor_pg_role_oid, grantor_pg_role_name) "
             f"SELECT {_quote_literal(arn)}, r.oid, r.rolname, g.oid, g.rolname "
             "FROM pg_catalog.pg_roles r, pg_catalog.pg_roles g "

@@ -8,6 +8,7 @@ SQLSTATE and message. Texts not found in AWS's documentation are marked unconfir
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -86,7 +87,9 @@ class DsqlRules:
         triggers: Refuse ``CREATE TRIGGER``.
         temporary_tables: Refuse ``CREATE TEMP``/``TEMPORARY`` tables.
         truncate: Refuse ``TRUNCATE``.
-        listen_notify: Refuse ``LISTEN``, ``NOTIFY`` and ``UNLISTEN``.
+        listen_notify: Refuse ``LISTEN`` and ``NOTIFY`` (``UNLISTEN``, which has nothing to
+            undo then, passes: asyncpg's pools send ``UNLISTEN *`` when a connection is
+            released).
         extensions: Refuse ``CREATE EXTENSION``.
         sequences: Refuse ``SERIAL`` types and ``CREATE SEQUENCE`` without ``CACHE 1`` or
             ``CACHE`` of at least 65536.
@@ -166,7 +169,7 @@ class _Token:
     kind: Literal["word", "string", "ident", "number", "punct"]
 
 
-def split_statements(sql: str) -> list[list[_Token]]:
+def split_statements(sql: str) -> list[list[_Token]]:  # noqa: C901, PLR0912, PLR0915
     """Split ``sql`` at top-level semicolons into token lists (comments dropped).
 
     Quoted strings (``'...'``, ``E'...'``, dollar quotes) and quoted identifiers become single
@@ -270,7 +273,7 @@ def _words(tokens: list[_Token]) -> list[str]:
     return [t.text if t.kind == "word" else "" for t in tokens]
 
 
-def classify(tokens: list[_Token], rules: DsqlRules) -> Statement:
+def classify(tokens: list[_Token], rules: DsqlRules) -> Statement:  # noqa: C901, PLR0911
     """Return what one statement is and, if DSQL refuses it outright, why."""
     words = _words(tokens)
     first = words[0] if words else ""
@@ -290,7 +293,7 @@ def classify(tokens: list[_Token], rules: DsqlRules) -> Statement:
     if first == "TRUNCATE":
         refusal = Refusal(UNSUPPORTED_CODE, TRUNCATE_MESSAGE, "truncate")
         return Statement("dml", refusal if rules.truncate else None)
-    if first in ("LISTEN", "NOTIFY", "UNLISTEN"):
+    if first in ("LISTEN", "NOTIFY"):  # UNLISTEN passes: asyncpg's pools send it on release
         refusal = Refusal(UNSUPPORTED_CODE, LISTEN_MESSAGE.format(command=first), "listen_notify")
         return Statement("other", refusal if rules.listen_notify else None)
     if first in _DDL:
@@ -307,7 +310,9 @@ def _refuse_savepoint(rules: DsqlRules, kind: Kind) -> Statement:
     return Statement(kind, refusal if rules.savepoint else None)
 
 
-def _ddl_refusal(tokens: list[_Token], words: list[str], rules: DsqlRules) -> Refusal | None:
+def _ddl_refusal(  # noqa: C901, PLR0911
+    tokens: list[_Token], words: list[str], rules: DsqlRules
+) -> Refusal | None:
     first = words[0]
     head = [w for w in words[1:6] if w not in ("OR", "REPLACE", "GLOBAL", "LOCAL", "UNIQUE")]
     obj = head[0] if head else ""
@@ -334,12 +339,12 @@ def _ddl_refusal(tokens: list[_Token], words: list[str], rules: DsqlRules) -> Re
 
 
 def _has_pair(words: list[str], a: str, b: str) -> bool:
-    return any(x == a and y == b for x, y in zip(words, words[1:], strict=False))
+    return any(x == a and y == b for x, y in itertools.pairwise(words))
 
 
 def _cache_allowed(tokens: list[_Token]) -> bool:
     """Tell whether ``CREATE SEQUENCE`` names a cache DSQL accepts (1, or 65536 and more)."""
-    for token, value in zip(tokens, tokens[1:], strict=False):
+    for token, value in itertools.pairwise(tokens):
         if token.kind == "word" and token.text == "CACHE" and value.kind == "number":
             try:
                 cache = int(value.text)

@@ -377,7 +377,7 @@ class Emulator:
         iampg.ConfigurationError: An argument is invalid.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0915
         self,
         backend: str,
         *,
@@ -400,9 +400,7 @@ class Emulator:
         self._profile = _resolve_profile(service, preset, profile, dict(settings))
         if dsql_rules is not None and not isinstance(dsql_rules, DsqlRules):
             raise ConfigurationError("dsql_rules must be a DsqlRules")
-        self._dsql_rules = (
-            (dsql_rules or DsqlRules()) if self._profile.service == "dsql" else None
-        )
+        self._dsql_rules = (dsql_rules or DsqlRules()) if self._profile.service == "dsql" else None
         self._forced = dsql.ForcedConflicts()
         self._dsql_prepared: set[str] = set()  # databases with sys.iam_pg_role_mappings
         self._dsql_lock = asyncio.Lock()
@@ -1415,7 +1413,7 @@ class Emulator:
         await asyncio.wait_for(connect, target.connect_timeout)
         return stream
 
-    async def _connect_backend(
+    async def _connect_backend(  # noqa: C901
         self, session: _Session, client: _Stream, packet: bytes, user: str
     ) -> None:
         """Log in to the backend as the client; then relay both ways, or relay its error."""
@@ -1478,7 +1476,10 @@ class Emulator:
         if not allowed:
             hint = dsql.HINT_NOT_MAPPED.format(user=session.user, arn=session.principal)
             self._refuse(
-                session, sl.DSQL_ACCESS_DENIED_CODE, sl.DSQL_ACCESS_DENIED, ROLE_NOT_MAPPED,
+                session,
+                sl.DSQL_ACCESS_DENIED_CODE,
+                sl.DSQL_ACCESS_DENIED,
+                ROLE_NOT_MAPPED,
                 hint=hint,
             )
             return False
@@ -1501,9 +1502,7 @@ class Emulator:
                 return
             loop = asyncio.get_running_loop()
             try:
-                await loop.run_in_executor(
-                    None, dsql.prepare_database, self._backend_dsn, database
-                )
+                await loop.run_in_executor(None, dsql.prepare_database, self._backend_dsn, database)
             except Exception as exc:  # noqa: BLE001 - the login goes on; mappings then fail
                 logger.warning("emulator cannot make sys.iam_pg_role_mappings: %s", exc)
             self._dsql_prepared.add(database)
