@@ -61,7 +61,8 @@ def connect(emu: Emulator, user: str = "admin", **kwargs: Any) -> psycopg.Connec
     return psycopg.connect(
         emu.conninfo(user, password=mint(emu, admin=user == "admin")),
         connect_timeout=5,
-        options=f"-c search_path={SCHEMA}",
+        # a bound: without optimistic concurrency a second writer would wait for ever
+        options=f"-c search_path={SCHEMA} -c statement_timeout=10s",
         **kwargs,
     )
 

@@ -154,6 +154,7 @@ def test_psycopg_pool_retries_a_concurrent_writers_conflict(counter: ContendedCo
     def increment(conn: psycopg.Connection[Any]) -> int:
         if raced.ran() > 1:
             raced.release()
+        conn.execute("set local statement_timeout = '10s'")  # without OCC it would wait
         try:
             conn.execute(f"update {TABLE} set n = n + 1 where id = 1")
         except psycopg.Error as exc:
@@ -213,6 +214,7 @@ def test_sqlalchemy_retries_a_concurrent_writers_conflict(counter: ContendedCoun
     def increment(conn: sqlalchemy.Connection) -> int:
         if raced.ran() > 1:
             raced.release()
+        conn.execute(text("set local statement_timeout = '10s'"))  # without OCC it would wait
         conn.execute(text(f"update {TABLE} set n = n + 1 where id = 1"))
         return raced.calls
 
