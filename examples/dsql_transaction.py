@@ -2,8 +2,9 @@
 
 DSQL checks for conflicts at commit: the loser gets SQLSTATE ``40001`` with ``(OC000)`` in
 the message (``(OC001)`` for schema) and its transaction is rolled back, to be run again.
-``iampg.retry_transaction`` does that with exponential backoff and jitter. Here, concurrent transfers between two accounts collide
-on purpose; the total balance stays the same and every transfer lands.
+``iampg.retry_transaction`` does that with exponential backoff and jitter. Here, concurrent
+transfers between two accounts collide on purpose; the total balance stays the same and
+every transfer lands.
 
     python examples/dsql_transaction.py                              # emulator, DSQL mode
     python examples/dsql_transaction.py --host <cluster id>.dsql.us-east-1.on.aws  # AWS
