@@ -292,7 +292,7 @@ class _Session:
     transaction_started: float = 0.0
     capped: bool = False  # past the session cap, waiting for its transaction to end
     cut: bool = False
-    principal: str = ""  # the IAM principal of the token's key, once authenticated
+    access_key_id: str = ""  # the key that signed the token, once authenticated
 
     def close_socket(self, _: object = None) -> None:
         """Close the accepted socket if no transport took it over (a task's done callback)."""
@@ -1381,7 +1381,7 @@ class Emulator:
                 reason = exc.reason
             else:
                 reason = None
-                session.principal = dsql.principal_arn(self._keys.lookup(verified.access_key_id))
+                session.access_key_id = verified.access_key_id
         if reason is not None:
             if self._profile.service == "dsql":
                 hint = sl.dsql_hint(reason, token, user=user, clock=self._clock)
@@ -1467,14 +1467,16 @@ class Emulator:
         client = session.client
         assert rules is not None
         assert client is not None
-        allowed, greeting = True, b""
+        allowed, greeting, principal = True, b"", ""
         if rules.role_mapping:
             await self._prepare_database(session.database)
+            if session.user != dsql.ADMIN:  # asks the key's store again, for its principal
+                principal = self.principal_of(session.access_key_id)
             allowed, greeting = await dsql.admit_session(
-                backend, backend, user=session.user, principal=session.principal
+                backend, backend, user=session.user, principal=principal
             )
         if not allowed:
-            hint = dsql.HINT_NOT_MAPPED.format(user=session.user, arn=session.principal)
+            hint = dsql.HINT_NOT_MAPPED.format(user=session.user, arn=principal)
             self._refuse(
                 session,
                 sl.DSQL_ACCESS_DENIED_CODE,
