@@ -509,3 +509,51 @@ def test_without_occ_writers_wait_as_on_postgresql(
                 assert error.sqlstate == "55P03"  # PostgreSQL's own: it waited
         finally:
             admin.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
+
+
+# --- how statements are told apart (no database needed) ---
+
+
+@pytest.mark.parametrize(
+    ("text", "kinds"),
+    [
+        ("select 1; select 2;;", ["other", "other"]),
+        ("select $tag$ ; truncate $tag$; truncate t", ["other", "dml"]),
+        ("select E'it\\'s; savepoint' ; begin", ["other", "begin"]),
+        ("/* a /* nested; */ comment; */ commit", ["commit"]),
+        ('select "truncate;"; rollback', ["other", "rollback"]),
+        ("with x as (insert into t values (1) returning 1) select * from x", ["dml"]),
+        ("select * from t for update", ["other"]),
+        ("create unique index async i on t (a)", ["ddl"]),
+        ("AWS IAM GRANT reader TO 'arn:aws:iam::1:role/r'", ["iam"]),
+        ("commit prepared 'x'", ["other"]),
+    ],
+)
+def test_statements_are_split_and_classified(text: str, kinds: list[str]) -> None:
+    rules = DsqlRules()
+    found = [dq.classify(tokens, rules).kind for tokens in dq.split_statements(text)]
+    assert found == kinds
+
+
+@pytest.mark.parametrize(
+    ("text", "refused"),
+    [
+        ("create sequence s cache 1", False),
+        ("create sequence s cache 65536", False),
+        ("create sequence s cache 100", True),
+        ("create table t (note text default 'serial')", False),
+        ("create table t (id bigserial)", True),
+        ("create or replace trigger x after insert on t execute function f()", True),
+        ("create global temporary table t (a int)", True),
+        ("alter table t add column p int references u", True),
+        ("create index async i on t (serial)", False),
+    ],
+)
+def test_refusals_read_the_statement(text: str, refused: bool) -> None:
+    (tokens,) = dq.split_statements(text)
+    assert (dq.classify(tokens, DsqlRules()).refusal is not None) == refused
+
+
+def test_iam_statements_are_parsed() -> None:
+    (tokens,) = dq.split_statements("""AWS IAM REVOKE "Mixed" FROM 'arn:aws:iam::1:role/a''b'""")
+    assert dq.classify(tokens, DsqlRules()).iam == ("REVOKE", "Mixed", "arn:aws:iam::1:role/a'b")

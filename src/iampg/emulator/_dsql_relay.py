@@ -18,6 +18,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
 
+from iampg._wire.protocol import pack_message as _message
+
 from . import _dsql_sql as dq
 
 if TYPE_CHECKING:
@@ -79,10 +81,6 @@ def _quote_literal(value: str) -> str:
 
 def _quote_ident(value: str) -> str:
     return '"' + value.replace('"', '""') + '"'
-
-
-def _message(kind: bytes, body: bytes) -> bytes:
-    return kind + struct.pack("!I", len(body) + 4) + body
 
 
 def _error(refusal: dq.Refusal) -> bytes:
@@ -228,12 +226,19 @@ class ForcedConflicts:
 
 
 class _Framer:
-    """Cuts a byte stream into protocol messages (kind byte, length, body)."""
+    """Cuts a byte stream into protocol messages (kind byte, length, body).
+
+    A message with an impossible length ends the framing: from there on everything is
+    passed on as it comes (kind ``b""``), for the other side to refuse.
+    """
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._broken = False
 
     def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        if self._broken:
+            return [(b"", data)]
         self._buffer += data
         messages = []
         buffer = self._buffer
@@ -241,7 +246,12 @@ class _Framer:
         while len(buffer) - start >= 5:  # noqa: PLR2004
             (length,) = struct.unpack_from("!I", buffer, start + 1)
             end = start + 1 + length
-            if length < 4 or len(buffer) < end:  # noqa: PLR2004
+            if length < 4:  # noqa: PLR2004
+                self._broken = True
+                messages.append((b"", bytes(buffer[start:])))
+                buffer.clear()
+                return messages
+            if len(buffer) < end:
                 break
             messages.append((bytes(buffer[start : start + 1]), bytes(buffer[start + 5 : end])))
             start = end
@@ -294,6 +304,9 @@ class DsqlSession:
         out = []
         for kind, received in self._from_client.feed(data):
             body = received
+            if not kind:
+                out.append(received)
+                continue
             if kind == b"Q":
                 body = self._on_query(received)
             elif kind == b"P":
@@ -435,6 +448,9 @@ class DsqlSession:
         """Return what to send the client for ``data`` from the backend."""
         out = []
         for kind, body in self._from_backend.feed(data):
+            if not kind:
+                out.append(body)
+                continue
             message = _message(kind, body)
             if kind == b"K" and len(body) >= 4:  # noqa: PLR2004
                 (self.pid,) = struct.unpack("!I", body[:4])
