@@ -10,8 +10,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
+import iampg
 from iampg.emulator import DsqlRules, Emulator
 from iampg.emulator import _dsql_sql as dq
+from support import endpoint_for
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -557,3 +559,17 @@ def test_refusals_read_the_statement(text: str, refused: bool) -> None:
 def test_iam_statements_are_parsed() -> None:
     (tokens,) = dq.split_statements("""AWS IAM REVOKE "Mixed" FROM 'arn:aws:iam::1:role/a''b'""")
     assert dq.classify(tokens, DsqlRules()).iam == ("REVOKE", "Mixed", "arn:aws:iam::1:role/a'b")
+
+
+def test_rds_mode_looks_at_no_statement(emulator: Emulator) -> None:
+    """The RDS presets relay bytes: what DSQL refuses, PostgreSQL runs."""
+    assert emulator.dsql_rules is None
+    with iampg.connect(endpoint_for(emulator)) as conn:
+        conn.execute("savepoint s1")
+        conn.execute("create temporary table scratch (id serial)")
+        conn.execute("truncate scratch")
+
+
+def test_dsql_rules_must_be_dsql_rules(backend: Backend) -> None:
+    with pytest.raises(iampg.ConfigurationError, match="DsqlRules"):
+        Emulator(backend.dsn, service="dsql", dsql_rules={"savepoint": False})  # type: ignore[arg-type]
