@@ -234,8 +234,13 @@ def build(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
-    """Benchmark iampg against the alternatives on the emulator (not a default session)."""
+    """Benchmark iampg against the alternatives on the emulator (not a default session).
+
+    tools/bench_tools.sh first installs pgbench and PgBouncer from Debian's archive when they
+    are missing and the session runs as root; otherwise the rows that need them are skipped.
+    """
     session.install("-e", ".[emulator]", *_group("bench"))
+    session.run("bash", "tools/bench_tools.sh", external=True)
     session.run("python", "-m", "benchmarks", *session.posargs)
 
 

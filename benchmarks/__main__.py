@@ -33,6 +33,7 @@ GROUPS = (
     "lost",
     "cold",
     "memory",
+    "proxy",
 )
 PACKAGES = (
     "iampg",
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         lost,
         memory,
         pool,
+        proxy,
         stampede,
         tls,
         token_hit,
@@ -178,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             ("lost", lambda: lost.run(rds, backend, quick=args.quick)),
             ("cold", lambda: cold.run(quick=args.quick)),
             ("memory", lambda: memory.run(rds, backend.dsn, quick=args.quick)),
+            ("proxy", lambda: proxy.run(rds, backend.dsn, quick=args.quick)),
         ]
         for name, step in steps:
             if name not in groups:

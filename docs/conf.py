@@ -50,7 +50,7 @@ html_show_sourcelink = False
 
 # Public names that must appear in the API reference: a new export without a page fails the
 # build (sphinx-build -W), so the reference never silently falls behind ``__all__``.
-_DOCUMENTED_MODULES = ("iampg", "iampg.emulator")
+_DOCUMENTED_MODULES = ("iampg", "iampg.emulator", "iampg.proxy")
 
 
 def _check_reference(_app: Sphinx, env: Any) -> None:

@@ -20,7 +20,7 @@ from support import EmulatorFactory
 
 # Every test runs under the secret guard: no minted token, signature or sentinel password in a
 # log record, a repr or an escaping exception (see secret_guard.py).
-pytest_plugins = ["secret_guard"]
+pytest_plugins = ["secret_guard", "proxy_support"]
 
 LOCAL_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
 

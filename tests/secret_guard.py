@@ -1,6 +1,7 @@
 """A pytest guard failing any test whose logs, reprs, errors or output show a minted token.
 
-Checked for every test: log records at DEBUG and above (message and exception), the repr and
+Checked for every test: log records at DEBUG and above (message and exception; the
+emulator's and the proxy's session logs included), the repr and
 str of every provider that minted a token and of its endpoint, the text of an exception that
 escapes the test, what ``iampg`` commands write to stdout and stderr (stdout may carry the
 token only for the commands asked to print it: ``token``, ``url``, ``env``), and any output the

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import random
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -202,3 +204,32 @@ class TamperingSigner(RecordingSigner):
         elif self.damage == "user":
             token = token.replace("DBUser=postgres", "DBUser=someone")
         return SignedToken(token, 900.0)
+
+
+# Startup packets, well formed and not, for the fuzzers of the emulator and the proxy.
+SSL_REQUEST = struct.pack("!II", 8, 80877103)
+GSS_REQUEST = struct.pack("!II", 8, 80877104)
+CANCEL = struct.pack("!II", 16, 80877102)
+PROTOCOL_3 = struct.pack("!I", 196608)
+
+
+def startup_like(rng: random.Random) -> bytes:  # noqa: PLR0911 -- one return per shape
+    """Return a malformed, truncated, oversized or garbage startup packet."""
+    choice = rng.randrange(8)
+    body = bytes(rng.randrange(256) for _ in range(rng.randrange(64)))
+    if choice == 0:  # garbage
+        return body
+    if choice == 1:  # length says more than comes (truncated)
+        return struct.pack("!I", len(body) + 8 + rng.randrange(1, 1000)) + PROTOCOL_3 + body
+    if choice == 2:  # oversized length
+        return struct.pack("!I", rng.choice([10_001, 2**20, 2**31 - 1, 2**32 - 1])) + PROTOCOL_3
+    if choice == 3:  # too short a length
+        return struct.pack("!I", rng.randrange(8)) + body
+    if choice == 4:  # unknown protocol version, well formed
+        return struct.pack("!II", 8 + len(body), rng.randrange(2**32)) + body
+    if choice == 5:  # parameters without terminators / odd pairs
+        params = b"user\x00" + body.replace(b"\x00", b"") + b"\x00database"
+        return struct.pack("!I", 8 + len(params)) + PROTOCOL_3 + params
+    if choice == 6:  # SSLRequest or GSSENCRequest, then garbage instead of a handshake
+        return rng.choice([SSL_REQUEST, GSS_REQUEST]) + body
+    return CANCEL[: rng.randrange(1, len(CANCEL))]  # truncated cancel request

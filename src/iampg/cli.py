@@ -1,10 +1,11 @@
-"""The ``iampg`` command: tokens, URLs, environments, psql, a connection doctor and the emulator.
+"""The ``iampg`` command: tokens, URLs, psql, a connection doctor, a local proxy, the emulator.
 
 Exit codes (each command's ``--help`` lists the ones it returns):
 
-- ``0``: success (``doctor``: every check passed; ``emulate``: stopped with Ctrl-C).
+- ``0``: success (``doctor``: every check passed; ``emulate`` and ``proxy``: stopped with
+  Ctrl-C or SIGTERM).
 - ``1``: the work failed: no credentials, a token could not be signed, a ``doctor`` check
-  failed, the emulator could not run.
+  failed, the emulator or the proxy could not run.
 - ``2``: usage error: bad arguments or an invalid endpoint.
 - ``127``: ``psql`` was not found.
 - ``130``: interrupted with Ctrl-C.
@@ -58,6 +59,10 @@ _EXIT_CODES: dict[str, str] = {
     f"endpoint, or IAMPG_SSLROOTCERT names a file that does not exist); {_INTERRUPTED}",
     "emulate": "0 stopped (Ctrl-C or SIGTERM); 1 the emulator could not run (backend "
     "unreachable, port busy...); 2 usage error (bad options, no PostgreSQL binaries)",
+    "proxy": "0 stopped (SIGINT or SIGTERM, after the grace period); 1 the proxy could not "
+    "run (port busy, no permission for the Unix socket...); 2 usage error (bad options or "
+    "endpoint, missing Unix socket directory, unusable TLS files, or listening beyond "
+    "loopback without client TLS and a password)",
 }
 
 
@@ -103,11 +108,13 @@ skipped. Exit code 0 when no check failed (warnings included), 1 when one failed
 _PSQL_DROPPED_ENV = ("PGSERVICE", "PGSERVICEFILE", "PGPASSFILE")
 
 
-def _add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_endpoint_arguments(
+    parser: argparse.ArgumentParser, port_flags: tuple[str, ...] = ("--port", "-p")
+) -> None:
     parser.add_argument("endpoint", nargs="?", help="host name, URL or key=value string")
     group = parser.add_argument_group("endpoint")
     group.add_argument("--host", "-H", help="database host name (the name that is signed)")
-    group.add_argument("--port", "-p", help="port (default 5432)")
+    group.add_argument(*port_flags, help="the database's port (default 5432)")
     group.add_argument("--user", "-U", help="database user to sign for")
     group.add_argument("--dbname", "-d", help="database name")
     group.add_argument("--region", "-r", help="AWS region (inferred from AWS host names)")
@@ -266,6 +273,33 @@ def _missing_emulator(args: argparse.Namespace, out: TextIO) -> int:  # noqa: AR
     raise ConfigurationError("the emulator needs extra packages: pip install 'iampg[emulator]'")
 
 
+# -- proxy --------------------------------------------------------------------------------
+
+
+def _cmd_proxy(args: argparse.Namespace, out: TextIO) -> int:
+    from iampg.proxy import _cli  # noqa: PLC0415
+
+    return _cli.run(args, out)
+
+
+_PROXY_HELP = f"""\
+Listen on 127.0.0.1 (a free port unless --port) and give every client that connects its own
+session to the endpoint, logged in with a fresh IAM token: GUI tools, migration tools and
+clients in any language connect without knowing about IAM. The first line on standard output
+is the local connection string (no password), one line per endpoint:
+  iampg proxy mydb.cluster-abc.us-east-1.rds.amazonaws.com -U app --port 6432
+  psql "host=127.0.0.1 port=6432 user=app dbname=app"
+Several endpoints: repeat --endpoint URL (one local port each, --port N gives N, N+1, ...).
+The endpoint's port is --upstream-port here (--port is the local one).
+Beyond loopback (--listen 0.0.0.0) clients must use TLS (--tls-cert/--tls-key or
+--tls-generate) and a SCRAM-SHA-256 password (--password-file FILE or $IAMPG_PROXY_PASSWORD,
+never on the command line); without both the proxy refuses to start.
+One log line per session on stderr (--log-format json for JSON); no token or password.
+SIGINT/SIGTERM: stop accepting, let open sessions run for --grace seconds, then close them.
+
+{_endpoint_help("proxy")}"""
+
+
 # -- ca -----------------------------------------------------------------------------------
 
 
@@ -421,6 +455,20 @@ def _parser() -> argparse.ArgumentParser:
     else:
         _cli.add_arguments(emulate)
         emulate.set_defaults(func=_cmd_emulate)
+
+    proxy = command(
+        "proxy",
+        "run a local proxy: any client, IAM-authenticated sessions",
+        "Run a local PostgreSQL endpoint that logs every client in to the IAM endpoint with "
+        "a fresh token. Stop it with Ctrl-C or SIGTERM.",
+        _PROXY_HELP,
+    )
+    _add_endpoint_arguments(proxy, ("--upstream-port",))
+    _add_insecure_argument(proxy)
+    from iampg.proxy import _cli as proxy_cli  # noqa: PLC0415
+
+    proxy_cli.add_arguments(proxy)
+    proxy.set_defaults(func=_cmd_proxy)
 
     ca = command(
         "ca",

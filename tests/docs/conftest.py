@@ -58,6 +58,7 @@ class DocsEndpoints:
         addresses: The address each service's emulator listens on (``rds``, ``dsql``).
         banner: What the ``export`` lines of ``iampg emulate``'s banner set, for this
             emulator (the tutorial has its reader paste them).
+        names: The address each example host name resolves to, for ``docs.use("dns")``.
     """
 
     rds: Emulator
@@ -66,6 +67,7 @@ class DocsEndpoints:
     environ: dict[str, str]
     addresses: dict[str, str]
     banner: dict[str, str]
+    names: dict[str, str]
 
 
 def _pinned_dsn(dsn: str) -> str:
@@ -161,8 +163,15 @@ def docs_endpoints(
                 "PGSSLROOTCERT": str(bundle),
                 "AWS_REGION": REGION,
             }
+            names = {CLUSTER: rds.listen_host, PROXY: rds.listen_host, DSQL: dsql.listen_host}
             yield DocsEndpoints(
-                rds, dsql, dsn, environ, {"rds": rds.listen_host, "dsql": dsql.listen_host}, banner
+                rds,
+                dsql,
+                dsn,
+                environ,
+                {"rds": rds.listen_host, "dsql": dsql.listen_host},
+                banner,
+                names,
             )
         finally:
             dsql.stop()

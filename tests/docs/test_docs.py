@@ -21,8 +21,11 @@ that the rendered pages do not show:
 - ``<!-- output-not-compared: "why" -->``: the next block runs, its output is not compared.
 - ``<!-- invisible-code-block: python ... -->`` (Sybil's): code run but not shown, such as
   ``docs.use("dsql")``, which sends the rest of the page's connections to the DSQL emulator,
-  or ``docs.paste_banner()``, which does what pasting ``iampg emulate``'s ``export`` lines
-  does, for the emulator the tests run.
+  ``docs.use("dns")``, which resolves the example host names to the emulators in every Python
+  process instead of setting ``PGHOSTADDR`` (for pages whose clients connect to a local
+  proxy on 127.0.0.1, which ``PGHOSTADDR`` would redirect), or ``docs.paste_banner()``,
+  which does what pasting ``iampg emulate``'s ``export`` lines does, for the emulator the
+  tests run.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import argparse
 import contextlib
 import doctest
 import gc
+import importlib.util
 import inspect
 import io
 import os
@@ -54,6 +58,7 @@ from sybil.parsers.markdown.lexers import DirectiveInHTMLCommentLexer
 from iampg import cli
 
 ROOT = Path(__file__).resolve().parents[2]
+RESOLVE = Path(__file__).resolve().parent / "resolve"  # sitecustomize.py, for docs.use("dns")
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 SHELL_TIMEOUT = 240.0  # seconds for one shell block; the slowest runs an example program
 FILE_HEADER = re.compile(r"\A# (?P<name>[\w.-]+\.(?:py|ini|toml|cfg))\n")
@@ -85,6 +90,7 @@ class Page:
     def __init__(self, path: Path, endpoints: Any) -> None:
         self.path = path
         self.addresses: dict[str, str] = endpoints.addresses
+        self.names: dict[str, str] = endpoints.names
         self.banner: dict[str, str] = endpoints.banner
         self.directory = Path(tempfile.mkdtemp(prefix="iampg-docs-"))
         (self.directory / "examples").symlink_to(ROOT / "examples")
@@ -98,9 +104,24 @@ class Page:
         """Send this page's connections to the emulator of ``service``.
 
         ``rds`` or ``dsql``; ``none`` unsets ``PGHOSTADDR``, for a program that starts its
-        own emulator when no ``PGHOST`` is set and would take ``PGHOSTADDR`` for a setting.
+        own emulator when no ``PGHOST`` is set and would take ``PGHOSTADDR`` for a setting;
+        ``dns`` unsets it too and resolves the example host names to their emulators in this
+        process and in every Python process the page starts (``resolve/sitecustomize.py``),
+        as DNS does on a reader's machine.
         """
-        if service == "none":
+        for name in ("IAMPG_DOCS_RESOLVE", "PYTHONPATH"):
+            if self.environ.pop(name, None) is not None:
+                self.removed.add(name)
+        if service == "dns":
+            _install_resolver()
+            self.environ.pop("PGHOSTADDR", None)
+            self.removed.add("PGHOSTADDR")
+            names = ",".join(f"{name}={address}" for name, address in self.names.items())
+            self.environ["IAMPG_DOCS_RESOLVE"] = names
+            path = os.environ.get("PYTHONPATH")
+            self.environ["PYTHONPATH"] = os.pathsep.join([str(RESOLVE), *([path] if path else [])])
+            self.removed.difference_update({"IAMPG_DOCS_RESOLVE", "PYTHONPATH"})
+        elif service == "none":
             self.environ.pop("PGHOSTADDR", None)
             self.removed.add("PGHOSTADDR")
         else:
@@ -130,6 +151,20 @@ class Page:
     def close(self) -> None:
         """Remove the page's directory."""
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _install_resolver() -> None:
+    """Load ``resolve/sitecustomize.py`` here too (once): inert while its variable is unset."""
+    if "iampg_docs_resolve" in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(
+        "iampg_docs_resolve", RESOLVE / "sitecustomize.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
 
 
 def page_of(example: Example) -> Page:

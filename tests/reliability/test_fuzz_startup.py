@@ -18,13 +18,12 @@ from hypothesis import strategies as st
 import iampg
 from iampg import cli
 from iampg.emulator import Backend, Emulator
-from support import endpoint_for, examples
-
-SSL_REQUEST = struct.pack("!II", 8, 80877103)
-GSS_REQUEST = struct.pack("!II", 8, 80877104)
-CANCEL = struct.pack("!II", 16, 80877102)
-PROTOCOL_3 = struct.pack("!I", 196608)
-
+from support import (
+    PROTOCOL_3,
+    endpoint_for,
+    examples,
+    startup_like,
+)
 
 # Keep botocore's DEBUG lines (which show signatures) out of failure reports.
 pytestmark = pytest.mark.usefixtures("quiet_botocore")
@@ -56,28 +55,6 @@ def send_raw(emu: Emulator, payload: bytes, *, read: bool) -> bytes:
             return sock.recv(4096)
         except OSError:  # reset or timed out: the gateway gave up on us, fine
             return b""
-
-
-def startup_like(rng: random.Random) -> bytes:  # noqa: PLR0911 -- one return per shape
-    """Return a malformed, truncated, oversized or garbage startup packet."""
-    choice = rng.randrange(8)
-    body = bytes(rng.randrange(256) for _ in range(rng.randrange(64)))
-    if choice == 0:  # garbage
-        return body
-    if choice == 1:  # length says more than comes (truncated)
-        return struct.pack("!I", len(body) + 8 + rng.randrange(1, 1000)) + PROTOCOL_3 + body
-    if choice == 2:  # oversized length
-        return struct.pack("!I", rng.choice([10_001, 2**20, 2**31 - 1, 2**32 - 1])) + PROTOCOL_3
-    if choice == 3:  # too short a length
-        return struct.pack("!I", rng.randrange(8)) + body
-    if choice == 4:  # unknown protocol version, well formed
-        return struct.pack("!II", 8 + len(body), rng.randrange(2**32)) + body
-    if choice == 5:  # parameters without terminators / odd pairs
-        params = b"user\x00" + body.replace(b"\x00", b"") + b"\x00database"
-        return struct.pack("!I", 8 + len(params)) + PROTOCOL_3 + params
-    if choice == 6:  # SSLRequest or GSSENCRequest, then garbage instead of a handshake
-        return rng.choice([SSL_REQUEST, GSS_REQUEST]) + body
-    return CANCEL[: rng.randrange(1, len(CANCEL))]  # truncated cancel request
 
 
 @pytest.mark.parametrize("seed", range(4))

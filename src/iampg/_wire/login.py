@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import secrets
 import struct
+from dataclasses import dataclass
 
 from .protocol import (
     AUTH_CLEARTEXT,
@@ -124,3 +125,104 @@ class BackendLogin:
         self._scram = ScramClient(password)
         first = self._scram.first_message()
         return pack_message(b"p", b"SCRAM-SHA-256\0" + struct.pack("!I", len(first)) + first)
+
+
+@dataclass(frozen=True, repr=False)
+class ScramVerifier:
+    """What a server keeps to check SCRAM-SHA-256 proofs: never the password itself."""
+
+    salt: bytes
+    iterations: int
+    stored_key: bytes
+    server_key: bytes
+
+    @classmethod
+    def from_password(cls, password: str, *, iterations: int = 4096) -> ScramVerifier:
+        """Derive the verifier of ``password`` with a new random salt."""
+        salt = secrets.token_bytes(16)
+        salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+        client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+        return cls(
+            salt,
+            iterations,
+            hashlib.sha256(client_key).digest(),
+            hmac.new(salted, b"Server Key", hashlib.sha256).digest(),
+        )
+
+    def __repr__(self) -> str:
+        return "ScramVerifier(<hidden>)"
+
+
+class ScramError(Exception):
+    """A SCRAM exchange failed: a malformed message or a wrong password."""
+
+
+class ScramServer:
+    """The server half of SCRAM-SHA-256 (RFC 7677) without channel binding, for one login."""
+
+    MECHANISM = "SCRAM-SHA-256"
+
+    def __init__(self, verifier: ScramVerifier) -> None:
+        self._verifier = verifier
+        self._gs2 = ""
+        self._first_bare = ""
+        self._server_first = ""
+        self._nonce = ""
+
+    def server_first(self, client_first: bytes) -> bytes:
+        """Answer the client-first message.
+
+        Raises:
+            ScramError: The message is malformed or asks for channel binding.
+        """
+        try:
+            text = client_first.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ScramError("malformed SCRAM message") from None
+        parts = text.split(",", 2)
+        if len(parts) != 3 or parts[0] not in ("n", "y"):  # noqa: PLR2004
+            raise ScramError("malformed SCRAM message (channel binding is not offered)")
+        self._gs2 = f"{parts[0]},{parts[1]},"
+        self._first_bare = parts[2]
+        attrs = _attributes(self._first_bare)
+        client_nonce = attrs.get("r", "")
+        if not client_nonce or "m" in attrs:
+            raise ScramError("malformed SCRAM message")
+        self._nonce = client_nonce + base64.b64encode(secrets.token_bytes(18)).decode()
+        salt = base64.b64encode(self._verifier.salt).decode()
+        self._server_first = f"r={self._nonce},s={salt},i={self._verifier.iterations}"
+        return self._server_first.encode()
+
+    def server_final(self, client_final: bytes) -> bytes:
+        """Check the client's proof and return the server-final message.
+
+        Raises:
+            ScramError: The message is malformed, or the proof is wrong (wrong password).
+        """
+        try:
+            text = client_final.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ScramError("malformed SCRAM message") from None
+        without_proof, sep, proof_text = text.rpartition(",p=")
+        attrs = _attributes(without_proof)
+        expected_binding = base64.b64encode(self._gs2.encode()).decode()
+        if not sep or attrs.get("c") != expected_binding or attrs.get("r") != self._nonce:
+            raise ScramError("malformed SCRAM message")
+        try:
+            proof = base64.b64decode(proof_text, validate=True)
+        except ValueError:
+            raise ScramError("malformed SCRAM message") from None
+        auth_message = f"{self._first_bare},{self._server_first},{without_proof}".encode()
+        verifier = self._verifier
+        signature = hmac.new(verifier.stored_key, auth_message, hashlib.sha256).digest()
+        if len(proof) != len(signature):
+            raise ScramError("wrong password")
+        client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
+        if not hmac.compare_digest(hashlib.sha256(client_key).digest(), verifier.stored_key):
+            raise ScramError("wrong password")
+        server_signature = hmac.new(verifier.server_key, auth_message, hashlib.sha256).digest()
+        return f"v={base64.b64encode(server_signature).decode()}".encode()
+
+
+def _attributes(text: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in text.split(",") if "=" in item)

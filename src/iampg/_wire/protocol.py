@@ -108,3 +108,21 @@ def quote_conninfo(value: str) -> str:
         return value
     escaped = value.replace("\\", "\\\\").replace("'", "\\'")
     return f"'{escaped}'"
+
+
+def error_fields(body: bytes) -> dict[str, str]:
+    """Return the fields of an ErrorResponse or NoticeResponse body, by one-letter code."""
+    fields: dict[str, str] = {}
+    for item in body.split(b"\0"):
+        if item:
+            fields[item[:1].decode("ascii", "replace")] = item[1:].decode("utf-8", "replace")
+    return fields
+
+
+def error_message(fields: dict[str, str]) -> bytes:
+    """Return an ErrorResponse carrying ``fields`` (one-letter codes), in their order."""
+    body = b"".join(
+        code.encode("ascii") + value.encode("utf-8", "replace") + b"\0"
+        for code, value in fields.items()
+    )
+    return pack_message(b"E", body + b"\0")

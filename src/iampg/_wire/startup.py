@@ -41,6 +41,8 @@ async def read_startup(
     client: Callable[[], Channel | None],
     start_tls: Callable[[], Awaitable[object]],
     on_cancel: Callable[[bytes], Awaitable[None]],
+    *,
+    tls: bool = True,
 ) -> bytes | None:
     """Negotiate encryption; return the StartupMessage, or None after a CancelRequest.
 
@@ -49,6 +51,7 @@ async def read_startup(
         client: Returns the encrypted channel once TLS is up, else None.
         start_tls: Runs the TLS handshake after ``S`` was sent.
         on_cancel: Handles a CancelRequest packet (header included).
+        tls: Whether TLS is offered; without it an SSLRequest is answered ``N``.
 
     Raises:
         ProtocolViolationError: The client broke the protocol.
@@ -75,7 +78,7 @@ async def read_startup(
             raise ProtocolViolationError("08P01", "encryption requested on an encrypted connection")
         if len(packet) != 8:  # noqa: PLR2004
             raise ProtocolViolationError("08P01", "invalid length of startup packet")
-        if code == GSSENC_REQUEST:
+        if code == GSSENC_REQUEST or not tls:
             await raw.send(b"N")
             continue
         if raw.has_pending_data():

@@ -291,3 +291,34 @@ async def accept_tls(
     except BaseException:
         transport.abort()
         raise
+
+
+async def connect_tls(
+    sock: socket.socket,
+    stream: Stream,
+    context: ssl.SSLContext,
+    server_hostname: str | None,
+    handshake_timeout: float,
+) -> None:
+    """Run the client side of a TLS handshake on a connected socket, then hand it to ``stream``.
+
+    ``server_hostname`` is sent as SNI (and checked if ``context`` checks host names). The
+    transport owns ``sock`` from the call on.
+    """
+    loop = asyncio.get_running_loop()
+    handshake: asyncio.Future[None] = loop.create_future()
+    tls = TlsProtocol(
+        loop,
+        stream,
+        context,
+        handshake,
+        server_side=False,
+        server_hostname=server_hostname,
+        ssl_handshake_timeout=cast("int", handshake_timeout),
+    )
+    transport, _ = await loop.create_connection(lambda: tls, sock=sock)
+    try:
+        await handshake
+    except BaseException:
+        transport.abort()
+        raise

@@ -25,7 +25,7 @@ from psycopg.conninfo import conninfo_to_dict
 from iampg._signer import dsql_action
 from iampg._wire.login import BackendAuthError as _BackendAuthError
 from iampg._wire.login import BackendLogin as _BackendLogin
-from iampg._wire.login import ScramClient as _ScramClient  # noqa: F401  (tests use it here)
+from iampg._wire.login import ScramClient
 from iampg._wire.protocol import AUTH_CLEARTEXT_REQUEST as _AUTH_CLEARTEXT_REQUEST
 from iampg._wire.protocol import AUTH_OK as _AUTH_OK
 from iampg._wire.protocol import CANCEL_REQUEST as _CANCEL_REQUEST
@@ -37,13 +37,12 @@ from iampg._wire.protocol import MIN_CANCEL_PACKET as _MIN_CANCEL_PACKET
 from iampg._wire.protocol import SSL_REQUEST as _SSL_REQUEST
 from iampg._wire.protocol import TLS_HANDSHAKE_BYTE as _TLS_HANDSHAKE_BYTE
 from iampg._wire.protocol import PeerGoneError as _PeerGoneError
-from iampg._wire.protocol import ProtocolViolationError as _ProtocolViolationError
+from iampg._wire.protocol import ProtocolViolationError, startup_parameters
 from iampg._wire.protocol import error_response as _error_response
 from iampg._wire.protocol import pack_message as _message
 from iampg._wire.protocol import quote_conninfo as _quote_conninfo
 from iampg._wire.protocol import read_message as _read_message
 from iampg._wire.protocol import read_startup_packet as _read_startup_packet
-from iampg._wire.protocol import startup_parameters as _startup_parameters
 from iampg._wire.startup import read_startup, require_alpn
 from iampg._wire.streams import RawChannel as _RawChannel
 from iampg._wire.streams import Stream as _Stream
@@ -62,6 +61,11 @@ from ._dsql_sql import DsqlRules
 from ._profiles import Preset, PresetName, Service, dsql_hostname, get_preset
 from ._sigv4 import MALFORMED, TokenRules, TokenVerificationError, verify_token
 from ._tls import make_certificates, server_context
+
+# The gateway's former names of what moved to iampg._wire (tests import them from here).
+_ScramClient = ScramClient
+_ProtocolViolationError = ProtocolViolationError
+_startup_parameters = startup_parameters
 
 if TYPE_CHECKING:
     import ssl
