@@ -28,6 +28,8 @@ _EPILOGUE = (
 SNIPPETS = {
     "import psycopg_pool": "import psycopg_pool\n",
     "import iampg": "import iampg\n",
+    # What an application of iampg's psycopg pools pays: psycopg loads on that first lookup.
+    "import iampg + ConnectionPool": "import iampg\niampg.ConnectionPool\n",
     "first token: boto3 + psycopg_pool": (
         "import boto3, psycopg_pool\n"
         "boto3.client('rds', region_name='us-east-1')"
@@ -135,11 +137,17 @@ def measure(runs: int, *, count: bool = True) -> dict[str, dict[str, object]]:
     }
 
 
+def _than(difference: float) -> str:
+    """Say a cost difference in words: ``1.2 ms more than`` or ``80 ms less than``."""
+    return f"{ms(abs(difference))} {'more' if difference >= 0 else 'less'} than"
+
+
 def run(*, quick: bool = False) -> list[Result]:
     data = measure(7 if quick else 25, count=not quick)
     names = {
         "pool": "import psycopg_pool",
         "ours": "import iampg",
+        "helper": "import iampg + ConnectionPool",
         "boto": "first token: boto3 + psycopg_pool",
         "first": "first token: iampg (botocore)",
         "profile": "first token: iampg (botocore, profile)",
@@ -195,11 +203,18 @@ def run(*, quick: bool = False) -> list[Result]:
             id="import",
             what="`import iampg`",
             compared_with="`import psycopg_pool`",
-            figures=f"iampg {shown('ours')}; psycopg_pool {shown('pool')}",
-            claim=f"iampg costs {ms(cost['ours'] - cost['pool'])} more than psycopg_pool ({basis})",
-            bar="≤ psycopg_pool + 15 ms",
-            passed=cost["ours"] <= cost["pool"] + 0.015,
-            ratio=cost["ours"] / cost["pool"],
+            figures=(
+                f"iampg {shown('ours')}; iampg with its first psycopg helper "
+                f"(`iampg.ConnectionPool`) {shown('helper')}; psycopg_pool {shown('pool')}"
+            ),
+            claim=(
+                f"`import iampg` (no psycopg) costs {_than(cost['ours'] - cost['pool'])} "
+                f"psycopg_pool; with the first psycopg helper, "
+                f"{_than(cost['helper'] - cost['pool'])} psycopg_pool ({basis})"
+            ),
+            bar="≤ psycopg_pool + 15 ms, with the psycopg helper loaded",
+            passed=max(cost["ours"], cost["helper"]) <= cost["pool"] + 0.015,
+            ratio=cost["helper"] / cost["pool"],
             details=details,
         ),
         Result(
@@ -230,7 +245,7 @@ def run(*, quick: bool = False) -> list[Result]:
                 f"botocore path {shown('first')}; botocore imported: {env_botocore}"
             ),
             claim=(
-                f"{ms(cost['env'] - cost['pool'])} over `import psycopg_pool` ({basis}); "
+                f"{_than(cost['env'] - cost['pool'])} `import psycopg_pool` ({basis}); "
                 f"{cost['first'] / cost['env']:.1f}x faster than the botocore path; "
                 f"botocore {'WAS' if env_botocore else 'was not'} imported"
             ),

@@ -1,4 +1,5 @@
-"""Fork safety: a provider or signer inherited across os.fork() works in the child.
+"""Fork safety: a provider or signer inherited across os.fork() works in the child; a pool is
+never shared with it.
 
 Each test holds a lock of the parent in another thread (a signer blocked mid-signing) while it
 forks: the child inherits the lock held, by a thread that does not exist there. The child
@@ -7,17 +8,23 @@ reports through a pipe; the parent waits a bounded time and kills a child that h
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import botocore.credentials
+import psycopg
 import pytest
 
+import iampg
 from iampg import AwsSigner, Endpoint, SignedToken, TokenProvider, _aws
+from iampg.emulator import Emulator
+from support import endpoint_for
 
 pytestmark = [
     pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork"),
@@ -196,3 +203,105 @@ def test_shared_registry_works_in_a_child_forked_while_it_was_locked(
         assert in_child(work) == "AwsSigner(profile='child')"
     finally:
         release.set()
+
+
+# -- pools are never shared across a fork -------------------------------------------------
+
+
+def _pid_of(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("select pg_backend_pid()").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_pool_opened_before_a_fork_is_refused_in_the_child(emulator: Emulator) -> None:
+    """The child cannot take the parent's connections; closing there leaves them working."""
+    provider = TokenProvider(endpoint_for(emulator))
+    with iampg.ConnectionPool(provider=provider, min_size=1, max_size=1, open=True) as pool:
+        with pool.connection() as conn:
+            before = _pid_of(conn)
+
+        def work() -> str:
+            try:
+                with pool.connection() as conn:
+                    return f"used the parent's connection {_pid_of(conn)}"
+            except iampg.ConfigurationError as exc:
+                refused = "opened in process" in str(exc) and "after the fork" in str(exc)
+            pool.close()  # e.g. an atexit hook: must not end the parent's session
+            return f"refused {refused}"
+
+        assert in_child(work) == "refused True"
+        with pool.connection() as conn:
+            assert _pid_of(conn) == before  # the parent's session survived the child
+
+
+def test_pool_made_closed_before_a_fork_opens_in_the_child(emulator: Emulator) -> None:
+    """``open=False`` before the fork, opened in the child: the child's own connections."""
+    provider = TokenProvider(endpoint_for(emulator))
+    pool = iampg.ConnectionPool(provider=provider, min_size=1, max_size=1, open=False)
+
+    def work() -> str:
+        with pool, pool.connection() as conn:
+            return str(_pid_of(conn))
+
+    assert int(in_child(work)) > 0
+    with pool, pool.connection() as conn:  # and the parent opens its own
+        assert _pid_of(conn) > 0
+
+
+def test_async_pool_opened_before_a_fork_is_refused_in_the_child(emulator: Emulator) -> None:
+    """The asynchronous pool refuses the same way, and its close() in the child is harmless."""
+    provider = TokenProvider(endpoint_for(emulator))
+
+    async def parent() -> tuple[int, str, int]:
+        async with iampg.AsyncConnectionPool(provider=provider, min_size=1, max_size=1) as pool:
+            async with pool.connection() as conn:
+                row = await (await conn.execute("select pg_backend_pid()")).fetchone()
+                before = int(row[0]) if row else 0
+
+            async def child() -> str:
+                try:
+                    async with pool.connection():
+                        return "used the parent's connection"
+                except iampg.ConfigurationError:
+                    await pool.close()
+                    return "refused"
+
+            answer = in_child(lambda: asyncio.run(child()))
+            async with pool.connection() as conn:
+                row = await (await conn.execute("select pg_backend_pid()")).fetchone()
+                after = int(row[0]) if row else -1
+        return before, answer, after
+
+    before, answer, after = asyncio.run(parent())
+    assert answer == "refused"
+    assert before == after
+
+
+def test_psycopg2_pool_made_before_a_fork_is_refused_in_the_child(emulator: Emulator) -> None:
+    """psycopg2's pool (iampg's subclass) refuses the child too; closeall() there is harmless."""
+    iampg_psycopg2 = pytest.importorskip("iampg.integrations.psycopg2")
+    pool = iampg_psycopg2.ThreadedConnectionPool(1, 1, TokenProvider(endpoint_for(emulator)))
+    try:
+        conn = pool.getconn()
+        with conn.cursor() as cur:
+            cur.execute("select pg_backend_pid()")
+            before = cur.fetchone()[0]
+        pool.putconn(conn)
+
+        def work() -> str:
+            try:
+                pool.getconn()
+            except iampg.ConfigurationError as exc:
+                pool.closeall()  # must not end the parent's session
+                return f"refused {'before a fork' in str(exc)}"
+            return "used the parent's connection"
+
+        assert in_child(work) == "refused True"
+        conn = pool.getconn()
+        with conn.cursor() as cur:
+            cur.execute("select pg_backend_pid()")
+            assert cur.fetchone()[0] == before
+        pool.putconn(conn)
+    finally:
+        pool.closeall()

@@ -14,11 +14,9 @@ import logging
 import time
 import warnings
 from collections.abc import Mapping
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-import psycopg
-
-from iampg import _refresh
+from iampg import _conninfo, _refresh
 from iampg._defaults import ServiceDefaults, canonical_preset, defaults_for
 from iampg._diagnose import (
     authentication_error,
@@ -29,7 +27,10 @@ from iampg._diagnose import (
 from iampg._endpoint import Endpoint
 from iampg._options import option
 from iampg._tokens import TokenProvider
-from iampg.errors import ConfigurationError, UnavailableError
+from iampg.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    import psycopg
 
 __all__ = [
     "Attempts",
@@ -168,14 +169,9 @@ def _same(name: str, value: object, expected: object) -> bool:
 
 def final_params(conninfo: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """Return the libpq parameters psycopg builds from ``conninfo`` and connect's ``kwargs``."""
-    from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415
-
     nested = kwargs.get("conninfo")
     libpq = {k: v for k, v in kwargs.items() if k not in _NOT_LIBPQ}
-    try:
-        base = conninfo_to_dict(conninfo, **conninfo_to_dict(nested or ""))
-    except psycopg.ProgrammingError as exc:
-        raise ConfigurationError(f"cannot parse the connection string: {exc}") from None
+    base = {**_conninfo.parse(conninfo), **_conninfo.parse(nested or "")}
     return {**base, **{k: v for k, v in libpq.items() if v is not None}}
 
 
@@ -373,6 +369,8 @@ class Attempts:
                 self._wait,
             )
         if now >= self._deadline:
+            from iampg.errors import UnavailableError  # noqa: PLC0415 -- made on first use
+
             raise UnavailableError(
                 f"{self._endpoint.host} did not accept a connection within {self._wait:g} s: "
                 f"{reason}. Retry later, or pass a longer wait="
@@ -389,6 +387,7 @@ def sync_class(base: type[CT], target: Target) -> type[CT]:
     ``connection_class.connect(conninfo, **kwargs)``: what this checks is exactly what libpq
     receives, whatever ``kwargs`` returned.
     """
+    import psycopg  # noqa: PLC0415 -- psycopg loads when a psycopg helper is used
 
     class IamConnection(base):  # type: ignore[valid-type,misc]
         @classmethod
@@ -410,6 +409,7 @@ def sync_class(base: type[CT], target: Target) -> type[CT]:
 
 def async_class(base: type[ACT], target: Target) -> type[ACT]:
     """The asynchronous twin of :func:`sync_class`."""
+    import psycopg  # noqa: PLC0415 -- psycopg loads when a psycopg helper is used
 
     class IamAsyncConnection(base):  # type: ignore[valid-type,misc]
         @classmethod

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from iampg._endpoint import Endpoint
-from iampg.errors import AuthenticationError
+
+if TYPE_CHECKING:
+    from iampg.errors import AuthenticationError
 
 __all__ = [
     "authentication_error",
@@ -154,6 +156,8 @@ def authentication_error(
     exc: BaseException, endpoint: Endpoint, kind: FailureKind
 ) -> AuthenticationError:
     """Return an :class:`AuthenticationError` quoting the server and listing likely causes."""
+    from iampg.errors import AuthenticationError  # noqa: PLC0415 -- made on first use
+
     server = " ".join(str(exc).split())
     causes = "\n".join(f"  - {cause}" for cause in _causes(endpoint, kind))
     return AuthenticationError(f"{server}\nlikely causes:\n{causes}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from urllib.parse import quote
 
+from iampg import _conninfo
 from iampg._connecting import connect_params, resolve
 from iampg._endpoint import Endpoint
 from iampg._tokens import TokenProvider
@@ -67,11 +68,9 @@ def conninfo(
         ConfigurationError: See :func:`connect_params`.
         TokenError: No token could be signed.
     """
-    from psycopg.conninfo import make_conninfo  # noqa: PLC0415
-
     ep, prov = resolve(endpoint, provider)
     params = connect_params(ep, allow_insecure=allow_insecure)
-    return make_conninfo(**params, password=prov.token())
+    return _conninfo.make(**params, password=prov.token())
 
 
 def url(

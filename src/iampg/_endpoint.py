@@ -610,21 +610,18 @@ def _parse_host(text: str) -> dict[str, Any]:
 
 
 def _parse_conninfo(text: str) -> dict[str, Any]:
-    """Parse a libpq key=value string or URL with libpq itself."""
-    from psycopg import ProgrammingError  # noqa: PLC0415
-    from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415
+    """Parse a libpq key=value string or URL with libpq (or libpq's rules where it is absent)."""
+    from iampg import _conninfo  # noqa: PLC0415
 
     try:
-        params = conninfo_to_dict(text)
-    except ProgrammingError as exc:
+        params = _conninfo.parse(text)
+    except ConfigurationError as exc:
         # libpq's message names the offending syntax, never a value worth hiding.
         if m := _LIBPQ_UNKNOWN.search(str(exc)):
             raise unknown_keyword(m["key"]) from None
-        raise ConfigurationError(f"cannot parse the connection string: {exc}") from None
+        raise
     fields: dict[str, Any] = {}
     for key, value in params.items():
-        if value is None:
-            continue
         if key in _REFUSED_KEYS:
             raise ConfigurationError(f"{key} given: {_REFUSED_KEYS[key]}")
         fields[key] = value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
@@ -24,10 +25,13 @@ from iampg._connecting import (
 )
 from iampg._defaults import pool_options
 from iampg._endpoint import Endpoint
+from iampg._forks import Opened as _Opened
 from iampg._lost import AsyncLivenessCheck, AsyncPurgingCheck, PurgingCheck
 from iampg._tokens import TokenProvider
 
 __all__ = ["AsyncConnectionPool", "ConnectionPool", "aconnect", "connect"]
+
+logger = logging.getLogger("iampg.pool")
 
 CT = TypeVar("CT", bound="psycopg.Connection[Any]", default="psycopg.Connection[TupleRow]")
 ACT = TypeVar(
@@ -285,14 +289,64 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         check = options.get("check")
         if check is not None:
             options["check"] = check = PurgingCheck(check)
+        self._iampg_opened: _Opened | None = None
         super().__init__(
             make_conninfo(**target.params),
             kwargs=connection_kwargs,
             connection_class=sync_class(connection_class, target),
             **options,
         )
+        if not self.closed:
+            self._iampg_opened = _Opened()
         if check is not None:
             check.pool = weakref.ref(self)
+
+    def open(self, wait: bool = False, timeout: float = 30.0) -> None:  # noqa: FBT001, FBT002 -- psycopg_pool's signature
+        """Open the pool; see :meth:`psycopg_pool.ConnectionPool.open`.
+
+        Raises:
+            ConfigurationError: The pool was opened in a parent process, before a fork.
+        """
+        if self._iampg_opened is not None:
+            self._iampg_opened.refuse(self, "open")
+        super().open(wait=wait, timeout=timeout)
+        if self._iampg_opened is None:
+            self._iampg_opened = _Opened()
+
+    def getconn(self, timeout: float | None = None) -> CT:
+        """Take a connection; see :meth:`psycopg_pool.ConnectionPool.getconn`.
+
+        Raises:
+            ConfigurationError: The pool was opened in a parent process, before a fork: its
+                connections are that process's (see :doc:`/howto/fork`).
+        """
+        if self._iampg_opened is not None:
+            self._iampg_opened.refuse(self, "use")
+        return super().getconn(timeout)
+
+    def check(self) -> None:
+        """Check the idle connections; see :meth:`psycopg_pool.ConnectionPool.check`.
+
+        Raises:
+            ConfigurationError: The pool was opened in a parent process, before a fork.
+        """
+        if self._iampg_opened is not None:
+            self._iampg_opened.refuse(self, "check")
+        super().check()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close the pool; in a child process, leave the parent's connections alone.
+
+        A pool inherited across a fork is not closed in the child: closing its connections
+        would end the parent's sessions. The child forgets it; the parent closes it.
+        """
+        if self._iampg_opened is not None and self._iampg_opened.inherited():
+            logger.debug(
+                "not closing a pool opened before a fork: its connections are the parent's"
+            )
+            return
+        super().close(timeout)
+        self._iampg_opened = None
 
 
 class AsyncConnectionPool(psycopg_pool.AsyncConnectionPool[ACT]):
@@ -336,11 +390,44 @@ class AsyncConnectionPool(psycopg_pool.AsyncConnectionPool[ACT]):
         check = options.get("check")
         if check is not None:
             options["check"] = check = AsyncPurgingCheck(check)
+        self._iampg_opened: _Opened | None = None
         super().__init__(
             make_conninfo(**target.params),
             kwargs=connection_kwargs,
             connection_class=async_class(connection_class, target),
             **options,
         )
+        if not self.closed:
+            self._iampg_opened = _Opened()
         if check is not None:
             check.pool = weakref.ref(self)
+
+    async def open(self, wait: bool = False, timeout: float = 30.0) -> None:  # noqa: FBT001, FBT002 -- psycopg_pool's signature
+        """Open the pool; see :meth:`ConnectionPool.open`."""
+        if self._iampg_opened is not None:
+            self._iampg_opened.refuse(self, "open")
+        await super().open(wait=wait, timeout=timeout)
+        if self._iampg_opened is None:
+            self._iampg_opened = _Opened()
+
+    async def getconn(self, timeout: float | None = None) -> ACT:
+        """Take a connection; see :meth:`ConnectionPool.getconn`."""
+        if self._iampg_opened is not None:
+            self._iampg_opened.refuse(self, "use")
+        return await super().getconn(timeout)
+
+    async def check(self) -> None:
+        """Check the idle connections; see :meth:`ConnectionPool.check`."""
+        if self._iampg_opened is not None:
+            self._iampg_opened.refuse(self, "check")
+        await super().check()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Close the pool; in a child process, leave the parent's connections alone."""
+        if self._iampg_opened is not None and self._iampg_opened.inherited():
+            logger.debug(
+                "not closing a pool opened before a fork: its connections are the parent's"
+            )
+            return
+        await super().close(timeout)
+        self._iampg_opened = None

@@ -648,8 +648,6 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
 
 def _run(func: Callable[[argparse.Namespace, TextIO], int], args: argparse.Namespace) -> int:
     """Run a command; report iampg's and the system's errors in one line, without traceback."""
-    import psycopg  # noqa: PLC0415
-
     try:
         return func(args, sys.stdout)
     except ConfigurationError as exc:
@@ -664,9 +662,18 @@ def _run(func: Callable[[argparse.Namespace, TextIO], int], args: argparse.Names
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return EXIT_FAILURE
-    except (OSError, psycopg.Error) as exc:
+    except Exception as exc:
+        if not isinstance(exc, (OSError, *_driver_errors())):
+            raise
         print(f"iampg {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)  # noqa: T201
         return EXIT_FAILURE
+
+
+def _driver_errors() -> tuple[type[Exception], ...]:
+    """Return psycopg's base error if psycopg was loaded (a command that connects loads it)."""
+    psycopg = sys.modules.get("psycopg")
+    error = getattr(psycopg, "Error", None)
+    return (error,) if isinstance(error, type) and issubclass(error, Exception) else ()
 
 
 if __name__ == "__main__":

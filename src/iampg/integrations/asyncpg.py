@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import logging
+import random
 import shlex
 import socket
 import ssl
 import threading
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
 from iampg import _retry
-from iampg._connecting import INSECURE_SSLMODES, check_extra, connect_params, is_loopback
+from iampg._connecting import (
+    INSECURE_SSLMODES,
+    check_extra,
+    connect_params,
+    is_loopback,
+    prepare,
+)
 from iampg._diagnose import certificate_advice
 from iampg._endpoint import Endpoint
 from iampg._tokens import TokenProvider
@@ -352,6 +361,8 @@ async def _connect(open_connection: Any, provider: TokenProvider, *args: Any, **
 def create_pool(
     target: EndpointOrProvider,
     *,
+    preset: str | None = None,
+    max_lifetime: float | None = None,
     allow_insecure: bool = False,
     **pool_kwargs: Any,
 ) -> Any:
@@ -361,27 +372,136 @@ def create_pool(
     ``pool = await create_pool(...)``. Each new connection awaits
     :meth:`iampg.TokenProvider.atoken`; a refused token is forgotten.
 
+    The service's settings apply where ``pool_kwargs`` say nothing (see
+    :doc:`/howto/integrations`):
+
+    - DSQL: connections are closed after ``max_lifetime`` (3300 s, under DSQL's one-hour cap,
+      each shortened by up to 5 % at random so they are not replaced together), which asyncpg
+      has no setting for: an idle one at once, one in use when it is released; the next
+      ``acquire()`` opens a new one. A connection the service closed while it sat in the
+      pool is replaced by asyncpg itself at ``acquire()``.
+    - Aurora Serverless: ``min_size=0`` (an idle cluster can pause: it pauses only with no
+      connection open) and ``max_inactive_connection_lifetime=240`` (idle connections are
+      closed before Aurora's idle cut at about 5 minutes; asyncpg's default is 300 s).
+    - every preset: ``timeout`` (asyncpg's connect timeout) 45 s for Aurora Serverless, above
+      a resume, 10 s otherwise.
+
     Args:
         target: The endpoint or the provider to share.
+        preset: ``rds``, ``aurora-serverless`` (or ``aurora-express``) or ``dsql``; defaults
+            to the endpoint's service.
+        max_lifetime: Seconds after which a connection is closed (up to 5 % sooner) and
+            replaced; ``None`` for the preset's (3300 s for DSQL, none otherwise), ``0`` for
+            never.
         allow_insecure: See :func:`connect_kwargs`.
         **pool_kwargs: Passed to :func:`asyncpg.create_pool` (``min_size``, ``max_size``,
-            ``max_inactive_connection_lifetime`` in seconds …); they win over
-            :func:`connect_kwargs`.
+            ``max_inactive_connection_lifetime`` in seconds, ``setup``, ``reset`` …); they win
+            over the preset's and :func:`connect_kwargs`.
 
     Raises:
-        ConfigurationError: See :func:`connect_kwargs`.
+        ConfigurationError: See :func:`connect_kwargs`, or an unknown preset.
     """
     import asyncpg  # noqa: PLC0415
 
-    endpoint, provider = _resolve(target)
+    connecting = prepare(target, None, preset, allow_insecure=allow_insecure)
+    endpoint, provider = connecting.endpoint, connecting.provider
     _check_overrides(endpoint, pool_kwargs, allow_insecure=allow_insecure)
-    kwargs = {**_kwargs(endpoint, provider, allow_insecure=allow_insecure), **pool_kwargs}
+    pool = connecting.defaults.pool
+    kwargs: dict[str, Any] = _arguments(endpoint, connecting.params)
+    kwargs["password"] = provider.atoken
+    if pool.get("min_size") == 0:
+        kwargs["min_size"] = 0
+    if "max_idle" in pool:
+        kwargs["max_inactive_connection_lifetime"] = pool["max_idle"]
+    kwargs.update(pool_kwargs)
     user_connect = kwargs.pop("connect", None) or asyncpg.connect
+    lifetime = pool.get("max_lifetime") if max_lifetime is None else max_lifetime
+    ages = _Lifetimes(float(lifetime), kwargs) if lifetime else None
 
     async def connect_with_feedback(*args: Any, **connect_kwargs: Any) -> Any:
-        return await _connect(user_connect, provider, *args, **connect_kwargs)
+        connection = await _connect(user_connect, provider, *args, **connect_kwargs)
+        if ages is not None:
+            ages.born(connection)
+        return connection
 
     return asyncpg.create_pool(connect=connect_with_feedback, **kwargs)
+
+
+_JITTER = 0.05  # the share of a connection's lifetime taken off at random, as psycopg_pool does
+
+
+class _Lifetimes:
+    """Close each connection of an asyncpg pool once it is older than its lifetime.
+
+    asyncpg has no maximum connection age. A timer per connection closes it when due if it is
+    idle in the pool (as asyncpg's own ``max_inactive_connection_lifetime`` closes idle
+    connections); a connection in use is closed right after it is released. asyncpg's pool
+    opens a new connection at the next ``acquire()`` for a closed one. Which connections
+    are in use is told by the pool's public ``setup`` and ``reset`` hooks (the caller's own,
+    if any, still run) and a subclass of ``connection_class``.
+    """
+
+    def __init__(self, lifetime: float, kwargs: dict[str, Any]) -> None:
+        import asyncpg  # noqa: PLC0415
+
+        self.lifetime = lifetime
+        self._setup = kwargs.get("setup")
+        self._reset = kwargs.get("reset")
+        base = kwargs.get("connection_class", asyncpg.Connection)
+        kwargs["connection_class"] = type(f"Aged{base.__name__}", (base, _Aged), {})
+        kwargs["setup"] = self.setup
+        kwargs["reset"] = self.reset
+
+    def born(self, connection: Any) -> None:
+        """Arm the timer of a new connection."""
+        share = 1.0 - _JITTER * random.random()  # noqa: S311 -- spreading, not secrecy
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.lifetime * share, self._due, weakref.ref(connection))
+
+    def _due(self, ref: weakref.ref[Any]) -> None:
+        connection = ref()
+        if connection is None or connection.is_closed():
+            return
+        connection.iampg_due = True
+        if not connection.iampg_busy:
+            logger.debug("closing an idle connection past its lifetime (%g s)", self.lifetime)
+            connection.terminate()
+
+    async def setup(self, proxy: Any) -> None:
+        """Mark the connection in use (``proxy`` passes the call on to it)."""
+        proxy.iampg_acquired()
+        if self._setup is not None:
+            await self._setup(proxy)
+
+    async def reset(self, connection: Any) -> None:
+        """Reset as asyncpg does by default (or the caller's ``reset``); close it if due."""
+        if self._reset is not None:
+            await self._reset(connection)
+        else:
+            query = connection.get_reset_query()
+            if query:
+                await connection.execute(query)
+        connection.iampg_busy = False
+        if connection.iampg_due:
+            # After the pool has taken it back, unless an acquire() took it again at once.
+            asyncio.get_running_loop().call_soon(self._close_if_idle, weakref.ref(connection))
+
+    def _close_if_idle(self, ref: weakref.ref[Any]) -> None:
+        connection = ref()
+        if connection is not None and not connection.is_closed() and not connection.iampg_busy:
+            logger.debug("closing a released connection past its lifetime (%g s)", self.lifetime)
+            connection.terminate()
+
+
+class _Aged:
+    """Mixed into the pool's connection class: whether a connection is in use, or due."""
+
+    iampg_busy = False
+    iampg_due = False
+
+    def iampg_acquired(self) -> None:
+        """Mark the connection in use (called by the pool's ``setup`` through its proxy)."""
+        self.iampg_busy = True
 
 
 # -- transactions that run again after a conflict or a lost connection ----------------------

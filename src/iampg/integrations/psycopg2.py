@@ -28,6 +28,7 @@ import iampg.errors
 from iampg import _retry
 from iampg._connecting import Attempts, Secret, Target, check_extra, explain, prepare
 from iampg._diagnose import failure_kind
+from iampg._forks import Opened as _Opened
 from iampg.integrations import EndpointOrProvider
 
 __all__ = [
@@ -252,7 +253,25 @@ class ThreadedConnectionPool(psycopg2.pool.ThreadedConnectionPool):
     ) -> None:
         connecting = prepare(target, None, preset, allow_insecure=allow_insecure)
         factory = _factory(connecting, connection_factory or psycopg2.extensions.connection)
+        self._iampg_opened = _Opened()
         super().__init__(minconn, maxconn, connection_factory=factory, **kwargs)
+
+    def getconn(self, key: Any = None) -> Any:
+        """Take a connection, as psycopg2's pool does.
+
+        Raises:
+            iampg.ConfigurationError: The pool was made in a parent process, before a fork:
+                its connections are that process's (make the pool after the fork).
+        """
+        self._iampg_opened.refuse(self, "use", reopenable=False)
+        return super().getconn(key)
+
+    def closeall(self) -> None:
+        """Close every connection; in a child process, leave the parent's sessions alone."""
+        if self._iampg_opened.inherited():
+            logger.debug("not closing a pool made before a fork: its connections are not ours")
+            return
+        super().closeall()
 
     def _connect(self, key: Any = None) -> Any:
         """Open a new pooled connection, once more if the server refused the token."""

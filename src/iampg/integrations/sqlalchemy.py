@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import re
+import time
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -20,7 +22,7 @@ from sqlalchemy import event
 
 from iampg import _retry
 from iampg._connecting import Secret, Target, explain, prepare
-from iampg._defaults import defaults_for
+from iampg._defaults import ServiceDefaults, defaults_for
 from iampg.errors import AuthenticationError
 from iampg.integrations import EndpointOrProvider, _resolve
 
@@ -340,6 +342,7 @@ def create_engine(
     *,
     driver: str | None = None,
     preset: str | None = None,
+    max_idle: float | None = None,
     allow_insecure: bool = False,
     **engine_kwargs: Any,
 ) -> sqlalchemy.Engine:
@@ -359,24 +362,45 @@ def create_engine(
             pool_pre_ping=True,
         )
 
+    The service's pool settings apply where ``engine_kwargs`` say nothing (see ``preset``
+    and :doc:`/howto/integrations`):
+
+    - DSQL: ``pool_recycle=3300`` (under DSQL's one-hour cap; each connection's lifetime is
+      shortened by up to 5 % at random, so connections opened together are not replaced
+      together) and ``pool_pre_ping=True`` (a connection the cap closed while it sat in the
+      pool is replaced at checkout, not handed out);
+    - Aurora Serverless: ``pool_timeout=60`` (a checkout outlives a resume) and connections
+      idle for 240 s are replaced at checkout (``max_idle``), before Aurora's idle cut at
+      about 5 minutes could have closed them; SQLAlchemy's pool opens connections only when
+      asked, so it already lets an idle cluster pause;
+    - every preset: libpq's ``connect_timeout`` (asyncpg's ``timeout``; 45 s for Aurora
+      Serverless, 10 s otherwise), through :func:`install`.
+
     Args:
         target: The endpoint (a provider is made for it; a URL may name the driver) or the
             :class:`iampg.TokenProvider` to share.
         driver: ``psycopg``, ``psycopg2`` or ``pg8000`` (see :func:`install`).
-        preset: See :func:`install`.
+        preset: ``rds``, ``aurora-serverless`` (or ``aurora-express``) or ``dsql``; defaults
+            to the endpoint's service.
+        max_idle: Replace, at checkout, a connection that sat unused in the pool this many
+            seconds or more; ``None`` for the preset's (240 s for Aurora Serverless, none
+            otherwise), ``0`` for no limit.
         allow_insecure: See :func:`install`.
         **engine_kwargs: Passed to :func:`sqlalchemy.create_engine` (``pool_size``,
-            ``pool_recycle`` in seconds, ``pool_pre_ping``, ``connect_args`` …).
+            ``pool_recycle`` in seconds, ``-1`` for never; ``pool_pre_ping``,
+            ``connect_args`` …); they win over the preset's.
 
     Raises:
         ConfigurationError: Bad endpoint, driver or options.
     """
     target, driver = _driver(target, driver, SYNC_DRIVERS, "create_engine")
     endpoint, provider = _resolve(target)
-    defaults_for(endpoint, preset)  # an unknown preset fails before the engine is made
+    defaults = defaults_for(endpoint, preset)  # an unknown preset fails before the engine
     _dsql_dialect_options(endpoint, driver, engine_kwargs)
-    engine = sqlalchemy.create_engine(_url(endpoint, driver), **engine_kwargs)
+    options, checks = _pool_options(defaults, engine_kwargs, max_idle)
+    engine = sqlalchemy.create_engine(_url(endpoint, driver), **options)
     install(engine, provider, preset=preset, allow_insecure=allow_insecure)
+    checks.install(engine)
     return engine
 
 
@@ -385,6 +409,7 @@ def create_async_engine(
     *,
     driver: str | None = None,
     preset: str | None = None,
+    max_idle: float | None = None,
     allow_insecure: bool = False,
     **engine_kwargs: Any,
 ) -> AsyncEngine:
@@ -394,6 +419,7 @@ def create_async_engine(
     (``postgresql+asyncpg://…`` or ``driver="asyncpg"``): a token cached by the provider is
     used at once; a new one is signed in a worker thread
     (:meth:`iampg.TokenProvider.atoken`), so the event loop is never blocked by botocore.
+    The service's pool settings and ``max_idle`` are :func:`create_engine`'s.
 
     Raises:
         ConfigurationError: Bad endpoint, driver or options.
@@ -402,11 +428,91 @@ def create_async_engine(
 
     target, driver = _driver(target, driver, ASYNC_DRIVERS, "create_async_engine")
     endpoint, provider = _resolve(target)
-    defaults_for(endpoint, preset)
+    defaults = defaults_for(endpoint, preset)
     _dsql_dialect_options(endpoint, driver, engine_kwargs)
-    engine = sa_create_async_engine(_url(endpoint, driver), **engine_kwargs)
+    options, checks = _pool_options(defaults, engine_kwargs, max_idle)
+    engine = sa_create_async_engine(_url(endpoint, driver), **options)
     install(engine.sync_engine, provider, preset=preset, allow_insecure=allow_insecure)
+    checks.install(engine.sync_engine)
     return engine
+
+
+# -- the service's pool settings ------------------------------------------------------------
+
+_JITTER = 0.05  # the share of a connection's lifetime taken off at random, as psycopg_pool does
+
+
+def _pool_options(
+    defaults: ServiceDefaults, given: dict[str, Any], max_idle: float | None
+) -> tuple[dict[str, Any], _CheckoutChecks]:
+    """Put the preset's pool settings under the caller's engine arguments.
+
+    DSQL: ``pool_recycle`` 3300 s and ``pool_pre_ping``; Aurora Serverless: ``pool_timeout``
+    60 s and a 240 s idle limit. What the caller passes wins; ``pool_recycle=-1`` turns the
+    recycling off, ``max_idle=0`` the idle limit.
+    """
+    options = dict(given)
+    pool = defaults.pool
+    if "max_lifetime" in pool:
+        options.setdefault("pool_recycle", pool["max_lifetime"])
+        options.setdefault("pool_pre_ping", True)
+    if "timeout" in pool and "poolclass" not in options:
+        options.setdefault("pool_timeout", pool["timeout"])
+    recycle = options.get("pool_recycle")
+    lifetime = float(recycle) if isinstance(recycle, (int, float)) and recycle > 0 else None
+    idle = pool.get("max_idle") if max_idle is None else max_idle
+    return options, _CheckoutChecks(lifetime, float(idle) if idle else None)
+
+
+class _CheckoutChecks:
+    """Replace a pooled connection at checkout when it is too old or sat idle too long.
+
+    SQLAlchemy recycles after exactly ``pool_recycle`` seconds, so connections opened together
+    (a pool filled at start-up) are all replaced together, and each reconnect pays a token
+    and TLS; this takes up to 5 % off each connection's lifetime at random, as psycopg_pool
+    does. SQLAlchemy has no idle limit: a connection that sat unused longer than ``max_idle``
+    is replaced before the server's idle cut could have closed it. Raising
+    :class:`sqlalchemy.exc.DisconnectionError` in the ``checkout`` event is SQLAlchemy's way
+    to have the pool open a new connection in its place.
+    """
+
+    def __init__(self, lifetime: float | None, max_idle: float | None) -> None:
+        self.lifetime = lifetime
+        self.max_idle = max_idle
+
+    def install(self, engine: sqlalchemy.Engine) -> None:
+        if self.lifetime is None and self.max_idle is None:
+            return
+        event.listen(engine, "connect", self._connected)
+        event.listen(engine, "checkout", self._checkout)
+        if self.max_idle is not None:
+            event.listen(engine, "checkin", self._checkin)
+
+    def _connected(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:  # noqa: ARG002
+        if self.lifetime is not None:
+            share = 1.0 - _JITTER * random.random()  # noqa: S311 -- spreading, not secrecy
+            record.info["iampg_expires"] = time.monotonic() + self.lifetime * share
+        record.info.pop("iampg_idle_since", None)
+
+    def _checkin(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:  # noqa: ARG002
+        record.info["iampg_idle_since"] = time.monotonic()
+
+    def _checkout(
+        self,
+        dbapi_connection: Any,  # noqa: ARG002
+        record: ConnectionPoolEntry,
+        proxy: Any,  # noqa: ARG002
+    ) -> None:
+        now = time.monotonic()
+        expires = record.info.get("iampg_expires")
+        if expires is not None and now >= expires:
+            logger.debug("replacing a connection past its lifetime (%g s)", self.lifetime)
+            raise sqlalchemy.exc.DisconnectionError("connection past its lifetime")
+        idle_since = record.info.get("iampg_idle_since")
+        idle = None if idle_since is None else now - idle_since
+        if self.max_idle is not None and idle is not None and idle >= self.max_idle:
+            logger.debug("replacing a connection idle for %g s or more", self.max_idle)
+            raise sqlalchemy.exc.DisconnectionError("connection idle too long")
 
 
 # -- transactions that run again after a conflict or a lost connection ----------------------

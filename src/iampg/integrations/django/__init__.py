@@ -27,6 +27,7 @@ import psycopg
 
 from iampg import _retry
 from iampg._connecting import Target, prepare, sync_class
+from iampg._defaults import pool_options
 from iampg._lost import purge
 from iampg.integrations import EndpointOrProvider
 
@@ -87,8 +88,13 @@ def database(
         options: Extra ``OPTIONS`` (``isolation_level``, ``server_side_binding``, libpq
             parameters …); they win over the endpoint's parameters, and are checked like
             :func:`iampg.connect`'s (the final ``OPTIONS`` again at every connection).
-        preset: ``rds``, ``aurora-serverless`` (or ``aurora-express``) or ``dsql``: the
-            service's ``connect_timeout``; defaults to the endpoint's service.
+        preset: ``rds``, ``aurora-serverless`` (or ``aurora-express``) or ``dsql``; defaults
+            to the endpoint's service. Its settings apply where the caller's say nothing: the
+            ``connect_timeout``; for the native pool, :class:`iampg.ConnectionPool`'s
+            (DSQL: ``max_lifetime`` 3300 s, under the one-hour cap; Aurora Serverless:
+            ``min_size`` 0, ``max_size`` 4, ``max_idle`` 240 s, ``timeout`` 60 s); for both
+            serverless services, ``CONN_HEALTH_CHECKS = True``, so a connection the service
+            closed (the cap, an idle cut) is replaced before use, pooled or persistent.
         allow_insecure: Allow an ``sslmode`` that may send the token in plaintext to a
             non-loopback host.
         **settings: Other keys of the entry (``CONN_HEALTH_CHECKS``, ``TEST``,
@@ -108,15 +114,38 @@ def database(
     entry.update({key: params.pop(name) for name, key in _TOP_LEVEL.items()})
     opts: dict[str, Any] = {**params, **(options or {}), PROVIDER_OPTION: ProviderRef(connecting)}
     if pool:
-        pool_options = {} if pool is True else dict(pool)
+        given = {} if pool is True else dict(pool)
+        pool_options = _service_pool(connecting, given)
         # The connection class checks what libpq receives and forgets a refused token, so the
         # pool's retry signs anew.
         base = pool_options.get("connection_class", psycopg.Connection)
         pool_options["connection_class"] = sync_class(base, connecting)
         opts["pool"] = pool_options
     entry["OPTIONS"] = opts
+    if _server_closes_sessions(connecting):
+        # DSQL's cap and Aurora Serverless's idle cut close sessions a pool or a persistent
+        # connection still holds: Django checks a connection before reusing it.
+        entry["CONN_HEALTH_CHECKS"] = True
     entry.update(settings)
     return entry
+
+
+def _server_closes_sessions(connecting: Target) -> bool:
+    """Tell whether the service closes sessions on its own (DSQL's cap, an idle cut)."""
+    pool = connecting.defaults.pool
+    return "max_lifetime" in pool or "max_idle" in pool
+
+
+def _service_pool(connecting: Target, given: dict[str, Any]) -> dict[str, Any]:
+    """Return Django's pool options: the preset's psycopg_pool settings under the caller's.
+
+    The check at checkout is Django's (``CONN_HEALTH_CHECKS``), which passes ``check=`` to the
+    pool itself: the preset's own check is left out.
+    """
+    options = pool_options(connecting.defaults, given)
+    if "check" not in given:
+        options.pop("check", None)
+    return options
 
 
 # -- transactions that run again after a conflict or a lost connection ----------------------
