@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from ._clock import EmulatorClock
     from ._credentials import FAKE_CREDENTIALS, CredentialLookup, Credentials, CredentialStore
     from ._credserver import AssumeRoleCall, CredentialsServer, CredentialsServerStats, Fault
+    from ._dsql_sql import DsqlRules
     from ._gateway import DEFAULT_HOSTNAME, Emulator, Event
     from ._profiles import PRESETS, PROFILES, Preset, Profile
 
@@ -27,6 +28,7 @@ __all__ = [
     "Credentials",
     "CredentialsServer",
     "CredentialsServerStats",
+    "DsqlRules",
     "Emulator",
     "EmulatorClock",
     "Event",
@@ -50,6 +52,7 @@ _SOURCES = {
     "CredentialsServer": "._credserver",
     "CredentialsServerStats": "._credserver",
     "Fault": "._credserver",
+    "DsqlRules": "._dsql_sql",
     "DEFAULT_HOSTNAME": "._gateway",
     "Emulator": "._gateway",
     "Event": "._gateway",
