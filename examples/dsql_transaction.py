@@ -1,9 +1,10 @@
 """An Aurora DSQL transaction that retries when it loses an optimistic-concurrency race.
 
-DSQL checks for conflicts at commit: the loser gets SQLSTATE ``OC000`` (``OC001`` for schema)
-and its transaction is rolled back, to be run again. ``iampg.retry_transaction`` does that
-with exponential backoff and jitter. Here, concurrent transfers between two accounts collide
-on purpose; the total balance stays the same and every transfer lands.
+DSQL checks for conflicts at commit: the loser gets SQLSTATE ``40001`` with ``(OC000)`` in
+the message (``(OC001)`` for schema) and its transaction is rolled back, to be run again.
+``iampg.retry_transaction`` does that with exponential backoff and jitter. Here, concurrent
+transfers between two accounts collide on purpose; the total balance stays the same and
+every transfer lands.
 
     python examples/dsql_transaction.py                              # emulator, DSQL mode
     python examples/dsql_transaction.py --host <cluster id>.dsql.us-east-1.on.aws  # AWS
@@ -122,9 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             run(iampg.TokenProvider(ep, profile=args.profile), None)
         else:
             with emulated() as provider:
-                # The emulator's backend is PostgreSQL: ask for the isolation DSQL always
-                # uses, so that concurrent transfers fail with 40001 as DSQL's do with OC000.
-                run(provider, psycopg.IsolationLevel.REPEATABLE_READ)
+                # The emulator runs DSQL's optimistic concurrency: the same code as on AWS.
+                run(provider, None)
     except iampg.Error as exc:
         print(f"dsql_transaction: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, iampg.ConfigurationError) else 1

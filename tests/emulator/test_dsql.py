@@ -143,7 +143,9 @@ def test_admin_token_connects_to_dsql_shaped_host(dsql: Emulator) -> None:
 
 
 def test_role_token_connects_as_role(dsql: Emulator) -> None:
-    """A DbConnect token logs in as an ordinary role."""
+    """A DbConnect token logs in as an ordinary role the admin mapped to the caller."""
+    with connect(dsql, mint(dsql)) as admin:
+        admin.execute(f"AWS IAM GRANT {ROLE} TO '{dsql.principal}'")
     with connect(dsql, mint(dsql, admin=False), ROLE) as conn:
         assert conn.execute("SELECT current_user").fetchone() == (ROLE,)
 

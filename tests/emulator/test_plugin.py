@@ -390,6 +390,7 @@ def test_without_a_dsn_the_backend_is_a_throwaway_cluster(
 
 
 EXAMPLES = ROOT / "examples" / "pytest_emulator"
+EXAMPLE_TESTS = {"rds": 1, "aurora_serverless": 1, "dsql": 15}  # test functions per project
 HOWTO = ROOT / "docs" / "howto" / "emulator.md"
 
 
@@ -404,13 +405,13 @@ def test_each_services_example_project_passes(
             shutil.copy(path, pytester.path / path.name)
     plugin = [] if installed() else ["-p", PLUGIN]
     result = pytester.runpytest_subprocess(*plugin, "-p", "no:cacheprovider", "-q")
-    result.assert_outcomes(passed=1)
+    result.assert_outcomes(passed=EXAMPLE_TESTS[service])
 
 
 def test_example_projects_are_shown_in_the_howto() -> None:
     """Every file of the example projects appears verbatim in docs/howto/emulator.md."""
     howto = HOWTO.read_text()
     files = sorted(p for p in EXAMPLES.rglob("*.*") if "__pycache__" not in p.parts)
-    assert len(files) == 6
+    assert len(files) == 7
     for path in files:
         assert path.read_text() in howto, path

@@ -274,7 +274,7 @@ def test_without_a_policy_everything_is_allowed(emulator: Emulator) -> None:
 def test_policy_allowing_the_user_arn_lets_it_in(emulator: Emulator, policies: PolicyStore) -> None:
     """rds-db:connect on the dbuser ARN (exact, or with wildcards) allows the connection."""
     principal = FAKE_CREDENTIALS.principal
-    assert principal == "arn:aws:iam::123456789012:user/iampg-example"
+    assert principal == "arn:aws:iam::123456789012:user/iampg-emulator"
     arn = emulator.resource_arn("postgres")
     assert arn == (
         f"arn:aws:rds-db:{emulator.region}:123456789012:dbuser:{emulator.resource_id}/postgres"

@@ -94,6 +94,8 @@ class Stream(asyncio.Protocol, Channel):
         self._partner: Stream | None = None
         #: Called with what is relayed to the partner, just before relaying it.
         self.on_data: Callable[[bytes], None] | None = None
+        #: Returns what to relay instead of what was received (the emulator's DSQL mode).
+        self.transform: Callable[[bytes], bytes] | None = None
 
     # asyncio.Protocol
 
@@ -105,6 +107,8 @@ class Stream(asyncio.Protocol, Channel):
         if self._partner is not None:
             if self.on_data is not None:
                 self.on_data(data)
+            if self.transform is not None:
+                data = self.transform(data)
             self._partner.write(data)
             return
         self._buffer += data
@@ -173,6 +177,8 @@ class Stream(asyncio.Protocol, Channel):
             self._buffer.clear()
             if self.on_data is not None:
                 self.on_data(data)
+            if self.transform is not None:
+                data = self.transform(data)
             partner.write(data)
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False

@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from ._clock import EmulatorClock
     from ._credentials import FAKE_CREDENTIALS, CredentialLookup, Credentials, CredentialStore
     from ._credserver import AssumeRoleCall, CredentialsServer, CredentialsServerStats, Fault
+    from ._dsql_sql import DsqlRules
     from ._gateway import DEFAULT_HOSTNAME, Emulator, Event
     from ._policy import Policy, PolicyStore, Statement
     from ._profiles import PRESETS, PROFILES, Preset, Profile
@@ -28,6 +29,7 @@ __all__ = [
     "Credentials",
     "CredentialsServer",
     "CredentialsServerStats",
+    "DsqlRules",
     "Emulator",
     "EmulatorClock",
     "Event",
@@ -54,6 +56,7 @@ _SOURCES = {
     "CredentialsServer": "._credserver",
     "CredentialsServerStats": "._credserver",
     "Fault": "._credserver",
+    "DsqlRules": "._dsql_sql",
     "DEFAULT_HOSTNAME": "._gateway",
     "Emulator": "._gateway",
     "Event": "._gateway",

@@ -52,7 +52,7 @@ class Credentials:
 FAKE_CREDENTIALS = Credentials(
     "AKIAIOSFODNN7EXAMPLE",
     "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
-    principal="arn:aws:iam::123456789012:user/iampg-example",
+    principal="arn:aws:iam::123456789012:user/iampg-emulator",
 )
 
 

@@ -54,10 +54,12 @@ from iampg._wire.streams import readable as _readable
 from iampg.errors import ConfigurationError
 
 from . import _authz
+from . import _dsql_relay as dsql
 from . import _serverless as sl
 from ._backend import BackendError, RdsIamCheck
 from ._clock import EmulatorClock
 from ._credentials import FAKE_CREDENTIALS, CredentialLookup, Credentials, CredentialStore
+from ._dsql_sql import DsqlRules
 from ._policy import DEFAULT_ACCOUNT, PolicyStore
 from ._profiles import Preset, PresetName, Service, dsql_hostname, get_preset
 from ._sigv4 import MALFORMED, TokenRules, TokenVerificationError, verify_token
@@ -169,6 +171,7 @@ IDLE: Final = "idle"
 REQUESTED: Final = "requested"
 CONNECTION: Final = "connection"
 RESUME_DELAY: Final = "resume delay"
+ROLE_NOT_MAPPED: Final = "role not mapped"
 
 
 @dataclass(frozen=True)
@@ -303,6 +306,7 @@ class _Session:
     transaction_started: float = 0.0
     capped: bool = False  # past the session cap, waiting for its transaction to end
     cut: bool = False
+    access_key_id: str = ""  # the key that signed the token, once authenticated
 
     def close_socket(self, _: object = None) -> None:
         """Close the accepted socket if no transport took it over (a task's done callback)."""
@@ -382,6 +386,9 @@ class Emulator:
         account_id: The AWS account of the emulated resource's ARN (:meth:`resource_arn`).
         resource_id: RDS's ``DbiResourceId`` in :meth:`resource_arn` (an RDS Proxy's is a
             ``prx-`` id); default: a stable ``db-...`` id made from the host name.
+        dsql_rules: DSQL mode only: which of DSQL's rules apply (:class:`DsqlRules`; all by
+            default): its SQL refusals, transaction limits, optimistic concurrency and the
+            ``AWS IAM GRANT`` role mapping. Ignored for RDS.
         **settings: Any :class:`Preset` setting, overriding the preset's
             (``auto_pause``, ``resume_delay``, ``paused_connect``, ``connect_latency``,
             ``idle_timeout``, ``idle_notice``, ``session_cap``, ``transaction_limit``,
@@ -400,7 +407,7 @@ class Emulator:
         iampg.ConfigurationError: An argument is invalid.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0915
         self,
         backend: str,
         *,
@@ -422,9 +429,17 @@ class Emulator:
         require_rds_iam: bool = True,
         account_id: str = DEFAULT_ACCOUNT,
         resource_id: str | None = None,
+        dsql_rules: DsqlRules | None = None,
         **settings: Unpack[PresetSettings],
     ) -> None:
         self._profile = _resolve_profile(service, preset, profile, dict(settings))
+        if dsql_rules is not None and not isinstance(dsql_rules, DsqlRules):
+            raise ConfigurationError("dsql_rules must be a DsqlRules")
+        self._dsql_rules = (dsql_rules or DsqlRules()) if self._profile.service == "dsql" else None
+        self._forced = dsql.ForcedConflicts()
+        self._dsql_prepared: set[str] = set()  # databases with sys.iam_pg_role_mappings
+        self._dsql_lock = asyncio.Lock()
+        self._backend_dsn = backend
         self._door = _Door.checked(max_unauthenticated, tls_timeout, auth_timeout)
         if hostnames is None:
             hostnames = (
@@ -643,6 +658,47 @@ class Emulator:
         """
         self._call_on_loop(lambda: self._resume_now(REQUESTED))
 
+    @property
+    def dsql_rules(self) -> DsqlRules | None:
+        """The DSQL rules in force (:class:`DsqlRules`); ``None`` for RDS."""
+        return self._dsql_rules
+
+    @property
+    def principal(self) -> str:
+        """The IAM principal (ARN) of :attr:`credentials`, for ``AWS IAM GRANT``."""
+        return self.principal_of(self._first_credentials.access_key_id)
+
+    def principal_of(self, access_key_id: str) -> str:
+        """Return the IAM principal (ARN) the emulator holds a key to belong to.
+
+        A key without a principal of its own belongs to the emulator's user,
+        ``arn:aws:iam::123456789012:user/iampg-emulator``.
+        """
+        return dsql.principal_arn(self._keys.lookup(access_key_id))
+
+    def force_conflict(
+        self, *, backend_pid: int | None = None, user: str | None = None, schema: bool = False
+    ) -> None:
+        """DSQL mode: make the next ``COMMIT`` of a session fail as an OCC conflict.
+
+        The commit is refused with ``40001 change conflicts with another transaction, please
+        retry: (OC000)`` (``(OC001)``, the schema conflict, with ``schema=True``) and its
+        transaction rolled back, as DSQL does for the loser of a race. Once only.
+        Thread-safe.
+
+        Args:
+            backend_pid: Only the session with this backend process id (psycopg's
+                ``conn.info.backend_pid``, ``SELECT pg_backend_pid()``); any when ``None``.
+            user: Only a session of this database role; any when ``None``.
+            schema: Report a schema conflict (``OC001``) instead of a data one.
+
+        Raises:
+            RuntimeError: Not a DSQL emulator, or optimistic concurrency is off.
+        """
+        if self._dsql_rules is None or not self._dsql_rules.occ:
+            raise RuntimeError("force_conflict() needs a DSQL emulator with DsqlRules(occ=True)")
+        self._forced.add(pid=backend_pid, user=user, schema=schema)
+
     def aws_env(self) -> dict[str, str]:
         """Return environment variables that make botocore sign with :attr:`credentials`."""
         env = {
@@ -736,6 +792,7 @@ class Emulator:
                     profile.connection_rate, profile.connection_burst, self._clock.now()
                 )
             self._idle_since = self._clock.now()
+            self._dsql_lock = asyncio.Lock()  # of this loop
             self._accept_task = loop.create_task(self._accept_loop(listener))
             if profile.timed:
                 self._monitor_task = loop.create_task(self._monitor())
@@ -1439,6 +1496,7 @@ class Emulator:
                 reason = exc.reason
             else:
                 reason = None
+                session.access_key_id = verified.access_key_id
                 # Past the token: RDS's rds_iam grant and the IAM policies (see _authz).
                 refused = await self._authorize(session, user, verified.principal)
                 if refused is not None:
@@ -1514,7 +1572,7 @@ class Emulator:
         await asyncio.wait_for(connect, target.connect_timeout)
         return stream
 
-    async def _connect_backend(
+    async def _connect_backend(  # noqa: C901
         self, session: _Session, client: _Stream, packet: bytes, user: str
     ) -> None:
         """Log in to the backend as the client; then relay both ways, or relay its error."""
@@ -1525,6 +1583,9 @@ class Emulator:
             client.write(_error_response("08006", _BACKEND_UNREACHABLE))
             return
         session.backend = backend
+        rules = self._dsql_rules
+        if rules is not None and rules.occ:
+            packet = dsql.startup_with_occ(packet)
         backend.write(packet)
         login = _BackendLogin(user, self._backend.password)
         while True:
@@ -1541,7 +1602,10 @@ class Emulator:
                 return
             (code,) = struct.unpack("!I", body[:4])
             if code == _AUTH_OK:
-                client.write(_message(kind, body))
+                if rules is not None and not await self._dsql_login(session, backend, body):
+                    return
+                if rules is None:
+                    client.write(_message(kind, body))
                 self._establish(session, client, backend)
                 backend.pipe_to(client)
                 client.pipe_to(backend)
@@ -1553,6 +1617,54 @@ class Emulator:
                 return
             if reply is not None:
                 backend.write(reply)
+
+    async def _dsql_login(self, session: _Session, backend: _Stream, auth_ok: bytes) -> bool:
+        """DSQL mode: check the role's mapping, install the SQL filters, greet the client."""
+        rules = self._dsql_rules
+        client = session.client
+        assert rules is not None
+        assert client is not None
+        allowed, greeting, principal = True, b"", ""
+        if rules.role_mapping:
+            await self._prepare_database(session.database)
+            if session.user != dsql.ADMIN:  # asks the key's store again, for its principal
+                principal = self.principal_of(session.access_key_id)
+            allowed, greeting = await dsql.admit_session(
+                backend, backend, user=session.user, principal=principal
+            )
+        if not allowed:
+            hint = dsql.HINT_NOT_MAPPED.format(user=session.user, arn=principal)
+            self._refuse(
+                session,
+                sl.DSQL_ACCESS_DENIED_CODE,
+                sl.DSQL_ACCESS_DENIED,
+                ROLE_NOT_MAPPED,
+                hint=hint,
+            )
+            return False
+        if rules.inspects_sql:
+            filters = dsql.DsqlSession(
+                rules, user=session.user, clock=self._clock, forced=self._forced
+            )
+            client.transform = filters.from_client
+            backend.transform = filters.from_backend
+            greeting = filters.from_backend(greeting)
+        client.write(_message(b"R", auth_ok) + greeting)
+        return True
+
+    async def _prepare_database(self, database: str) -> None:
+        """Make DSQL's role-mapping view in ``database`` once (as the backend's user)."""
+        if database in self._dsql_prepared:
+            return
+        async with self._dsql_lock:
+            if database in self._dsql_prepared:
+                return
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(None, dsql.prepare_database, self._backend_dsn, database)
+            except Exception as exc:  # noqa: BLE001 - the login goes on; mappings then fail
+                logger.warning("emulator cannot make sys.iam_pg_role_mappings: %s", exc)
+            self._dsql_prepared.add(database)
 
     async def _forward_cancel(self, packet: bytes) -> None:
         if not _MIN_CANCEL_PACKET <= len(packet) <= _MAX_CANCEL_PACKET:

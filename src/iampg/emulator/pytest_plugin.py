@@ -20,6 +20,12 @@ Fixtures:
   IAM policies to principals for one test (all detached after it).
 - ``iampg_database_user``: a factory creating database users on the backend, granted
   ``rds_iam`` unless asked not to, for tests of who may log in.
+- ``iampg_map_role`` (DSQL): a function ``map_role(role, arn=None)`` that runs ``AWS IAM
+  GRANT <role> TO '<arn>'`` through the emulator as ``admin`` (default ARN: the emulator's
+  principal); the mappings are revoked after the test.
+- ``iampg_force_conflict`` (DSQL): :meth:`iampg.emulator.Emulator.force_conflict`, the next
+  commit of a session then fails with ``40001 ... (OC000)``; unused ones are dropped after
+  the test.
 
 Settings (``[tool.pytest.ini_options]`` or ``pytest.ini``):
 
@@ -59,6 +65,8 @@ __all__ = [
     "iampg_database_user",
     "iampg_emulator",
     "iampg_endpoint",
+    "iampg_force_conflict",
+    "iampg_map_role",
     "iampg_policies",
 ]
 
@@ -176,6 +184,9 @@ def iampg_endpoint(
         "admin" if dsql else iampg_backend.user
     )
     _ensure_role(iampg_backend, user, iam=not dsql)
+    if dsql and user != "admin":  # a custom role logs in once mapped, as on DSQL
+        _ensure_role(iampg_backend, "admin")
+        _admin_execute(iampg_emulator, f"AWS IAM GRANT {user} TO '{iampg_emulator.principal}'")
     return Endpoint(
         iampg_emulator.host,
         user=user,
@@ -189,7 +200,70 @@ def iampg_endpoint(
     )
 
 
-def _ensure_role(backend: Backend, user: str, *, iam: bool) -> None:
+def _admin_execute(emulator: Emulator, statement: str) -> None:
+    """Run ``statement`` through a DSQL emulator as ``admin``."""
+    import psycopg  # noqa: PLC0415
+
+    from iampg.emulator._sigv4 import presign  # noqa: PLC0415
+
+    token = presign(
+        host=emulator.host,
+        port=None,
+        credentials=emulator.credentials,
+        region=emulator.region,
+        signed_at=emulator.clock.now(),
+        service="dsql",
+        action="DbConnectAdmin",
+    )
+    with psycopg.connect(
+        emulator.conninfo("admin", password=token), autocommit=True, connect_timeout=10
+    ) as conn:
+        conn.execute(statement.encode())
+
+
+def _require_dsql(emulator: Emulator, fixture: str) -> None:
+    if emulator.service != "dsql":
+        pytest.fail(f"{fixture} needs a DSQL emulator: set iampg_preset = dsql", pytrace=False)
+
+
+@pytest.fixture
+def iampg_map_role(
+    iampg_emulator: Emulator, iampg_backend: Backend
+) -> Iterator[Callable[..., None]]:
+    """Return ``map_role(role, arn=None)``: ``AWS IAM GRANT`` as DSQL's admin would run it.
+
+    The role is created on the backend if missing; ``arn`` defaults to the emulator's
+    principal (the key tokens are signed with). Every mapping made is revoked afterwards.
+    """
+    _require_dsql(iampg_emulator, "iampg_map_role")
+    _ensure_role(iampg_backend, "admin")
+    made: list[tuple[str, str]] = []
+
+    def map_role(role: str, arn: str | None = None) -> None:
+        principal = arn or iampg_emulator.principal
+        _ensure_role(iampg_backend, role)
+        _admin_execute(iampg_emulator, f"AWS IAM GRANT {role} TO '{principal}'")
+        made.append((role, principal))
+
+    yield map_role
+    for role, principal in made:
+        _admin_execute(iampg_emulator, f"AWS IAM REVOKE {role} FROM '{principal}'")
+
+
+@pytest.fixture
+def iampg_force_conflict(iampg_emulator: Emulator) -> Iterator[Callable[..., None]]:
+    """Return the session emulator's :meth:`~iampg.emulator.Emulator.force_conflict`.
+
+    ``iampg_force_conflict(backend_pid=conn.info.backend_pid)`` makes that session's next
+    commit fail as DSQL's loser of a race does (``40001``, ``(OC000)``); without arguments,
+    the next commit of any session. Conflicts not used by the end of the test are dropped.
+    """
+    _require_dsql(iampg_emulator, "iampg_force_conflict")
+    yield iampg_emulator.force_conflict
+    iampg_emulator._forced.clear()  # noqa: SLF001
+
+
+def _ensure_role(backend: Backend, user: str, *, iam: bool = False) -> None:
     """Create the endpoint's role on the backend, or fail at once saying why it cannot log in.
 
     A DSQL cluster's ``admin`` may do anything, so a new role is a superuser where the

@@ -327,6 +327,16 @@ def _server_error(exc: BaseException) -> BaseException:
     return exc
 
 
+def _dsql_dialect_options(endpoint: Endpoint, driver: str, engine_kwargs: dict[str, Any]) -> None:
+    """Keep the psycopg dialects from looking hstore up on DSQL, which has no extensions.
+
+    The lookup runs inside SQLAlchemy's first transaction, in a SAVEPOINT, which DSQL
+    refuses: the first connection would fail.
+    """
+    if endpoint.kind == "dsql" and driver in ("psycopg", "psycopg2"):
+        engine_kwargs.setdefault("use_native_hstore", False)
+
+
 def create_engine(
     target: EndpointOrProvider,
     *,
@@ -386,6 +396,7 @@ def create_engine(
     target, driver = _driver(target, driver, SYNC_DRIVERS, "create_engine")
     endpoint, provider = _resolve(target)
     defaults = defaults_for(endpoint, preset)  # an unknown preset fails before the engine
+    _dsql_dialect_options(endpoint, driver, engine_kwargs)
     options, checks = _pool_options(defaults, engine_kwargs, max_idle)
     engine = sqlalchemy.create_engine(_url(endpoint, driver), **options)
     install(engine, provider, preset=preset, allow_insecure=allow_insecure)
@@ -418,6 +429,7 @@ def create_async_engine(
     target, driver = _driver(target, driver, ASYNC_DRIVERS, "create_async_engine")
     endpoint, provider = _resolve(target)
     defaults = defaults_for(endpoint, preset)
+    _dsql_dialect_options(endpoint, driver, engine_kwargs)
     options, checks = _pool_options(defaults, engine_kwargs, max_idle)
     engine = sa_create_async_engine(_url(endpoint, driver), **options)
     install(engine.sync_engine, provider, preset=preset, allow_insecure=allow_insecure)
