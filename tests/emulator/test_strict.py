@@ -67,6 +67,13 @@ def mint_dsql(emu: Emulator, user: str) -> str:
     return token
 
 
+def map_dsql_role(emu: Emulator, role: str) -> None:
+    """Map ``role`` to the fake keys' principal, as DSQL's admin does (``AWS IAM GRANT``)."""
+    conninfo = emu.conninfo("admin", password=mint_dsql(emu, "admin"))
+    with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f"AWS IAM GRANT {role} TO '{FAKE_CREDENTIALS.principal}'".encode())
+
+
 def refusal(emu: Emulator, user: str, token: str, **params: Any) -> str:
     """Return the error text of a refused connection (failing if it connects)."""
     with pytest.raises(psycopg.OperationalError) as info:
@@ -459,6 +466,7 @@ def test_dsql_policies_judge_each_action_on_the_cluster_arn(
     backend.ensure_role("admin", superuser=True)
     backend.ensure_role("iampg_strict_dsql")
     emu = start_emulator(service="dsql")
+    map_dsql_role(emu, "iampg_strict_dsql")
     cluster = emu.resource_arn("admin")
     assert cluster == f"arn:aws:dsql:{emu.region}:123456789012:cluster/{emu.host.split('.')[0]}"
     assert emu.resource_arn("iampg_strict_dsql") == cluster
@@ -480,7 +488,9 @@ def test_dsql_needs_no_rds_iam(start_emulator: EmulatorFactory, backend: Backend
     backend.ensure_role("iampg_strict_dsql")
     with psycopg.connect(backend.dsn, autocommit=True) as conn:
         conn.execute("REVOKE rds_iam FROM iampg_strict_dsql")
+    backend.ensure_role("admin", superuser=True)
     emu = start_emulator(service="dsql")
+    map_dsql_role(emu, "iampg_strict_dsql")
     assert connects(emu, "iampg_strict_dsql", mint_dsql(emu, "iampg_strict_dsql"))
 
 
