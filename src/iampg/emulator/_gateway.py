@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Final, Literal, cast
 from psycopg.conninfo import conninfo_to_dict
 
 from iampg._signer import dsql_action
+from iampg._wire.lifecycle import BackgroundLoop
 from iampg._wire.login import BackendAuthError as _BackendAuthError
 from iampg._wire.login import BackendLogin as _BackendLogin
 from iampg._wire.login import ScramClient
@@ -315,7 +316,7 @@ class _Session:
             sock.close()
 
 
-class Emulator:
+class Emulator(BackgroundLoop):
     """A local stand-in for an IAM-only RDS or Aurora PostgreSQL endpoint.
 
     A PostgreSQL wire-protocol gateway in front of a real PostgreSQL server: it terminates
@@ -406,6 +407,8 @@ class Emulator:
     Raises:
         iampg.ConfigurationError: An argument is invalid.
     """
+
+    _thread_name = "iampg-emulator"
 
     def __init__(  # noqa: PLR0915
         self,
@@ -878,55 +881,11 @@ class Emulator:
         with self._state_lock:
             if self._thread is not None or self._listener is not None:
                 return
-        ready = threading.Event()
-        failure: list[BaseException] = []
-        loop = asyncio.SelectorEventLoop()
-
-        async def main() -> None:
-            self._thread_stop = asyncio.Event()
-            try:
-                await self.astart()
-            except BaseException as exc:
-                failure.append(exc)
-                raise
-            finally:
-                ready.set()
-            try:
-                await self._thread_stop.wait()
-            finally:
-                await self.astop()
-
-        def run() -> None:
-            try:
-                loop.run_until_complete(main())
-            except BaseException:  # reported to start() through failure
-                if not failure:
-                    logger.debug("emulator thread failed", exc_info=True)
-            finally:
-                with contextlib.suppress(Exception):
-                    loop.run_until_complete(loop.shutdown_asyncgens())
-                loop.close()
-
-        thread = threading.Thread(target=run, name="iampg-emulator", daemon=True)
-        self._thread = thread
-        thread.start()
-        ready.wait()
-        if failure:
-            thread.join()
-            self._thread = None
-            raise failure[0]
+        self._start_thread()
 
     def stop(self) -> None:
         """Stop the emulator started by :meth:`start` and join its thread. Idempotent."""
-        thread, loop, stop_event = self._thread, self._loop, self._thread_stop
-        if thread is None:
-            return
-        if loop is not None and stop_event is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # the loop may have just closed
-                loop.call_soon_threadsafe(stop_event.set)
-        thread.join()
-        self._thread = None
-        self._thread_stop = None
+        self._stop_thread()
 
     def __enter__(self) -> Self:
         self.start()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
 from iampg._connecting import is_loopback, prepare, preset_argument
 from iampg._endpoint import Endpoint
+from iampg._wire.lifecycle import BackgroundLoop
 from iampg._wire.login import ScramError, ScramServer, ScramVerifier
 from iampg._wire.protocol import (
     ALPN_PROTOCOL,
@@ -147,7 +148,7 @@ class _Counters:
         self.cancels_forwarded = self.cancels_ignored = 0
 
 
-class Proxy:
+class Proxy(BackgroundLoop):
     """A local PostgreSQL endpoint in front of an IAM-only one, for any client.
 
     Every client connection gets its own upstream session (session mode), logged in with a
@@ -187,6 +188,8 @@ class Proxy:
         iampg.ConfigurationError: Bad endpoint or options, or beyond loopback without
             ``client_tls`` and ``password``.
     """
+
+    _thread_name = "iampg-proxy"
 
     def __init__(
         self,
@@ -503,58 +506,14 @@ class Proxy:
         with self._state_lock:
             if self._thread is not None or self._listeners:
                 return
-        ready = threading.Event()
-        failure: list[BaseException] = []
-        loop = asyncio.SelectorEventLoop()
-
-        async def main() -> None:
-            self._thread_stop = asyncio.Event()
-            try:
-                await self.astart()
-            except BaseException as exc:
-                failure.append(exc)
-                raise
-            finally:
-                ready.set()
-            try:
-                await self._thread_stop.wait()
-            finally:
-                await self.astop()
-
-        def run() -> None:
-            try:
-                loop.run_until_complete(main())
-            except BaseException:  # reported to start() through failure
-                if not failure:
-                    logger.debug("proxy thread failed", exc_info=True)
-            finally:
-                with contextlib.suppress(Exception):
-                    loop.run_until_complete(loop.shutdown_asyncgens())
-                loop.close()
-
-        thread = threading.Thread(target=run, name="iampg-proxy", daemon=True)
-        self._thread = thread
-        thread.start()
-        ready.wait()
-        if failure:
-            thread.join()
-            self._thread = None
-            raise failure[0]
+        self._start_thread()
 
     def stop(self) -> None:
         """Stop the proxy started by :meth:`start` (after the grace period) and join it.
 
         Idempotent.
         """
-        thread, loop, stop_event = self._thread, self._loop, self._thread_stop
-        if thread is None:
-            return
-        if loop is not None and stop_event is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(stop_event.set)
-        thread.join()
-        self._thread = None
-        self._thread_stop = None
+        self._stop_thread()
 
     def __enter__(self) -> Self:
         self.start()

@@ -1,0 +1,81 @@
+"""Running an asyncio server (the emulator's gateway, the proxy) on a loop in its own thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+
+logger = logging.getLogger("iampg")
+
+
+class BackgroundLoop:
+    """Mixin: ``astart()``/``astop()`` run on a new event loop in a daemon thread.
+
+    The class using it sets ``_thread`` and ``_thread_stop`` to None in ``__init__`` and
+    ``_loop`` to its running loop in ``astart()`` (None again after ``astop()``).
+    """
+
+    _thread_name = "iampg-server"
+    _thread: threading.Thread | None
+    _thread_stop: asyncio.Event | None
+    _loop: asyncio.AbstractEventLoop | None
+
+    async def astart(self) -> None:
+        raise NotImplementedError
+
+    async def astop(self) -> None:
+        raise NotImplementedError
+
+    def _start_thread(self) -> None:
+        """Start the thread; return once ``astart()`` returned, raising what it raised."""
+        ready = threading.Event()
+        failure: list[BaseException] = []
+        loop = asyncio.SelectorEventLoop()
+
+        async def main() -> None:
+            self._thread_stop = asyncio.Event()
+            try:
+                await self.astart()
+            except BaseException as exc:
+                failure.append(exc)
+                raise
+            finally:
+                ready.set()
+            try:
+                await self._thread_stop.wait()
+            finally:
+                await self.astop()
+
+        def run() -> None:
+            try:
+                loop.run_until_complete(main())
+            except BaseException:  # reported to _start_thread() through failure
+                if not failure:
+                    logger.debug("%s thread failed", self._thread_name, exc_info=True)
+            finally:
+                with contextlib.suppress(Exception):
+                    loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.close()
+
+        thread = threading.Thread(target=run, name=self._thread_name, daemon=True)
+        self._thread = thread
+        thread.start()
+        ready.wait()
+        if failure:
+            thread.join()
+            self._thread = None
+            raise failure[0]
+
+    def _stop_thread(self) -> None:
+        """Ask the thread's loop to run ``astop()`` and join the thread. Idempotent."""
+        thread, loop, stop_event = self._thread, self._loop, self._thread_stop
+        if thread is None:
+            return
+        if loop is not None and stop_event is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop may have just closed
+                loop.call_soon_threadsafe(stop_event.set)
+        thread.join()
+        self._thread = None
+        self._thread_stop = None
