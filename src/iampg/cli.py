@@ -494,9 +494,10 @@ def _parser() -> argparse.ArgumentParser:
     ca.add_argument(
         "--path",
         action="store_true",
-        help="print only the path of the CA file the endpoint uses (IAMPG_SSLROOTCERT's "
-        "file when set, for any endpoint); without an endpoint and without "
-        "IAMPG_SSLROOTCERT it is a usage error (exit 2)",
+        help="print only the path of the CA file that would be used: an sslrootcert given "
+        "(--sslrootcert, PGSSLROOTCERT), else the file IAMPG_SSLROOTCERT names, else the "
+        "store's file for the endpoint; without an endpoint, IAMPG_SSLROOTCERT's file, or a "
+        "usage error (exit 2) when it is not set",
     )
     ca.set_defaults(func=_cmd_ca)
     return parser
