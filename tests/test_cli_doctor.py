@@ -214,7 +214,8 @@ def test_require_is_a_warning_not_a_failure(
     out = capsys.readouterr().out
     assert code == 0, out
     assert statuses(out) == {**dict.fromkeys(CHECKS, "PASS"), "tls": "WARN"}
-    assert "encrypted, not authenticated" in out
+    assert "encrypted, not authenticated (sslmode=require checks nothing)" in out
+    assert "chain checked" not in out
     assert "fix: use --sslmode verify-full" in out
     assert out.rstrip().endswith("all checks passed (warnings: tls)")
     code, checks = run_json(args, capsys)
@@ -285,5 +286,8 @@ def test_doctor_from_python_names_python_settings(emulator: Emulator) -> None:
     tls = {c.name: c for c in report.checks}["tls"]
     assert report.ok
     assert tls.status == "warn"
-    assert "checks the chain only" in tls.detail  # a root certificate was given
+    # A root certificate was given: libpq checks the chain, never the host name.
+    assert "chain checked, host name not checked (sslmode=require with sslrootcert)" in tls.detail
+    assert "any server with a certificate from this CA receives the token" in tls.detail
+    assert "not authenticated" not in tls.detail
     assert tls.fix.startswith("use sslmode='verify-full' (with sslrootcert=... for")

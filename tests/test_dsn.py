@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import unquote, urlsplit
 
+import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
@@ -12,6 +13,8 @@ import iampg._dsn
 from fakes import CountingSigner
 from iampg import ConfigurationError, Endpoint, TokenProvider
 from iampg._trust import root_file
+from iampg.emulator import Emulator
+from support import endpoint_for
 
 NASTY = "h:5432/?Action=connect&DBUser=a%20b&X-Amz-Signature=+/=?#@'\\ x"
 
@@ -86,6 +89,38 @@ def test_endpoint_must_agree_with_the_provider() -> None:
     """An endpoint naming another host than the provider signs for is refused."""
     with pytest.raises(ConfigurationError, match="differs"):
         iampg.conninfo(EP.replace(port=6000), provider())
+
+
+def test_a_provider_may_come_first(emulator: Emulator) -> None:
+    """``url(provider)``, ``env(provider)`` …: the provider's endpoint, signed by it.
+
+    As the integrations take a provider first; the URL logs in through the emulator.
+    """
+    p = TokenProvider(endpoint_for(emulator))
+    with psycopg.connect(iampg.url(p)) as conn:
+        assert conn.execute("select current_user").fetchone() == ("postgres",)
+    assert iampg.env(p)["PGHOST"] == emulator.host
+    fixed = provider()
+    helpers = [
+        iampg.conninfo,
+        iampg.url,
+        iampg.env,
+        iampg.pgpass,
+        iampg.sqlalchemy_url,
+        iampg.alembic_url,
+    ]
+    for helper in helpers:
+        assert helper(fixed) == helper(provider=fixed) == helper(fixed, fixed), helper
+
+
+def test_a_provider_first_and_another_as_provider_is_refused() -> None:
+    """Two different providers cannot both sign: a ConfigurationError, before any signing."""
+    first, second = provider(), provider()
+    with pytest.raises(ConfigurationError, match="different one as provider="):
+        iampg.url(first, second)
+    with pytest.raises(ConfigurationError, match="different one as provider="):
+        iampg.env(first, provider=second)
+    assert first.stats().refreshes == second.stats().refreshes == 0
 
 
 def test_env_refuses_parameters_without_a_variable() -> None:

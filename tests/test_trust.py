@@ -457,6 +457,49 @@ def test_ca_command_shows_what_replaces_the_store(
     assert f"IAMPG_SSLROOTCERT={bundle}: used instead" in capsys.readouterr().out
 
 
+def test_ca_command_takes_the_endpoint_from_pg_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With no endpoint argument, PGHOST (and PGSSLROOTCERT …) name it, as for `iampg token`."""
+    from iampg.cli import main
+
+    monkeypatch.setenv("PGHOST", "db.abc123.eu-west-1.rds.amazonaws.com")
+    assert main(["ca"]) == 0
+    path, summary = capsys.readouterr().out.splitlines()
+    assert path == str(STORE / "rds-eu-west-1.pem")
+    assert summary.startswith("iampg's RDS CA set for eu-west-1: 3 certificates, built ")
+    assert main(["ca", "--path"]) == 0
+    assert capsys.readouterr().out == f"{STORE / 'rds-eu-west-1.pem'}\n"
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(b"")
+    monkeypatch.setenv("PGSSLROOTCERT", str(bundle))
+    assert main(["ca", "--path"]) == 0
+    assert capsys.readouterr().out == f"{bundle}\n"
+
+
+def test_ca_path_without_an_endpoint_prints_a_file_or_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`iampg ca --path` alone: IAMPG_SSLROOTCERT's file, else a one-line usage error (exit 2).
+
+    Never the store's directory: the output is meant for sslrootcert.
+    """
+    from iampg.cli import main
+
+    assert main(["ca", "--path"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "iampg ca: --path prints the CA file an endpoint uses: name the endpoint (or set "
+        "PGHOST); `iampg ca` without --path shows the whole trust store\n"
+    )
+    bundle = tmp_path / "global-bundle.pem"
+    bundle.write_bytes(b"")
+    monkeypatch.setenv("IAMPG_SSLROOTCERT", str(bundle))
+    assert main(["ca", "--path"]) == 0
+    assert capsys.readouterr().out == f"{bundle}\n"
+
+
 def test_ca_command_refuses_a_missing_override(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

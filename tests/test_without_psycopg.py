@@ -20,6 +20,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import iampg
 from iampg import _conninfo
+from iampg.emulator import Emulator
 from iampg.errors import ConfigurationError
 
 FAKE_ENV = {
@@ -44,12 +45,12 @@ BLOCKER = textwrap.dedent(
 )
 
 
-def run_blocked(code: str) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a fresh interpreter where psycopg cannot be imported."""
+def run_blocked(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` (``args`` in ``sys.argv``) in a fresh interpreter without psycopg."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PG"))}
     env.update(FAKE_ENV, AWS_EC2_METADATA_DISABLED="true")
     return subprocess.run(
-        [sys.executable, "-c", BLOCKER + textwrap.dedent(code)],
+        [sys.executable, "-c", BLOCKER + textwrap.dedent(code), *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -130,6 +131,52 @@ def test_cli_token_url_env_run_without_psycopg() -> None:
     assert "/shop?sslmode=verify-full" in lines[1]
     assert any(line.startswith("export PGPASSWORD=") for line in lines)
     assert "unknown connection parameter 'nosuchkey'" in out.stderr
+
+
+def test_cli_doctor_runs_without_psycopg(emulator: Emulator) -> None:
+    """``iampg doctor`` runs every check up to the login, which fails naming what to install.
+
+    No traceback; the human report and ``--json`` both say ``authentication`` failed (the
+    token was never tried against the server) and exit 1.
+    """
+    doctor = "import sys\nfrom iampg.cli import main\nsys.exit(main(['doctor', *sys.argv[1:]]))"
+    args = [
+        emulator.host,
+        "--user",
+        "postgres",
+        "--port",
+        str(emulator.port),
+        "--hostaddr",
+        emulator.listen_host,
+        "--sslrootcert",
+        str(emulator.ca_file),
+        "--timeout",
+        "5",
+    ]
+    human = run_blocked(doctor, *args)
+    assert "Traceback" not in human.stderr, human.stderr[-2000:]
+    assert human.returncode == 1, human.stdout + human.stderr[-2000:]
+    rows = [line.split() for line in human.stdout.splitlines()]
+    shown = {row[1]: row[0] for row in rows if row and row[0] in {"PASS", "FAIL", "SKIP"}}
+    assert shown == {**dict.fromkeys(PASSING, "PASS"), "authentication": "FAIL", "query": "SKIP"}
+    assert "needs psycopg with a libpq (pip install 'psycopg[binary]')" in human.stdout
+    assert human.stdout.splitlines()[-1] == "failed: authentication"
+
+    machine = run_blocked(doctor, *args, "--json")
+    assert machine.returncode == 1, machine.stderr[-2000:]
+    report = json.loads(machine.stdout)
+    checks = {check["name"]: check for check in report["checks"]}
+    assert report["ok"] is False
+    assert {name: check["status"] for name, check in checks.items()} == {
+        **dict.fromkeys(PASSING, "pass"),
+        "authentication": "fail",
+        "query": "skip",
+    }
+    assert "psycopg[binary]" in checks["authentication"]["fix"]
+    assert "X-Amz-" not in human.stdout + machine.stdout
+
+
+PASSING = ["endpoint", "credentials", "token", "dns", "tcp", "tls"]
 
 
 def test_import_iampg_imports_no_psycopg() -> None:

@@ -88,16 +88,25 @@ class Secret:
 
 
 def resolve(
-    endpoint: Endpoint | str | None, provider: TokenProvider | None
+    endpoint: Endpoint | str | TokenProvider | None, provider: TokenProvider | None
 ) -> tuple[Endpoint, TokenProvider]:
     """Return the endpoint to dial and the provider that signs for it.
 
     ``endpoint`` may add connection options (``sslmode``, ``hostaddr`` …) to the provider's
-    endpoint, but must not name another host, port, user, region or service.
+    endpoint, but must not name another host, port, user, region or service. A
+    :class:`TokenProvider` in its place stands for its own endpoint and itself as provider.
 
     Raises:
-        ConfigurationError: Neither was given, or they disagree on what is signed.
+        ConfigurationError: Neither was given, they disagree on what is signed, or a provider
+            given first and another one given as ``provider``.
     """
+    if isinstance(endpoint, TokenProvider):
+        if provider is not None and provider is not endpoint:
+            raise ConfigurationError(
+                "a TokenProvider given in place of the endpoint and a different one as "
+                "provider=: pass one of them"
+            )
+        return endpoint.endpoint, endpoint
     if provider is None:
         if endpoint is None:
             raise ConfigurationError("pass an endpoint (host name, URL or Endpoint) or provider=")
@@ -291,8 +300,6 @@ def prepare(
     Raises:
         ConfigurationError: Bad endpoint, preset or options.
     """
-    if isinstance(endpoint, TokenProvider):
-        endpoint, provider = None, endpoint
     ep, prov = resolve(endpoint, provider)
     defaults = defaults_for(ep, preset)
     params = connect_params(ep, allow_insecure=allow_insecure)

@@ -104,6 +104,10 @@ _SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 _VERIFYING_MODES = frozenset({"verify-ca", "verify-full"})
 _EXPIRY_WARNING = dt.timedelta(days=30)  # a certificate expiring sooner may need renewing ...
 _EXPIRY_FRACTION = 0.25  # ... unless it still has this much of its validity left (short-lived)
+_PSYCOPG_FIX = (
+    "pip install 'psycopg[binary]' (or install the system's libpq) where the doctor runs; "
+    "the checks above ran without it, and an asyncpg-only program does not need it"
+)
 _CREDENTIALS_FIX = (
     "set AWS_PROFILE (then `aws sso login` if it uses SSO), or AWS_ACCESS_KEY_ID and "
     "AWS_SECRET_ACCESS_KEY, or run where a role is attached; check with "
@@ -340,10 +344,18 @@ class Doctor:
         subject, expires, ending = _certificate_summary(cert, der)
         found = f"{version}; certificate {subject}, expires {expires}"
         if sslmode not in _VERIFYING_MODES:
-            checked = "the chain only" if verified else "nothing"
+            # libpq's require with a root certificate checks the chain (as verify-ca does)
+            # but never the host name: a server of another name with a certificate from the
+            # same CA would pass.
+            said = (
+                f"chain checked, host name not checked (sslmode={sslmode} with sslrootcert): "
+                "any server with a certificate from this CA receives the token"
+                if verified
+                else f"encrypted, not authenticated (sslmode={sslmode} checks nothing): "
+                "whoever answers on this address receives the token"
+            )
             raise _Warned(
-                f"{found}; encrypted, not authenticated (sslmode={sslmode} checks {checked}): "
-                "whoever answers on this address receives the token",
+                f"{found}; {said}",
                 f"use {option('sslmode', 'verify-full')} (with {option('sslrootcert')} for "
                 "your own CA file) so the server has to prove it is the database",
             )
@@ -389,9 +401,16 @@ class Doctor:
         return context, f"{what}, sslmode={sslmode}, sslrootcert={rootcert}"
 
     def check_auth(self) -> str:
-        import psycopg  # noqa: PLC0415
+        try:
+            import psycopg  # noqa: PLC0415
 
-        from iampg._pool import connect  # noqa: PLC0415
+            from iampg._pool import connect  # noqa: PLC0415
+        except ImportError as exc:  # no psycopg, or one without a libpq it can load
+            raise _CheckFailedError(
+                "not run: the login check needs psycopg with a libpq "
+                f"(pip install 'psycopg[binary]'): {' '.join(str(exc).split())}",
+                _PSYCOPG_FIX,
+            ) from exc
 
         assert self.provider is not None
         ep = self.provider.endpoint

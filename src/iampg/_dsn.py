@@ -54,12 +54,15 @@ _ENV_NAMES = {
 
 
 def conninfo(
-    endpoint: Endpoint | str | None = None,
+    endpoint: Endpoint | str | TokenProvider | None = None,
     provider: TokenProvider | None = None,
     *,
     allow_insecure: bool = False,
 ) -> str:
     """Return a libpq ``key=value`` string with a current token as the password.
+
+    Takes an endpoint (anything :meth:`Endpoint.parse` accepts), a provider, or both (see
+    :func:`url`); ``conninfo(provider)`` is ``conninfo(provider=provider)``.
 
     The result is a credential: do not log it. It stops working for *new* connections when
     the token expires (at most 15 minutes by default).
@@ -74,7 +77,7 @@ def conninfo(
 
 
 def url(
-    endpoint: Endpoint | str | None = None,
+    endpoint: Endpoint | str | TokenProvider | None = None,
     provider: TokenProvider | None = None,
     *,
     allow_insecure: bool = False,
@@ -88,21 +91,34 @@ def url(
     result is a credential valid for new connections until the token expires (at most 15
     minutes by default): do not log it.
 
+    Args:
+        endpoint: Where to connect (anything :meth:`Endpoint.parse` accepts), or a
+            :class:`TokenProvider`: its endpoint, signed by it (``url(provider)`` is
+            ``url(provider=provider)``, as the integrations take a provider first).
+        provider: The token cache to use; one is made for ``endpoint`` if omitted. With both,
+            ``endpoint`` may add libpq options (``sslmode``, ``hostaddr`` …) but not name
+            another host, port, user, region or service.
+        allow_insecure: See :func:`connect_params`.
+
     Raises:
-        ConfigurationError: See :func:`connect_params`.
+        ConfigurationError: See :func:`connect_params`; or the endpoint and provider
+            disagree, or a provider given first and a different one as ``provider``.
         TokenError: No token could be signed.
     """
     return _url("postgresql", endpoint, provider, allow_insecure=allow_insecure)
 
 
 def alembic_url(
-    endpoint: Endpoint | str | None = None,
+    endpoint: Endpoint | str | TokenProvider | None = None,
     provider: TokenProvider | None = None,
     *,
     driver: str | None = "psycopg",
     allow_insecure: bool = False,
 ) -> str:
     """Return :func:`sqlalchemy_url` with every ``%`` doubled, for ``alembic.ini``.
+
+    Takes an endpoint, a provider, or both, or a provider in place of the endpoint, as
+    :func:`url` does.
 
     alembic connects through SQLAlchemy, so the scheme names the driver
     (``postgresql+psycopg://``; a bare ``postgresql://`` would make SQLAlchemy look for
@@ -120,7 +136,7 @@ def alembic_url(
 
 
 def sqlalchemy_url(
-    endpoint: Endpoint | str | None = None,
+    endpoint: Endpoint | str | TokenProvider | None = None,
     provider: TokenProvider | None = None,
     *,
     driver: str | None = "psycopg",
@@ -138,7 +154,8 @@ def sqlalchemy_url(
     SQLAlchemy 2.0 reads the path without decoding it.
 
     Args:
-        endpoint: Where to connect (anything :meth:`Endpoint.parse` accepts).
+        endpoint: Where to connect (anything :meth:`Endpoint.parse` accepts), or a
+            :class:`TokenProvider` (see :func:`url`).
         provider: The token cache to use.
         driver: The SQLAlchemy driver name (default ``psycopg``); ``None`` for SQLAlchemy's
             default PostgreSQL driver (``postgresql://``).
@@ -157,12 +174,15 @@ def sqlalchemy_url(
 
 
 def pgpass(
-    endpoint: Endpoint | str | None = None,
+    endpoint: Endpoint | str | TokenProvider | None = None,
     provider: TokenProvider | None = None,
     *,
     allow_insecure: bool = False,
 ) -> str:
     r"""Return a ``.pgpass`` line, ``host:port:dbname:user:token``, without a line break.
+
+    Takes an endpoint, a provider, or both, or a provider in place of the endpoint, as
+    :func:`url` does.
 
     Backslashes and colons are escaped as libpq requires (``\\`` and ``\:``), and a field
     that is exactly ``*`` (libpq's wildcard) or a host starting with ``#`` (a comment) is
@@ -207,7 +227,7 @@ def _pgpass_escape(value: str, *, wildcard: bool = True) -> str:
 
 def _url(
     scheme: str,
-    endpoint: Endpoint | str | None,
+    endpoint: Endpoint | str | TokenProvider | None,
     provider: TokenProvider | None,
     *,
     allow_insecure: bool,
@@ -235,12 +255,15 @@ def _url(
 
 
 def env(
-    endpoint: Endpoint | str | None = None,
+    endpoint: Endpoint | str | TokenProvider | None = None,
     provider: TokenProvider | None = None,
     *,
     allow_insecure: bool = False,
 ) -> dict[str, str]:
     """Return ``PG*`` environment variables (``PGPASSWORD`` = a current token) for libpq tools.
+
+    Takes an endpoint, a provider, or both, or a provider in place of the endpoint, as
+    :func:`url` does.
 
     Raises:
         ConfigurationError: A parameter has no ``PG*`` variable, or see :func:`connect_params`.

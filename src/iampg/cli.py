@@ -56,7 +56,8 @@ _EXIT_CODES: dict[str, str] = {
     f"127 psql not found; {_INTERRUPTED}",
     "doctor": f"0 every check passed; 1 a check failed; {_USAGE}; {_INTERRUPTED}",
     "ca": "0 printed; 1 the trust store cannot be read; 2 usage error (bad arguments or "
-    f"endpoint, or IAMPG_SSLROOTCERT names a file that does not exist); {_INTERRUPTED}",
+    "endpoint, --path without an endpoint or IAMPG_SSLROOTCERT, or IAMPG_SSLROOTCERT names "
+    f"a file that does not exist); {_INTERRUPTED}",
     "emulate": "0 stopped (Ctrl-C or SIGTERM); 1 the emulator could not run (backend "
     "unreachable, port busy...); 2 usage error (bad options, no PostgreSQL binaries)",
     "proxy": "0 stopped (SIGINT or SIGTERM, after the grace period); 1 the proxy could not "
@@ -99,8 +100,10 @@ Checks, in order: endpoint (host, kind, region), credentials (their source; no s
 printed), token (signing), dns, tcp, tls (certificate subject and expiry; verified with
 sslmode=verify-ca/verify-full), authentication (a real connection with the token) and query
 (select 1). Each prints one PASS/WARN/FAIL/SKIP line, and the fix for what failed or
-warned (sslmode=require: encrypted, not authenticated); a check whose prerequisite failed is
-skipped. Exit code 0 when no check failed (warnings included), 1 when one failed.
+warned (sslmode=require: encrypted, not authenticated; with an sslrootcert the chain is
+checked, the host name not); a check whose prerequisite failed is skipped. The login needs
+psycopg with a libpq: without one, authentication fails saying what to install, after the
+checks before it ran. Exit code 0 when no check failed (warnings included), 1 when one failed.
 
 {_endpoint_help("doctor")}"""
 
@@ -306,10 +309,18 @@ SIGINT/SIGTERM: stop accepting, let open sessions run for --grace seconds, then 
 def _cmd_ca(args: argparse.Namespace, out: TextIO) -> int:
     from iampg import _trust  # noqa: PLC0415
 
-    if not (args.endpoint or args.host):
+    if not (args.endpoint or args.host or os.environ.get("PGHOST")):
         override = _trust.override()
-        lines = [str(_trust.directory())] if args.path else _trust.report()
-        if override and not args.path:
+        if args.path:
+            if override is None:  # the file depends on the endpoint
+                raise ConfigurationError(
+                    "--path prints the CA file an endpoint uses: name the endpoint (or set "
+                    "PGHOST); `iampg ca` without --path shows the whole trust store"
+                )
+            out.write(f"{override}\n")  # IAMPG_SSLROOTCERT: the file for every endpoint
+            return EXIT_OK
+        lines = _trust.report()
+        if override:
             lines.append(f"{_trust.ENV_VAR}={override}: used instead of the files above")
         out.write("".join(f"{line}\n" for line in lines))
         return EXIT_OK
@@ -473,13 +484,21 @@ def _parser() -> argparse.ArgumentParser:
     ca = command(
         "ca",
         "show the shipped AWS trust store, or the CA file an endpoint uses",
-        "Without an endpoint: print where iampg's AWS trust store is, when it was built and "
-        "what it holds. With one: print the CA file (sslrootcert) its connections verify the "
-        "server with, and what that file is. IAMPG_SSLROOTCERT=FILE replaces the store.",
+        "Without an endpoint (no argument, --host or PGHOST): print where iampg's AWS trust "
+        "store is, when it was built and what it holds. With one: print the CA file "
+        "(sslrootcert) its connections verify the server with, and what that file is. "
+        "IAMPG_SSLROOTCERT=FILE replaces the store.",
         _endpoint_help("ca"),
     )
     _add_endpoint_arguments(ca)
-    ca.add_argument("--path", action="store_true", help="print only the file's path")
+    ca.add_argument(
+        "--path",
+        action="store_true",
+        help="print only the path of the CA file that would be used: an sslrootcert given "
+        "(--sslrootcert, PGSSLROOTCERT), else the file IAMPG_SSLROOTCERT names, else the "
+        "store's file for the endpoint; without an endpoint, IAMPG_SSLROOTCERT's file, or a "
+        "usage error (exit 2) when it is not set",
+    )
     ca.set_defaults(func=_cmd_ca)
     return parser
 

@@ -67,6 +67,9 @@ def _helpers(ep: iampg.Endpoint, provider: iampg.TokenProvider) -> None:
     assert_type(iampg.url(ep), str)
     assert_type(iampg.conninfo(ep), str)
     assert_type(iampg.env(ep), dict[str, str])
+    assert_type(iampg.url(provider), str)  # a provider first, as the integrations take it
+    assert_type(iampg.env(provider), dict[str, str])
+    assert_type(iampg.sqlalchemy_url(provider, driver="asyncpg"), str)
     assert_type(provider.token(), str)
     assert_type(provider.endpoint, iampg.Endpoint)
 
