@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from iampg import Endpoint
-from iampg.emulator import FAKE_CREDENTIALS, Emulator, Event
+from iampg.emulator import FAKE_CREDENTIALS, DsqlRules, Emulator, Event
 from iampg.emulator._sigv4 import presign
 from support import EmulatorFactory
 
@@ -47,6 +47,13 @@ def roles(backend: Backend) -> None:
 def dsql(start_emulator: EmulatorFactory, roles: None) -> Emulator:
     """Return a running DSQL emulator (the dsql profile) on real time."""
     return start_emulator(service="dsql")
+
+
+@pytest.fixture
+def dsql_cap(start_emulator: EmulatorFactory, roles: None) -> Emulator:
+    """Return a DSQL emulator whose SQL rules are off: the tests of the session cap below use
+    a temporary table and a long transaction, which DSQL's SQL rules refuse on their own."""
+    return start_emulator(service="dsql", dsql_rules=DsqlRules.off())
 
 
 def mint(emu: Emulator, *, admin: bool = True, expires: int = 900, host: str | None = None) -> str:
@@ -366,34 +373,34 @@ def test_session_cap_closes_idle_session(dsql: Emulator) -> None:
 
 
 @pytest.mark.slow
-def test_session_cap_lets_open_transaction_finish(dsql: Emulator) -> None:
+def test_session_cap_lets_open_transaction_finish(dsql_cap: Emulator) -> None:
     """A transaction open at the cap may go on and commit; then the session is closed."""
-    conn = connect(dsql, mint(dsql))
+    conn = connect(dsql_cap, mint(dsql_cap))
     with conn:
-        dsql.clock.advance(3500)
+        dsql_cap.clock.advance(3500)
         conn.execute("CREATE TEMP TABLE t (x int)")
         conn.execute("INSERT INTO t VALUES (1)")  # psycopg opened a transaction
-        dsql.clock.advance(100)
+        dsql_cap.clock.advance(100)
         time.sleep(0.2)  # ten monitor ticks: the session is capped, not closed
-        assert not [e for e in dsql.events if e.outcome == "closed"]
+        assert not [e for e in dsql_cap.events if e.outcome == "closed"]
         assert conn.execute("SELECT count(*) FROM t").fetchone() == (1,)
         conn.commit()
-        wait_for_event(dsql, "closed", "session cap")
+        wait_for_event(dsql_cap, "closed", "session cap")
         with pytest.raises(psycopg.OperationalError):
             conn.execute("SELECT 1")
 
 
 @pytest.mark.slow
-def test_session_cap_transaction_limit(dsql: Emulator) -> None:
+def test_session_cap_transaction_limit(dsql_cap: Emulator) -> None:
     """A transaction still open five minutes after it began, past the cap, is cut."""
-    conn = connect(dsql, mint(dsql))
+    conn = connect(dsql_cap, mint(dsql_cap))
     with conn:
-        dsql.clock.advance(3500)
+        dsql_cap.clock.advance(3500)
         conn.execute("SELECT 1")  # opens a transaction
-        dsql.clock.advance(100)
+        dsql_cap.clock.advance(100)
         time.sleep(0.1)
-        assert not [e for e in dsql.events if e.outcome == "closed"]
-        dsql.clock.advance(200)
-        wait_for_event(dsql, "closed", "transaction limit")
+        assert not [e for e in dsql_cap.events if e.outcome == "closed"]
+        dsql_cap.clock.advance(200)
+        wait_for_event(dsql_cap, "closed", "transaction limit")
         with pytest.raises(psycopg.OperationalError):
             conn.execute("SELECT 1")
