@@ -206,11 +206,14 @@ def test_the_command_serves_several_endpoints_with_a_password_and_tls(
         assert " sslmode=verify-full sslrootcert=" in conninfo
         with psycopg.connect(conninfo, password=SENTINEL_PASSWORD) as conn:
             assert conn.info.pgconn.ssl_in_use
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(first, password="not-the-password")  # a record of its own
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=30)
     assert process.returncode == 0
     events = [json.loads(line) for line in err.splitlines()]  # JSON only
     assert all("event" in event for event in events), err
+    assert any(e["event"] == "log" and "wrong password" in e["message"] for e in events), err
     generated = [e for e in events if e["event"] == "generated certificate"]
     assert len(generated) == 2, err
     for event, conninfo in zip(generated, (first, second), strict=True):
