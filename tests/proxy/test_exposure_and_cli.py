@@ -163,7 +163,7 @@ def test_the_command_serves_logs_and_stops_on_sigterm(
     assert process.stdout is not None
     conninfo = process.stdout.readline().strip()
     assert conninfo.startswith("host=127.0.0.1 port=")
-    assert conninfo.endswith(" user=postgres dbname=postgres")
+    assert conninfo.endswith(" user=postgres dbname=postgres hostaddr=127.0.0.1 sslmode=disable")
     with psycopg.connect(conninfo, application_name="cli") as conn:
         assert conn.execute("select current_setting('application_name')").fetchone() == ("cli",)
     process.send_signal(signal.SIGTERM)
@@ -177,7 +177,12 @@ def test_the_command_serves_logs_and_stops_on_sigterm(
     assert closed[0]["outcome"] == "client closed"
     assert closed[0]["bytes_from_client"] > 0
     assert closed[0]["bytes_to_client"] > 0
-    assert [e["event"] for e in events if "event" in e] == ["session opened", "session closed"]
+    assert [e["event"] for e in events] == [
+        "proxy listening",
+        "session opened",
+        "session closed",
+        "proxy stopped",
+    ]
     _no_secret(secret_guard, out + err)
 
 
@@ -189,20 +194,31 @@ def test_the_command_serves_several_endpoints_with_a_password_and_tls(
         f"host={emulator.host} hostaddr=127.0.0.1 port={emulator.port} user=postgres "
         f"sslrootcert={emulator.ca_file}"
     )
-    argv = _command(emulator, "--endpoint", other, "--tls-generate", "--grace", "0")
+    argv = _command(
+        emulator, "--endpoint", other, "--tls-generate", "--grace", "0", "--log-format", "json"
+    )
     process = _start(run_command, argv, env={"IAMPG_PROXY_PASSWORD": SENTINEL_PASSWORD})
     assert process.stdout is not None
     first = process.stdout.readline().strip()
     second = process.stdout.readline().strip()
     assert first != second
     for conninfo in (first, second):
-        with psycopg.connect(conninfo, password=SENTINEL_PASSWORD, sslmode="require") as conn:
-            assert conn.execute("select 1").fetchone() == (1,)
+        assert " sslmode=verify-full sslrootcert=" in conninfo
+        with psycopg.connect(conninfo, password=SENTINEL_PASSWORD) as conn:
+            assert conn.info.pgconn.ssl_in_use
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(first, password="not-the-password")  # a record of its own
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=30)
     assert process.returncode == 0
-    assert "-----BEGIN CERTIFICATE-----" in err
-    assert "sslrootcert=" in err
+    events = [json.loads(line) for line in err.splitlines()]  # JSON only
+    assert all("event" in event for event in events), err
+    assert any(e["event"] == "log" and "wrong password" in e["message"] for e in events), err
+    generated = [e for e in events if e["event"] == "generated certificate"]
+    assert len(generated) == 2, err
+    for event, conninfo in zip(generated, (first, second), strict=True):
+        assert event["ca_pem"].startswith("-----BEGIN CERTIFICATE-----")
+        assert f"sslrootcert={event['ca_file']}" in conninfo
     _no_secret(secret_guard, out + err)
 
 

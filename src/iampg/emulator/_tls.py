@@ -42,10 +42,10 @@ class TlsFiles:
     key_file: Path
 
 
-def _name(common_name: str) -> x509.Name:
+def _name(common_name: str, organization: str) -> x509.Name:
     return x509.Name(
         [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "iampg emulator"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
             x509.NameAttribute(NameOID.COMMON_NAME, common_name),
         ]
     )
@@ -68,7 +68,11 @@ def _subject_alt_names(hostnames: Sequence[str], *, loopback: bool) -> x509.Subj
 
 
 def make_certificates(
-    hostnames: Sequence[str], directory: Path, *, loopback: bool = False
+    hostnames: Sequence[str],
+    directory: Path,
+    *,
+    loopback: bool = False,
+    organization: str = "iampg emulator",
 ) -> TlsFiles:
     """Create a CA and a server certificate it signed, and write both as PEM files.
 
@@ -82,6 +86,8 @@ def make_certificates(
         hostnames: DNS names (or IP literals) the server answers to.
         directory: An existing private directory to write the files in.
         loopback: Also name ``localhost``, ``127.0.0.1`` and ``::1``.
+        organization: The organisation both certificates name (the CA is
+            ``<organization> CA``): what a client's error messages show.
 
     Returns:
         The paths of the files written.
@@ -89,7 +95,7 @@ def make_certificates(
     now = dt.datetime.now(dt.timezone.utc)
     not_before, not_after = now - _BACKDATE, now + _VALIDITY
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = _name("iampg emulator CA")
+    ca_name = _name(f"{organization} CA", organization)
     ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
     ca_cert = (
         x509.CertificateBuilder()
@@ -120,7 +126,7 @@ def make_certificates(
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(hostnames[0] if hostnames else "localhost"))
+        .subject_name(_name(hostnames[0] if hostnames else "localhost", organization))
         .issuer_name(ca_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())

@@ -184,7 +184,11 @@ def _proxies(args: argparse.Namespace) -> list[Proxy]:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object a line: time, level, event and the session's fields; no secrets."""
+    """One JSON object a line: time, level, event and the event's fields; no secrets.
+
+    Every record has an ``event`` (``session opened``, ``proxy listening`` …; ``log`` with a
+    ``message`` for the others).
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         """Return the record as a JSON line."""
@@ -195,7 +199,8 @@ class JsonFormatter(logging.Formatter):
         structured = getattr(record, "iampg_proxy", None)
         if isinstance(structured, dict):
             fields.update(structured)
-        else:
+        else:  # warnings and the like: the same key for their kind as every other record
+            fields["event"] = "log"
             fields["message"] = record.getMessage()
         return json.dumps(fields)
 
@@ -228,6 +233,29 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         logger.setLevel(previous_level)
 
 
+def _log_generated_ca(proxy: Proxy, ca_file: Path) -> None:
+    """Log the CA of a generated certificate: its file and PEM text (one record)."""
+    pem = ca_file.read_text()
+    sslmode = "verify-full" if "sslmode=verify-full" in proxy.conninfo else "verify-ca"
+    logging.getLogger("iampg.proxy").info(
+        "iampg proxy: clients on port %d verify its generated certificate with "
+        "sslrootcert=%s (sslmode=%s):\n%s",
+        proxy.port,
+        ca_file,
+        sslmode,
+        pem.rstrip("\n"),
+        extra={
+            "iampg_proxy": {
+                "event": "generated certificate",
+                "port": proxy.port,
+                "ca_file": str(ca_file),
+                "sslmode": sslmode,
+                "ca_pem": pem,
+            }
+        },
+    )
+
+
 async def _serve(proxies: list[Proxy], out: TextIO) -> int:
     loop = asyncio.get_running_loop()
     started: list[Proxy] = []
@@ -250,13 +278,7 @@ async def _serve(proxies: list[Proxy], out: TextIO) -> int:
         out.flush()
         for proxy in proxies:
             if proxy.ca_file is not None:
-                pem = proxy.ca_file.read_text()
-                print(  # noqa: T201
-                    f"iampg proxy: clients on port {proxy.port} verify its generated "
-                    f"certificate with sslrootcert={proxy.ca_file} (sslmode=verify-ca):\n{pem}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                _log_generated_ca(proxy, proxy.ca_file)
         await stop.wait()
         await asyncio.gather(*(proxy.astop() for proxy in started))
     finally:

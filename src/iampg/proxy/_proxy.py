@@ -125,6 +125,7 @@ class _Session:
     peer: str
     loopback: bool
     started: float
+    unix: bool = False
     client: Stream | None = None
     upstream: Stream | None = None
     user: str = ""
@@ -177,7 +178,9 @@ class Proxy(BackgroundLoop):
         host: The address to listen on.
         port: The TCP port; ``0`` picks a free one (see :attr:`port`).
         unix_socket_dir: Also listen on ``<dir>/.s.PGSQL.<port>`` (``psql -h <dir>``).
-        client_tls: TLS towards clients (see :data:`ClientTls`); None for none.
+        client_tls: TLS towards clients (see :data:`ClientTls`); None for none. When given,
+            every TCP client must use it, on loopback too (clients of the Unix socket need
+            not: libpq does no TLS there).
         password: The password clients must give (SCRAM-SHA-256); None for none. Only its
             SCRAM verifier is kept.
         allow_insecure: Allow an upstream ``sslmode`` that may send the token unencrypted
@@ -255,6 +258,7 @@ class Proxy(BackgroundLoop):
         self._server_tls: ssl.SSLContext | None = None
         self._tmpdir: Path | None = None
         self._ca_file: Path | None = None
+        self._cert_names: frozenset[str] = frozenset()  # a generated certificate's names
         self._unix_path: Path | None = None
         self._upstream: Upstream | None = None
         self._thread: threading.Thread | None = None
@@ -300,15 +304,34 @@ class Proxy(BackgroundLoop):
     def conninfo(self) -> str:
         """A libpq connection string for the local side, without password.
 
-        ``host=127.0.0.1 port=N user=… dbname=…``: the endpoint's user and database.
+        ``host=127.0.0.1 port=N user=… dbname=…`` (the endpoint's user and database), then
+        what keeps libpq's ``PG*`` environment variables from changing where and how it
+        connects: ``hostaddr`` (the host's address, when it is one) and ``sslmode``:
+        ``disable`` without client TLS; with a generated certificate ``verify-full`` (or
+        ``verify-ca`` when the host is not one of its names) and ``sslrootcert`` (the
+        :attr:`ca_file`, once started); with a given certificate ``require``.
         """
         endpoint = self._target.endpoint
+        host = self.host
         items = [
-            ("host", self.host),
+            ("host", host),
             ("port", str(self.port)),
             ("user", endpoint.user),
             ("dbname", endpoint.dbname),
         ]
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            items.append(("hostaddr", host))
+        if self._client_tls is None:
+            items.append(("sslmode", "disable"))
+        elif self._ca_file is not None:
+            verify = "verify-full" if host.lower() in self._cert_names else "verify-ca"
+            items += [("sslmode", verify), ("sslrootcert", os.fspath(self._ca_file))]
+        else:
+            items.append(("sslmode", "require"))
         return " ".join(f"{key}={quote_conninfo(value)}" for key, value in items)
 
     @property
@@ -391,6 +414,16 @@ class Proxy(BackgroundLoop):
             self._port,
             self._target.endpoint.host,
             self._target.endpoint.port,
+            extra={
+                "iampg_proxy": {
+                    "event": "proxy listening",
+                    "address": self._address,
+                    "port": self._port,
+                    "unix_socket": None if self._unix_path is None else str(self._unix_path),
+                    "upstream_host": self._target.endpoint.host,
+                    "upstream_port": self._target.endpoint.port,
+                }
+            },
         )
 
     async def astop(self) -> None:
@@ -414,9 +447,21 @@ class Proxy(BackgroundLoop):
                 self._unix_path.unlink()
         pending = set(self._tasks)
         if pending and self._grace > 0:
-            logger.info(
-                "proxy stopping: %d sessions may finish within %g s", len(pending), self._grace
-            )
+            open_now = await self._sessions_still_open()
+            if open_now:
+                logger.info(
+                    "proxy stopping: %d %s may finish within %g s",
+                    open_now,
+                    "session" if open_now == 1 else "sessions",
+                    self._grace,
+                    extra={
+                        "iampg_proxy": {
+                            "event": "proxy stopping",
+                            "sessions": open_now,
+                            "grace": self._grace,
+                        }
+                    },
+                )
             hurry = asyncio.ensure_future(self._hurry.wait())
             finished = asyncio.ensure_future(asyncio.wait(pending))
             try:
@@ -435,7 +480,21 @@ class Proxy(BackgroundLoop):
         self._remove_files()
         self._port = 0
         self._loop = None
-        logger.info("proxy stopped")
+        logger.info("proxy stopped", extra={"iampg_proxy": {"event": "proxy stopped"}})
+
+    async def _sessions_still_open(self) -> int:
+        """Return how many sessions relay on, once closes already under way are seen."""
+        for _ in range(5):  # a few turns of the loop: a client's EOF that arrived is processed
+            await asyncio.sleep(0)
+        return sum(
+            1
+            for session in list(self._open)
+            if session.established
+            and not any(
+                stream is not None and stream.closed.done()
+                for stream in (session.client, session.upstream)
+            )
+        )
 
     def close_sessions_now(self) -> None:
         """End a :meth:`astop` grace period now (call on the proxy's loop): close the sessions.
@@ -480,11 +539,14 @@ class Proxy(BackgroundLoop):
             names = [n for n in (self._listen_host, socket.gethostname()) if n]
             try:
                 # a local listener: clients may dial it as localhost or its address
-                files = make_certificates(names, tmpdir, loopback=True)
+                files = make_certificates(names, tmpdir, loopback=True, organization="iampg proxy")
             except BaseException:
                 shutil.rmtree(tmpdir, ignore_errors=True)
                 raise
             self._tmpdir, self._ca_file = tmpdir, files.ca_file
+            self._cert_names = frozenset(
+                name.lower() for name in (*names, "localhost", "127.0.0.1", "::1")
+            )
             context.load_cert_chain(files.cert_file, files.key_file)
             return context
         cert, key = option
@@ -565,7 +627,7 @@ class Proxy(BackgroundLoop):
                 logger.warning("proxy turns away %s: too many connections logging in", peer)
                 sock.close()
                 continue
-            session = _Session(sock, peer, loopback, time.monotonic())
+            session = _Session(sock, peer, loopback, time.monotonic(), unix=unix)
             self._pending += 1
             task = loop.create_task(self._serve(session))
             self._tasks.add(task)
@@ -738,6 +800,12 @@ class Proxy(BackgroundLoop):
             return error_response(
                 "28000",
                 "iampg proxy: connections from other machines must use TLS "
+                "(sslmode=require, verify-ca or verify-full)",
+            )
+        if not encrypted and not session.unix and self._server_tls is not None:
+            return error_response(
+                "28000",
+                "iampg proxy: this proxy requires TLS on TCP connections, loopback included "
                 "(sslmode=require, verify-ca or verify-full)",
             )
         expected = self._target.endpoint.user
