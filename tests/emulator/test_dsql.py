@@ -51,8 +51,8 @@ def dsql(start_emulator: EmulatorFactory, roles: None) -> Emulator:
 
 @pytest.fixture
 def dsql_cap(start_emulator: EmulatorFactory, roles: None) -> Emulator:
-    """Return a DSQL emulator whose SQL rules are off: the tests of the session cap below use
-    a temporary table and a long transaction, which DSQL's SQL rules refuse on their own."""
+    """Return a DSQL emulator whose SQL rules are off, for a session-cap test that uses a
+    temporary table, which DSQL's SQL rules refuse on their own."""
     return start_emulator(service="dsql", dsql_rules=DsqlRules.off())
 
 
@@ -391,16 +391,16 @@ def test_session_cap_lets_open_transaction_finish(dsql_cap: Emulator) -> None:
 
 
 @pytest.mark.slow
-def test_session_cap_transaction_limit(dsql_cap: Emulator) -> None:
+def test_session_cap_transaction_limit(dsql: Emulator) -> None:
     """A transaction still open five minutes after it began, past the cap, is cut."""
-    conn = connect(dsql_cap, mint(dsql_cap))
+    conn = connect(dsql, mint(dsql))
     with conn:
-        dsql_cap.clock.advance(3500)
+        dsql.clock.advance(3500)
         conn.execute("SELECT 1")  # opens a transaction
-        dsql_cap.clock.advance(100)
+        dsql.clock.advance(100)
         time.sleep(0.1)
-        assert not [e for e in dsql_cap.events if e.outcome == "closed"]
-        dsql_cap.clock.advance(200)
-        wait_for_event(dsql_cap, "closed", "transaction limit")
+        assert not [e for e in dsql.events if e.outcome == "closed"]
+        dsql.clock.advance(200)
+        wait_for_event(dsql, "closed", "transaction limit")
         with pytest.raises(psycopg.OperationalError):
             conn.execute("SELECT 1")

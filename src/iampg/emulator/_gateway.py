@@ -1561,11 +1561,16 @@ class Emulator(BackgroundLoop):
                 return
             (code,) = struct.unpack("!I", body[:4])
             if code == _AUTH_OK:
-                if rules is not None and not await self._dsql_login(session, backend, body):
-                    return
-                if rules is None:
-                    client.write(_message(kind, body))
+                greeting = _message(kind, body)
+                if rules is not None:
+                    admitted = await self._dsql_login(session, backend, body)
+                    if admitted is None:
+                        return
+                    greeting = admitted
+                # Established before the client hears it may go on: its clock and timers
+                # (the session cap) start no later than the client's first statement.
                 self._establish(session, client, backend)
+                client.write(greeting)
                 backend.pipe_to(client)
                 client.pipe_to(backend)
                 return
@@ -1577,8 +1582,15 @@ class Emulator(BackgroundLoop):
             if reply is not None:
                 backend.write(reply)
 
-    async def _dsql_login(self, session: _Session, backend: _Stream, auth_ok: bytes) -> bool:
-        """DSQL mode: check the role's mapping, install the SQL filters, greet the client."""
+    async def _dsql_login(
+        self, session: _Session, backend: _Stream, auth_ok: bytes
+    ) -> bytes | None:
+        """DSQL mode: check the role's mapping and install the SQL filters.
+
+        Returns:
+            What to greet the client with (AuthenticationOk and the backend's login), or
+            None when the session was refused.
+        """
         rules = self._dsql_rules
         client = session.client
         assert rules is not None
@@ -1600,7 +1612,7 @@ class Emulator(BackgroundLoop):
                 ROLE_NOT_MAPPED,
                 hint=hint,
             )
-            return False
+            return None
         if rules.inspects_sql:
             filters = dsql.DsqlSession(
                 rules, user=session.user, clock=self._clock, forced=self._forced
@@ -1608,8 +1620,7 @@ class Emulator(BackgroundLoop):
             client.transform = filters.from_client
             backend.transform = filters.from_backend
             greeting = filters.from_backend(greeting)
-        client.write(_message(b"R", auth_ok) + greeting)
-        return True
+        return _message(b"R", auth_ok) + greeting
 
     async def _prepare_database(self, database: str) -> None:
         """Make DSQL's role-mapping view in ``database`` once (as the backend's user)."""
