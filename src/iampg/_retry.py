@@ -213,13 +213,14 @@ def retry_transaction(
 ) -> T:
     """Run ``fn(conn)`` in a transaction, again if it lost a concurrency race or its connection.
 
-    Aurora DSQL checks conflicts at commit (SQLSTATE ``OC000`` for data, ``OC001`` for
-    schema; PostgreSQL says ``40001``): the transaction is rolled back and may simply be run
-    again. With a pool, a transaction whose connection broke (an idle cut, DSQL's one-hour
-    cap, a failover, a restart) before its ``COMMIT`` was sent was rolled back too, and runs
-    again on another connection. A connection that broke *during* ``COMMIT`` leaves the outcome
-    unknown: the error is raised, unless ``idempotent=True`` says running ``fn`` twice is
-    harmless (reads, upserts). A caller's own connection cannot be replaced, so its loss is
+    Aurora DSQL checks conflicts at commit (SQLSTATE ``40001``, with ``OC000`` for data or
+    ``OC001`` for schema in the message; ``OC000``/``OC001`` as the SQLSTATE itself are
+    recognised too, as is PostgreSQL's own ``40001``): the transaction is rolled back and may
+    simply be run again. With a pool, a transaction whose connection broke (an idle cut, DSQL's
+    one-hour cap, a failover, a restart) before its ``COMMIT`` was sent was rolled back too, and
+    runs again on another connection. A connection that broke *during* ``COMMIT`` leaves the
+    outcome unknown: the error is raised, unless ``idempotent=True`` says running ``fn`` twice
+    is harmless (reads, upserts). A caller's own connection cannot be replaced, so its loss is
     raised. What broke one pooled connection (a restart, a failover) often broke its idle
     siblings too: before the next attempt the pool checks its idle connections once
     (psycopg_pool's ``check()``), so the rerun does not meet them one by one.
