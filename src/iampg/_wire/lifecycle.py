@@ -6,6 +6,12 @@ import asyncio
 import contextlib
 import logging
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from typing_extensions import Self
 
 logger = logging.getLogger("iampg")
 
@@ -13,7 +19,9 @@ logger = logging.getLogger("iampg")
 class BackgroundLoop:
     """Mixin: ``astart()``/``astop()`` run on a new event loop in a daemon thread.
 
-    The class using it sets ``_thread`` and ``_thread_stop`` to None in ``__init__`` and
+    Also makes the class a context manager, sync (``start()``/``stop()``, which the class
+    defines around :meth:`_start_thread` and :meth:`_stop_thread`) and async. The class
+    using it sets ``_thread`` and ``_thread_stop`` to None in ``__init__`` and
     ``_loop`` to its running loop in ``astart()`` (None again after ``astop()``).
     """
 
@@ -27,6 +35,36 @@ class BackgroundLoop:
 
     async def astop(self) -> None:
         raise NotImplementedError
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.astart()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.astop()
 
     def _start_thread(self) -> None:
         """Start the thread; return once ``astart()`` returned, raising what it raised."""

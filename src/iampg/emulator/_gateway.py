@@ -74,9 +74,8 @@ _startup_parameters = startup_parameters
 if TYPE_CHECKING:
     import ssl
     from collections.abc import Callable, Sequence
-    from types import TracebackType
 
-    from typing_extensions import Self, Unpack
+    from typing_extensions import Unpack
 
     from ._profiles import PresetSettings
 
@@ -886,30 +885,6 @@ class Emulator(BackgroundLoop):
     def stop(self) -> None:
         """Stop the emulator started by :meth:`start` and join its thread. Idempotent."""
         self._stop_thread()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> Self:
-        await self.astart()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.astop()
 
     # --- serving ---
 

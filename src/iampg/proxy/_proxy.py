@@ -50,10 +50,6 @@ from iampg.errors import ConfigurationError
 from ._upstream import Login, Refusal, Upstream
 
 if TYPE_CHECKING:
-    from types import TracebackType
-
-    from typing_extensions import Self
-
     from iampg._tokens import TokenProvider
 
 __all__ = ["ClientTls", "Proxy", "ProxyStats", "SessionInfo"]
@@ -576,30 +572,6 @@ class Proxy(BackgroundLoop):
         Idempotent.
         """
         self._stop_thread()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> Self:
-        await self.astart()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.astop()
 
     # --- serving ---
 
