@@ -6,6 +6,7 @@ import asyncio
 import asyncio.sslproto
 import contextlib
 import ctypes
+import ipaddress
 import socket
 from typing import TYPE_CHECKING, Final, cast
 
@@ -322,3 +323,28 @@ async def connect_tls(
     except BaseException:
         transport.abort()
         raise
+
+
+def beyond_loopback(listen_host: str, *, unresolved: bool) -> bool:
+    """Tell whether listening on ``listen_host`` accepts connections from other machines.
+
+    ``""`` (every interface) does; ``localhost`` and loopback addresses do not; a name counts
+    as beyond if any of its addresses is. ``unresolved`` is the answer for a name that does not
+    resolve (listening on it fails anyway): the proxy refuses it, the emulator does not warn.
+    """
+    host = listen_host.strip().strip("[]")
+    if not host:
+        return True
+    if host.lower() == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return unresolved
+    return any(
+        not ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos
+    )

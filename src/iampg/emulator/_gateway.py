@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import ipaddress
 import logging
 import os
 import shutil
@@ -47,7 +46,7 @@ from iampg._wire.protocol import read_startup_packet as _read_startup_packet
 from iampg._wire.startup import read_startup, require_alpn
 from iampg._wire.streams import RawChannel as _RawChannel
 from iampg._wire.streams import Stream as _Stream
-from iampg._wire.streams import accept_tls
+from iampg._wire.streams import accept_tls, beyond_loopback
 from iampg._wire.streams import drain_and_shutdown as _drain_and_shutdown
 from iampg._wire.streams import listen as _listen
 from iampg._wire.streams import malloc_trim as _malloc_trim
@@ -1637,22 +1636,7 @@ def _listen_address(listen_host: str, port: int) -> tuple[str, int]:
 
 def _reaches_beyond_loopback(listen_host: str) -> bool:
     """Tell whether listening on ``listen_host`` accepts connections from other machines."""
-    host = listen_host.strip().strip("[]")
-    if not host:
-        return True  # every interface
-    if host.lower() == "localhost":
-        return False
-    try:
-        return not ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError:
-        return False  # listening will fail, saying why
-    return any(
-        not ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos
-    )
+    return beyond_loopback(listen_host, unresolved=False)  # unresolved: listening will fail
 
 
 def exposure_warning(listen_host: str) -> str:

@@ -45,6 +45,7 @@ from iampg._wire.protocol import (
 )
 from iampg._wire.startup import read_startup, require_alpn
 from iampg._wire.streams import RawChannel, Stream, accept_tls, drain_and_shutdown, readable
+from iampg._wire.streams import beyond_loopback as _beyond_loopback
 from iampg.errors import ConfigurationError
 
 from ._upstream import Login, Refusal, Upstream
@@ -950,22 +951,7 @@ def beyond_loopback(listen_host: str) -> bool:
 
     A name that does not resolve counts as reaching beyond (listening on it fails anyway).
     """
-    host = listen_host.strip().strip("[]")
-    if not host:
-        return True
-    if host.lower() == "localhost":
-        return False
-    try:
-        return not ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError:
-        return True
-    return any(
-        not ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos
-    )
+    return _beyond_loopback(listen_host, unresolved=True)
 
 
 def _listen(host: str, port: int) -> socket.socket:
