@@ -93,6 +93,7 @@ async def ajump_an_hour(emu: Emulator) -> None:
 # -- SQLAlchemy -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # waits out session caps in real time (the emulator's clock steps)
 def test_sqlalchemy_dsql_engine_checks_connections_at_checkout(
     hourly: Emulator, hourly_provider: TokenProvider
 ) -> None:
@@ -109,6 +110,7 @@ def test_sqlalchemy_dsql_engine_checks_connections_at_checkout(
     assert len(pids) == JUMPS + 1  # each capped session was replaced unseen
 
 
+@pytest.mark.slow  # waits out session caps in real time (the emulator's clock steps)
 def test_sqlalchemy_dsql_engine_recycles_under_the_cap(provider: TokenProvider) -> None:
     """Connections are replaced before the cap: a transaction never runs into it."""
     engine = iampg_sqlalchemy.create_engine(provider, pool_size=1, pool_recycle=LIFETIME)
@@ -122,6 +124,7 @@ def test_sqlalchemy_dsql_engine_recycles_under_the_cap(provider: TokenProvider) 
         engine.dispose()
 
 
+@pytest.mark.slow  # waits out session caps in real time (the emulator's clock steps)
 def test_sqlalchemy_dsql_async_engine_on_asyncpg(provider: TokenProvider) -> None:
     """The asyncpg engine gets the same checks: no query fails across caps."""
 
@@ -180,6 +183,7 @@ def test_sqlalchemy_max_idle_replaces_an_idle_connection(emulator: Emulator) -> 
 # -- asyncpg --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # waits out session caps in real time (the emulator's clock steps)
 def test_asyncpg_dsql_pool_replaces_connections_under_the_cap(provider: TokenProvider) -> None:
     """A connection past ``max_lifetime`` is closed and replaced: no statement meets the cap."""
 
@@ -199,6 +203,7 @@ def test_asyncpg_dsql_pool_replaces_connections_under_the_cap(provider: TokenPro
     assert len(asyncio.run(main())) >= 3
 
 
+@pytest.mark.slow  # waits out session caps in real time (the emulator's clock steps)
 def test_asyncpg_dsql_pool_survives_the_cap_while_idle(
     hourly: Emulator, hourly_provider: TokenProvider
 ) -> None:
@@ -277,6 +282,7 @@ def _django_query(conn: Any) -> int:
     return pid
 
 
+@pytest.mark.slow  # waits out session caps in real time (the emulator's clock steps)
 def test_django_native_pool_on_dsql_checks_connections(
     hourly: Emulator, hourly_provider: TokenProvider, django_handler: Any
 ) -> None:
@@ -296,6 +302,7 @@ def test_django_native_pool_on_dsql_checks_connections(
     assert len(pids) == JUMPS + 1
 
 
+@pytest.mark.slow  # waits out session caps in real time (the emulator's clock steps)
 def test_django_persistent_connection_on_dsql_checks_health(
     hourly: Emulator, hourly_provider: TokenProvider, django_handler: Any
 ) -> None:
@@ -331,6 +338,7 @@ def test_django_aurora_preset_sets_the_pool(start_emulator: EmulatorFactory) -> 
     assert "CONN_HEALTH_CHECKS" not in database(endpoint_for(aurora), preset="rds")
 
 
+@pytest.mark.slow  # waits out session caps in real time (the emulator's clock steps)
 def test_psycopg_pool_for_reference(hourly: Emulator, hourly_provider: TokenProvider) -> None:
     """The same rounds through iampg's own pool, whose DSQL preset these follow."""
     import iampg
