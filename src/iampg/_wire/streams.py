@@ -348,3 +348,19 @@ def beyond_loopback(listen_host: str, *, unresolved: bool) -> bool:
     return any(
         not ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos
     )
+
+
+async def abort_all(streams: set[Stream], timeout: float = CLOSE_TIMEOUT) -> None:
+    """Abort every stream in ``streams`` and wait (up to ``timeout``) until their sockets closed.
+
+    A stream leaves ``streams`` (its registry) when its transport has closed the socket
+    (``connection_lost``). Again while new ones appear: a transport may still be running
+    ``connection_made``.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while streams and loop.time() < deadline:
+        current = list(streams)
+        for stream in current:
+            stream.abort()
+        await asyncio.wait([s.closed for s in current], timeout=deadline - loop.time())

@@ -46,7 +46,7 @@ from iampg._wire.protocol import read_startup_packet as _read_startup_packet
 from iampg._wire.startup import read_startup, require_alpn
 from iampg._wire.streams import RawChannel as _RawChannel
 from iampg._wire.streams import Stream as _Stream
-from iampg._wire.streams import accept_tls, beyond_loopback
+from iampg._wire.streams import abort_all, accept_tls, beyond_loopback
 from iampg._wire.streams import drain_and_shutdown as _drain_and_shutdown
 from iampg._wire.streams import listen as _listen
 from iampg._wire.streams import malloc_trim as _malloc_trim
@@ -858,14 +858,7 @@ class Emulator(BackgroundLoop):
         until garbage collection after the loop is gone. A stream leaves the registry when its
         transport has closed the socket (``connection_lost``).
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + _CLOSE_TIMEOUT
-        # Again while new ones appear: a transport may still be running connection_made.
-        while self._streams and loop.time() < deadline:
-            streams = list(self._streams)
-            for stream in streams:
-                stream.abort()
-            await asyncio.wait([s.closed for s in streams], timeout=deadline - loop.time())
+        await abort_all(self._streams)
         if self._streams:
             logger.warning("emulator stopped with %d connections not closed", len(self._streams))
 

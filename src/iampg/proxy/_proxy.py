@@ -44,7 +44,14 @@ from iampg._wire.protocol import (
     startup_parameters,
 )
 from iampg._wire.startup import read_startup, require_alpn
-from iampg._wire.streams import RawChannel, Stream, accept_tls, drain_and_shutdown, readable
+from iampg._wire.streams import (
+    RawChannel,
+    Stream,
+    abort_all,
+    accept_tls,
+    drain_and_shutdown,
+    readable,
+)
 from iampg._wire.streams import beyond_loopback as _beyond_loopback
 from iampg.errors import ConfigurationError
 
@@ -501,13 +508,7 @@ class Proxy(BackgroundLoop):
         self._hurry.set()
 
     async def _drop_streams(self) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + CLOSE_TIMEOUT
-        while self._streams and loop.time() < deadline:
-            streams = list(self._streams)
-            for stream in streams:
-                stream.abort()
-            await asyncio.wait([s.closed for s in streams], timeout=deadline - loop.time())
+        await abort_all(self._streams)
 
     def _remove_files(self) -> None:
         tmpdir, self._tmpdir, self._ca_file = self._tmpdir, None, None
