@@ -234,7 +234,9 @@ def minimums(session: nox.Session) -> None:
     lowest: dict[str, str] = {}
     for requirement in [*PROJECT["dependencies"], *PROJECT["optional-dependencies"].values()]:
         for spec in [requirement] if isinstance(requirement, str) else requirement:
-            match = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[^]]*\])?>=([0-9][0-9A-Za-z.]*)", spec)
+            match = re.fullmatch(
+                r"([A-Za-z0-9_.-]+)(?:\[[^]]*\])?>=([0-9][0-9A-Za-z.]*)(?:\s*;.*)?", spec
+            )
             if match is None:
                 session.error(f"no lower bound to pin in {spec!r}: declare it as name>=version")
             name, version = match[1].lower().replace("_", "-"), match[2]

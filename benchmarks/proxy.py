@@ -7,7 +7,10 @@ Every variant talks to the same emulator (its own process, in front of the same 
   client can be; signing per connection would add botocore's signing time, about 0.2 ms,
   see the ``token`` group, to every connect);
 - **proxy**: pgbench to the proxy (plain TCP on loopback, no password), which opens one
-  upstream session per client session over verified TLS with a token from its provider;
+  upstream session per client session over verified TLS with a token from its provider. It
+  runs as ``iampg proxy`` does: on uvloop when installed (the ``proxy`` extra; the bench
+  group installs it); then a second proxy on asyncio's own loop is measured as well
+  (**proxy-asyncio**), what iampg without the extra does;
 - **pgbouncer**: pgbench to Debian's PgBouncer in session mode (plain TCP on loopback, trust),
   started here with a generated configuration that logs in upstream with the same static
   token over verified TLS: the same path with a C pooler in the middle.
@@ -54,7 +57,7 @@ from iampg import TokenProvider
 DATABASE = "iampg_pgbench"
 USER = "postgres"
 CLIENTS = 8
-BUDGET = 75.0  # seconds for the measured rounds of the whole group; setup comes on top
+BUDGET = 90.0  # seconds for the measured rounds of the whole group; setup comes on top
 WHAT_LATENCY = "latency added per query, 1 client, persistent (`pgbench -S -c 1`)"
 INSTALL_HINT = "bash tools/bench_tools.sh installs it as root with apt-get"
 
@@ -80,6 +83,7 @@ class Target:
     name: str
     conninfo: str
     password: str | None = None
+    event_loop: str | None = None  # the proxy's
 
 
 @dataclass
@@ -180,10 +184,19 @@ def _endpoint_fields(emu: EmulatorInfo) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def proxy_process(emu: EmulatorInfo, profile: str | None = None) -> Iterator[Target | str]:
-    """Run the proxy in a child process; yield its target, or why it is not available."""
+def proxy_process(
+    emu: EmulatorInfo,
+    profile: str | None = None,
+    *,
+    event_loop: str = "auto",
+    name: str = "proxy",
+) -> Iterator[Target | str]:
+    """Run the proxy in a child process; yield its target, or why it is not available.
+
+    ``event_loop`` as ``iampg proxy --event-loop`` takes it (``auto``: uvloop when installed).
+    """
     log = tempfile.TemporaryFile()  # noqa: SIM115 -- the child's stderr, closed below
-    args = [sys.executable, "-m", "benchmarks._proxy", "--endpoint"]
+    args = [sys.executable, "-m", "benchmarks._proxy", "--event-loop", event_loop, "--endpoint"]
     args.append(json.dumps(_endpoint_fields(emu)))
     if profile:
         args += ["--profile", profile]
@@ -208,7 +221,9 @@ def proxy_process(emu: EmulatorInfo, profile: str | None = None) -> Iterator[Tar
             yield str(data["error"])
         else:
             # The proxy's own connection string (no password), with the database pgbench uses.
-            yield Target("proxy", make_conninfo(data["conninfo"], dbname=DATABASE))
+            target = Target(name, make_conninfo(data["conninfo"], dbname=DATABASE))
+            target.event_loop = str(data.get("event_loop", "?"))
+            yield target
     finally:
         proc.stdin.close()
         try:
@@ -436,6 +451,14 @@ ROWS = {
         DIRECT_WITH,
         "ratio ≥ 0.85",
     ),
+    "proxy_select_asyncio": (
+        (
+            f"pgbench -S, {CLIENTS} clients, persistent, the proxy on asyncio's loop "
+            "(`--event-loop asyncio`, iampg without the proxy extra)"
+        ),
+        DIRECT_WITH,
+        "reported",
+    ),
     "proxy_pgbouncer": (
         f"pgbench -S, {CLIENTS} clients, persistent: proxy vs PgBouncer",
         BOUNCER_WITH,
@@ -456,7 +479,13 @@ ROWS = {
 
 
 def _ratio(
-    row_id: str, got: dict[str, list[Run]], ours: str, theirs: str, goal: float | None
+    row_id: str,
+    got: dict[str, list[Run]],
+    ours: str,
+    theirs: str,
+    goal: float | None,
+    *,
+    label: str | None = None,
 ) -> Result:
     what, compared_with, bar = ROWS[row_id]
     return _ratio_row(
@@ -465,10 +494,36 @@ def _ratio(
         compared_with=compared_with,
         ours=[r.tps for r in got[ours]],
         theirs=[r.tps for r in got[theirs]],
-        names=(ours, "PgBouncer" if theirs == "pgbouncer" else theirs),
+        names=(label or ours, "PgBouncer" if theirs == "pgbouncer" else theirs),
         bar=bar,
         goal=goal,
     )
+
+
+def _persistent_rows(got: dict[str, list[Run]], label: str, rows: list[Result]) -> None:
+    """Append the rows of the persistent 8-client rounds: vs direct, on asyncio, vs PgBouncer."""
+    rows.append(_ratio("proxy_select", got, "proxy", "direct", 0.85, label=label))
+    if "proxy-asyncio" in got:
+        rows.append(
+            _ratio(
+                "proxy_select_asyncio",
+                got,
+                "proxy-asyncio",
+                "direct",
+                None,
+                label="proxy on asyncio",
+            )
+        )
+    else:
+        rows.append(
+            _skipped(
+                "proxy_select_asyncio",
+                *ROWS["proxy_select_asyncio"],
+                "the proxy above runs on asyncio's loop (uvloop is not installed)",
+            )
+        )
+    if "pgbouncer" in got:
+        rows.append(_ratio("proxy_pgbouncer", got, "proxy", "pgbouncer", 1.0, label=label))
 
 
 def _measure(emu: EmulatorInfo, backend_dsn: str, *, quick: bool, rows: list[Result]) -> str:
@@ -482,10 +537,18 @@ def _measure(emu: EmulatorInfo, backend_dsn: str, *, quick: bool, rows: list[Res
     direct = Target("direct", make_conninfo(**emu.conninfo(USER, DATABASE)), token)
     bouncer_program = find_program("pgbouncer")
     with contextlib.ExitStack() as stack:
-        proxy = stack.enter_context(proxy_process(emu))
+        proxy = stack.enter_context(proxy_process(emu))  # as `iampg proxy` runs here
         if isinstance(proxy, str):
             return proxy
+        label = f"proxy on {proxy.event_loop}"
         targets = [direct, proxy]
+        if proxy.event_loop != "asyncio":  # and without uvloop, for comparison
+            on_asyncio = stack.enter_context(
+                proxy_process(emu, event_loop="asyncio", name="proxy-asyncio")
+            )
+            if isinstance(on_asyncio, str):
+                return on_asyncio
+            targets.append(on_asyncio)
         bouncer_reason = f"pgbouncer not found; {INSTALL_HINT}"
         if bouncer_program is not None:
             try:
@@ -498,13 +561,11 @@ def _measure(emu: EmulatorInfo, backend_dsn: str, *, quick: bool, rows: list[Res
         start = time.monotonic()
         for target in targets:  # warm up: connections, caches, the proxy's token
             pgbench(program, target, clients=CLIENTS, transactions=50)
-        # Shares of the budget: persistent 8 clients (3 variants), -C twice (2), latency (3).
+        # Shares of the budget: persistent 8 clients (4 variants), -C twice (2), latency (3).
         got = _rounds(
             program, targets, runs, start + BUDGET * 0.4, clients=CLIENTS, seconds=seconds
         )
-        rows.append(_ratio("proxy_select", got, "proxy", "direct", 0.85))
-        if "pgbouncer" in got:
-            rows.append(_ratio("proxy_pgbouncer", got, "proxy", "pgbouncer", 1.0))
+        _persistent_rows(got, label, rows)
         # A new connection per transaction: 8 at once (a burst), then one at a time (what a
         # connect through the proxy costs); 1 s runs, many of them: connects are slow.
         for row_id, clients, share in (

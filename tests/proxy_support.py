@@ -13,6 +13,7 @@ import pytest
 
 from iampg import Endpoint
 from iampg.emulator import Emulator
+from iampg._wire.lifecycle import uvloop_installed
 from iampg.proxy import Proxy
 from support import endpoint_for
 
@@ -105,13 +106,24 @@ def eventually(condition: Callable[[], bool], *, attempts: int = 1000) -> bool:
     return condition()
 
 
+_UVLOOP = pytest.mark.skipif(not uvloop_installed(), reason="uvloop is not installed")
+
+
+@pytest.fixture(params=["asyncio", pytest.param("uvloop", marks=_UVLOOP)])
+def event_loop_kind(request: pytest.FixtureRequest) -> str:
+    """The event loop a proxy started by :func:`start_proxy` runs on: each test runs on both."""
+    kind: str = request.param
+    return kind
+
+
 @pytest.fixture
-def start_proxy() -> Iterator[ProxyFactory]:
+def start_proxy(event_loop_kind: str) -> Iterator[ProxyFactory]:
     """Return a factory of running proxies (``Proxy``'s arguments), stopped after the test."""
     with ExitStack() as running:
 
         def start(endpoint: Endpoint | str, **options: Any) -> Proxy:
             options.setdefault("grace", 0.0)
+            options.setdefault("event_loop", event_loop_kind)
             return running.enter_context(Proxy(endpoint, **options))
 
         yield start

@@ -156,10 +156,16 @@ def _no_secret(guard: SecretGuard, text: str) -> None:
 
 
 def test_the_command_serves_logs_and_stops_on_sigterm(
-    emulator: Emulator, run_command: list[subprocess.Popen[str]], secret_guard: SecretGuard
+    emulator: Emulator,
+    run_command: list[subprocess.Popen[str]],
+    secret_guard: SecretGuard,
+    event_loop_kind: str,
 ) -> None:
     """First line: the conninfo; JSON session lines on stderr; SIGTERM: exit 0. No secret."""
-    process = _start(run_command, _command(emulator, "--log-format", "json", "--grace", "0"))
+    argv = _command(
+        emulator, "--log-format", "json", "--grace", "0", "--event-loop", event_loop_kind
+    )
+    process = _start(run_command, argv)
     assert process.stdout is not None
     conninfo = process.stdout.readline().strip()
     assert conninfo.startswith("host=127.0.0.1 port=")
@@ -183,6 +189,7 @@ def test_the_command_serves_logs_and_stops_on_sigterm(
         "session closed",
         "proxy stopped",
     ]
+    assert events[0]["event_loop"] == event_loop_kind
     _no_secret(secret_guard, out + err)
 
 

@@ -4,16 +4,52 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
+
+from iampg.errors import ConfigurationError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import TracebackType
 
     from typing_extensions import Self
 
 logger = logging.getLogger("iampg")
+
+EventLoopKind = Literal["auto", "asyncio", "uvloop"]
+EVENT_LOOPS: tuple[EventLoopKind, ...] = ("auto", "asyncio", "uvloop")
+
+
+def uvloop_installed() -> bool:
+    """Tell whether uvloop can be imported (without importing it)."""
+    return importlib.util.find_spec("uvloop") is not None
+
+
+def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """Return what makes a new event loop of ``kind``.
+
+    ``asyncio``: asyncio's selector loop. ``uvloop``: uvloop's (``pip install iampg[proxy]``).
+    ``auto``: uvloop when it is installed, else asyncio's.
+
+    Raises:
+        ConfigurationError: ``kind`` is unknown, or ``uvloop`` and uvloop is not installed.
+    """
+    if kind not in EVENT_LOOPS:
+        choices = ", ".join(EVENT_LOOPS)
+        raise ConfigurationError(f"event_loop must be one of {choices}, not {kind!r}")
+    if kind == "asyncio" or (kind == "auto" and not uvloop_installed()):
+        return asyncio.SelectorEventLoop
+    try:
+        import uvloop  # noqa: PLC0415 -- optional, and only where asked for
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"event_loop='uvloop' needs uvloop: pip install 'iampg[proxy]' ({exc})"
+        ) from None
+    new_loop: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return new_loop
 
 
 class BackgroundLoop:
@@ -26,6 +62,8 @@ class BackgroundLoop:
     """
 
     _thread_name = "iampg-server"
+    #: Makes the thread's loop (a class may set its own, e.g. from :func:`loop_factory`).
+    _new_loop: Callable[[], asyncio.AbstractEventLoop] = asyncio.SelectorEventLoop
     _thread: threading.Thread | None
     _thread_stop: asyncio.Event | None
     _loop: asyncio.AbstractEventLoop | None
@@ -70,7 +108,7 @@ class BackgroundLoop:
         """Start the thread; return once ``astart()`` returned, raising what it raised."""
         ready = threading.Event()
         failure: list[BaseException] = []
-        loop = asyncio.SelectorEventLoop()
+        loop = self._new_loop()
 
         async def main() -> None:
             self._thread_stop = asyncio.Event()

@@ -206,6 +206,16 @@ class Stream(asyncio.Protocol, Channel):
                 await asyncio.wait_for(asyncio.shield(self.closed), timeout)
 
 
+def native_tls(loop: asyncio.AbstractEventLoop) -> bool:
+    """Tell whether TLS on ``loop`` should be the loop's own rather than :class:`TlsProtocol`.
+
+    asyncio's own loops run TLS in Python (``asyncio.sslproto``), so iampg uses that layer with
+    a smaller buffer. uvloop runs TLS in compiled code, at half the CPU per relayed message
+    (benchmarks/proxy.py): there, the loop's ``ssl=`` argument is used.
+    """
+    return not isinstance(loop, asyncio.BaseEventLoop)
+
+
 class TlsProtocol(asyncio.sslproto.SSLProtocol):
     """asyncio's TLS layer with a receive buffer sized for TLS records, not 256 KiB."""
 
@@ -274,9 +284,15 @@ async def accept_tls(
     """Run the server side of a TLS handshake on an accepted socket, then hand it to ``stream``.
 
     What ``loop.connect_accepted_socket(ssl=...)`` does, with a smaller receive buffer. The
-    transport owns ``sock`` from the call on.
+    transport owns ``sock`` from the call on. On a loop other than asyncio's own (uvloop),
+    the loop's native TLS runs instead: see :func:`native_tls`.
     """
     loop = asyncio.get_running_loop()
+    if native_tls(loop):
+        await loop.connect_accepted_socket(
+            lambda: stream, sock, ssl=context, ssl_handshake_timeout=handshake_timeout
+        )
+        return
     handshake: asyncio.Future[None] = loop.create_future()
     tls = TlsProtocol(
         loop,
@@ -304,9 +320,19 @@ async def connect_tls(
     """Run the client side of a TLS handshake on a connected socket, then hand it to ``stream``.
 
     ``server_hostname`` is sent as SNI (and checked if ``context`` checks host names). The
-    transport owns ``sock`` from the call on.
+    transport owns ``sock`` from the call on. On a loop other than asyncio's own (uvloop),
+    the loop's native TLS runs instead: see :func:`native_tls`.
     """
     loop = asyncio.get_running_loop()
+    if native_tls(loop):
+        await loop.create_connection(
+            lambda: stream,
+            sock=sock,
+            ssl=context,
+            server_hostname=server_hostname,
+            ssl_handshake_timeout=handshake_timeout,
+        )
+        return
     handshake: asyncio.Future[None] = loop.create_future()
     tls = TlsProtocol(
         loop,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from iampg._endpoint import Endpoint
 from iampg._tokens import TokenProvider
+from iampg._wire.lifecycle import EVENT_LOOPS, loop_factory
 from iampg.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -83,6 +84,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=10.0,
         metavar="SECONDS",
         help="on SIGINT/SIGTERM, how long open sessions may run on (default: %(default)s)",
+    )
+    local.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        default="auto",
+        help="uvloop (pip install 'iampg[proxy]'), asyncio, or auto: uvloop when installed "
+        "(default)",
     )
     local.add_argument("--tls-cert", metavar="FILE", help="PEM certificate for client TLS")
     local.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
@@ -178,6 +186,7 @@ def _proxies(args: argparse.Namespace) -> list[Proxy]:
                 password=password,
                 allow_insecure=args.allow_insecure,
                 grace=args.grace,
+                event_loop=args.event_loop,
             )
         )
     return proxies
@@ -224,7 +233,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     logger.addHandler(handler)
     previous_level = logger.level
     logger.setLevel(logging.INFO)
-    loop = asyncio.SelectorEventLoop()
+    loop = loop_factory(args.event_loop)()
     try:
         return loop.run_until_complete(_serve(proxies, out))
     finally:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
 from iampg._connecting import is_loopback, prepare, preset_argument
 from iampg._endpoint import Endpoint
-from iampg._wire.lifecycle import BackgroundLoop
+from iampg._wire.lifecycle import BackgroundLoop, EventLoopKind, loop_factory
 from iampg._wire.login import ScramError, ScramServer, ScramVerifier
 from iampg._wire.protocol import (
     ALPN_PROTOCOL,
@@ -190,6 +190,11 @@ class Proxy(BackgroundLoop):
         allow_insecure: Allow an upstream ``sslmode`` that may send the token unencrypted
             to a host other than loopback.
         grace: Seconds open sessions may run on after :meth:`stop` before they are closed.
+        event_loop: The loop :meth:`start` runs the proxy on, in its thread: ``uvloop``
+            (``pip install 'iampg[proxy]'``), ``asyncio`` (asyncio's selector loop) or
+            ``auto`` (uvloop when installed). On uvloop a relayed query costs the proxy about
+            half the CPU (docs/performance.md). With :meth:`astart`, the proxy runs on the
+            caller's loop, whatever it is.
 
     Raises:
         iampg.ConfigurationError: Bad endpoint or options, or beyond loopback without
@@ -211,7 +216,9 @@ class Proxy(BackgroundLoop):
         password: str | None = None,
         allow_insecure: bool = False,
         grace: float = 10.0,
+        event_loop: EventLoopKind = "auto",
     ) -> None:
+        self._new_loop = loop_factory(event_loop)
         self._target = prepare(
             endpoint, provider, preset_argument(preset, None), allow_insecure=allow_insecure
         )
@@ -412,12 +419,14 @@ class Proxy(BackgroundLoop):
                 loop.create_task(self._accept_loop(sock, unix=sock.family == socket.AF_UNIX))
                 for sock in self._listeners
             ]
+        event_loop = "asyncio" if isinstance(loop, asyncio.BaseEventLoop) else type(loop).__module__
         logger.info(
-            "proxy listening on %s port %d for %s:%d",
+            "proxy listening on %s port %d for %s:%d (event loop: %s)",
             self._address,
             self._port,
             self._target.endpoint.host,
             self._target.endpoint.port,
+            event_loop,
             extra={
                 "iampg_proxy": {
                     "event": "proxy listening",
@@ -426,6 +435,7 @@ class Proxy(BackgroundLoop):
                     "unix_socket": None if self._unix_path is None else str(self._unix_path),
                     "upstream_host": self._target.endpoint.host,
                     "upstream_port": self._target.endpoint.port,
+                    "event_loop": event_loop,
                 }
             },
         )
