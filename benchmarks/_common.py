@@ -142,6 +142,7 @@ class EmulatorInfo:
     region: str
     ca_file: str
     service: str
+    pid: int | None = None  # the emulator's process, when it runs in one of its own
 
     def endpoint(self, user: str, **params: Any) -> Endpoint:
         fields: dict[str, Any] = {
@@ -203,7 +204,7 @@ def emulator_process(backend_dsn: str, service: str = "rds") -> Iterator[Emulato
             print(
                 f"[bench] {service} emulator unavailable: {data['error']}\n{tail}", file=sys.stderr
             )
-        yield None if "error" in data else EmulatorInfo(**data)
+        yield None if "error" in data else EmulatorInfo(**data, pid=proc.pid)
     finally:
         proc.stdin.close()
         try:

@@ -36,6 +36,7 @@ import os
 import pstats
 import pwd
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -84,6 +85,7 @@ class Target:
     conninfo: str
     password: str | None = None
     event_loop: str | None = None  # the proxy's
+    pid: int | None = None  # the relay's process (the proxy's, PgBouncer's), if any
 
 
 @dataclass
@@ -92,9 +94,26 @@ class Run:
 
     tps: float
     latencies_us: list[float] = field(default_factory=list)
+    #: CPU microseconds per transaction by process: pgbench, the relay, the emulator.
+    cpu_us: dict[str, float] = field(default_factory=dict)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """Return the CPU time (user + system) process ``pid`` has used, or None (not Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 _TPS = re.compile(r"^tps = ([0-9.]+)", re.MULTILINE)
+_PROCESSED = re.compile(r"^number of transactions actually processed: ([0-9]+)", re.MULTILINE)
 
 
 def pgbench(
@@ -106,6 +125,7 @@ def pgbench(
     transactions: int | None = None,
     reconnect: bool = False,
     latencies: bool = False,
+    emulator_pid: int | None = None,
 ) -> Run:
     """Run pgbench's select-only script against ``target``; return its TPS (and latencies).
 
@@ -122,6 +142,9 @@ def pgbench(
         args.append(target.conninfo)
         extra = {"PGPASSWORD": target.password} if target.password else {}
         limit = (seconds or 10) + 60
+        pids = {"relay": target.pid, "emulator": emulator_pid}
+        before = {name: cpu_seconds(pid) for name, pid in pids.items() if pid is not None}
+        children = _children_cpu()
         done = subprocess.run(
             args,
             capture_output=True,
@@ -130,19 +153,42 @@ def pgbench(
             env=child_env(**extra),
             check=False,
         )
+        spent = {name: cpu_seconds(pid) for name, pid in pids.items() if pid is not None}
+        spent["pgbench"] = _children_cpu() - children
         found = _TPS.search(done.stdout)
+        count = _PROCESSED.search(done.stdout)
         if done.returncode != 0 or found is None:
             tail = (done.stderr or done.stdout)[-600:].strip()
             msg = f"pgbench via {target.name} failed (exit {done.returncode}): {tail}"
             raise RuntimeError(msg)
-        values: list[float] = []
-        if latencies:
-            for path in Path(logs).glob("tx*"):
-                for line in path.read_text().splitlines():
-                    parts = line.split()
-                    if len(parts) >= 3:  # client transaction latency_us script epoch us
-                        values.append(float(parts[2]))
-        return Run(float(found[1]), values)
+        values = _latencies(Path(logs)) if latencies else []
+        transactions = int(count[1]) if count is not None else 0
+        return Run(float(found[1]), values, _per_transaction(before, spent, transactions))
+
+
+def _latencies(logs: Path) -> list[float]:
+    """Return each transaction's latency (µs) from pgbench's per-transaction logs."""
+    values: list[float] = []
+    for path in logs.glob("tx*"):
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3:  # client transaction latency_us script epoch us
+                values.append(float(parts[2]))
+    return values
+
+
+def _per_transaction(
+    before: dict[str, float | None], after: dict[str, float | None], transactions: int
+) -> dict[str, float]:
+    """Return each process's CPU µs per transaction (pgbench's ``after`` is already a delta)."""
+    cpu: dict[str, float] = {}
+    if transactions <= 0:
+        return cpu
+    for name, total in after.items():
+        start = before.get(name) if name != "pgbench" else 0.0
+        if total is not None and start is not None:
+            cpu[name] = (total - start) / transactions * 1e6
+    return cpu
 
 
 def prepare_database(program: str, backend_dsn: str) -> None:
@@ -223,6 +269,7 @@ def proxy_process(
             # The proxy's own connection string (no password), with the database pgbench uses.
             target = Target(name, make_conninfo(data["conninfo"], dbname=DATABASE))
             target.event_loop = str(data.get("event_loop", "?"))
+            target.pid = proc.pid
             yield target
     finally:
         proc.stdin.close()
@@ -300,7 +347,9 @@ def pgbouncer_process(program: str, emu: EmulatorInfo, token: str) -> Iterator[T
         env=child_env(),
     )
     try:
-        target = Target("pgbouncer", f"host=127.0.0.1 port={port} user={USER} dbname={DATABASE}")
+        target = Target(
+            "pgbouncer", f"host=127.0.0.1 port={port} user={USER} dbname={DATABASE}", pid=proc.pid
+        )
         deadline = time.monotonic() + 15
         while True:
             try:
@@ -464,6 +513,11 @@ ROWS = {
         BOUNCER_WITH,
         "ratio ≥ 1 (proxy ≥ PgBouncer)",
     ),
+    "proxy_cpu": (
+        f"CPU per transaction by process, pgbench -S, {CLIENTS} clients, persistent",
+        "each path of the rows above (relay: the proxy or PgBouncer)",
+        "reported",
+    ),
     "proxy_connect": (
         f"pgbench -S -C, {CLIENTS} clients, a new connection per transaction",
         "pgbench directly, a token signed once (PGPASSWORD)",
@@ -524,6 +578,37 @@ def _persistent_rows(got: dict[str, list[Run]], label: str, rows: list[Result]) 
         )
     if "pgbouncer" in got:
         rows.append(_ratio("proxy_pgbouncer", got, "proxy", "pgbouncer", 1.0, label=label))
+    rows.append(_cpu_row(got, label))
+
+
+def _cpu_row(got: dict[str, list[Run]], label: str) -> Result:
+    """CPU per transaction of each process on each path (medians over the rounds)."""
+    names = {"direct": "direct", "proxy": label, "proxy-asyncio": "proxy on asyncio"}
+    names["pgbouncer"] = "PgBouncer"
+    parts: list[str] = []
+    medians: dict[str, dict[str, float]] = {}
+    for variant, runs in got.items():
+        by_process: dict[str, list[float]] = {}
+        for run in runs:
+            for process, value in run.cpu_us.items():
+                by_process.setdefault(process, []).append(value)
+        medians[variant] = {p: Stats.of(v).median for p, v in by_process.items()}
+        if medians[variant]:
+            shown = ", ".join(f"{p} {v:.0f}" for p, v in sorted(medians[variant].items()))
+            total = sum(medians[variant].values())
+            parts.append(f"{names.get(variant, variant)}: {shown} (sum {total:.0f})")
+    what, compared_with, bar = ROWS["proxy_cpu"]
+    measured = all(medians.values()) and medians
+    return Result(
+        id="proxy_cpu",
+        what=what,
+        compared_with=compared_with,
+        figures="; ".join(parts) if measured else "not measured: no CPU times (not Linux?)",
+        claim=f"µs of CPU per transaction, medians of the rounds above; {_load()}",
+        bar=bar,
+        passed=None,
+        details={"unit": "CPU µs per transaction", "medians": medians},
+    )
 
 
 def _measure(emu: EmulatorInfo, backend_dsn: str, *, quick: bool, rows: list[Result]) -> str:
@@ -563,7 +648,13 @@ def _measure(emu: EmulatorInfo, backend_dsn: str, *, quick: bool, rows: list[Res
             pgbench(program, target, clients=CLIENTS, transactions=50)
         # Shares of the budget: persistent 8 clients (4 variants), -C twice (2), latency (3).
         got = _rounds(
-            program, targets, runs, start + BUDGET * 0.4, clients=CLIENTS, seconds=seconds
+            program,
+            targets,
+            runs,
+            start + BUDGET * 0.4,
+            clients=CLIENTS,
+            seconds=seconds,
+            emulator_pid=emu.pid,
         )
         _persistent_rows(got, label, rows)
         # A new connection per transaction: 8 at once (a burst), then one at a time (what a
