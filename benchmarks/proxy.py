@@ -22,9 +22,10 @@ one, and the latency one client sees per query (p50 and p99 added over direct). 
 alternate within each round, the order rotating per round; each claim is the median of the
 per-round ratios with their range and the load average.
 
-``python -m benchmarks.proxy --profile FILE [--reconnect]`` runs the proxy under cProfile while
-pgbench drives it and prints where the relay's (or, with ``--reconnect``, session setup's)
-time goes.
+``python -m benchmarks.proxy --profile FILE [--reconnect] [--perf] [--event-loop KIND]`` runs
+the proxy under cProfile (or, with ``--perf``, Linux's ``perf record`` on its process, which
+sees uvloop, OpenSSL and the kernel too) while pgbench drives it and prints where the relay's
+(or, with ``--reconnect``, session setup's) time goes.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import pwd
 import re
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -699,11 +701,22 @@ def run(emu: EmulatorInfo, backend_dsn: str, *, quick: bool = False) -> list[Res
 # -- profiling -----------------------------------------------------------------------------
 
 
-def profile(output: str, seconds: int, top: int, *, reconnect: bool = False) -> None:
-    """Drive the proxy with pgbench under cProfile and print where its time goes.
+def profile(
+    output: str,
+    seconds: int,
+    top: int,
+    *,
+    reconnect: bool = False,
+    perf: bool = False,
+    event_loop: str = "auto",
+) -> None:
+    """Drive the proxy with pgbench under a profiler and print where its time goes.
 
-    ``reconnect``: a new connection per transaction (``pgbench -C``), so session setup
-    (accept, upstream TLS, the token, the login) is profiled instead of the relay.
+    cProfile by default (Python functions; uvloop's compiled parts are invisible to it), or
+    with ``perf`` Linux's ``perf record`` on the proxy's process (every library and the
+    kernel; ``output`` is then perf's data file). ``reconnect``: a new connection per
+    transaction (``pgbench -C``), so session setup (accept, upstream TLS, the token, the
+    login) is profiled instead of the relay.
     """
     from benchmarks._common import emulator_process, isolate_aws_env  # noqa: PLC0415
     from iampg.emulator import Backend  # noqa: PLC0415
@@ -712,15 +725,41 @@ def profile(output: str, seconds: int, top: int, *, reconnect: bool = False) -> 
     program = find_program("pgbench")
     if program is None:
         sys.exit(f"pgbench not found; {INSTALL_HINT}")
-    with Backend.auto() as backend, emulator_process(backend.dsn, "rds") as emu:
-        assert emu is not None, "the emulator did not start"
-        prepare_database(program, backend.dsn)
-        with proxy_process(emu, profile=output) as proxy:
-            if isinstance(proxy, str):
-                sys.exit(proxy)
-            pgbench(program, proxy, clients=CLIENTS, transactions=50)
-            got = pgbench(program, proxy, clients=CLIENTS, seconds=seconds, reconnect=reconnect)
-            print(f"{got.tps:.0f} tps through the profiled proxy ({_load()})")
+    perf_program = shutil.which("perf") if perf else None
+    if perf and perf_program is None:
+        sys.exit("perf not found (Debian: apt-get install linux-perf)")
+    with Backend.auto() as backend:
+        backend.ensure_role(backend.user, iam=True)  # RDS logs a user in with a token only so
+        with emulator_process(backend.dsn, "rds") as emu:
+            assert emu is not None, "the emulator did not start"
+            prepare_database(program, backend.dsn)
+            cprofile = None if perf else output
+            with proxy_process(emu, profile=cprofile, event_loop=event_loop) as proxy:
+                if isinstance(proxy, str):
+                    sys.exit(proxy)
+                pgbench(program, proxy, clients=CLIENTS, transactions=50)
+                recorder = None
+                if perf_program is not None:
+                    command = [perf_program, "record", "-F", "999", "-g", "-o", output]
+                    recorder = subprocess.Popen(
+                        [*command, "-p", str(proxy.pid)],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                    time.sleep(0.5)
+                got = pgbench(program, proxy, clients=CLIENTS, seconds=seconds, reconnect=reconnect)
+                if recorder is not None:
+                    recorder.send_signal(signal.SIGINT)
+                    recorder.wait(timeout=60)
+                print(
+                    f"{got.tps:.0f} tps through the profiled proxy on {proxy.event_loop} "
+                    f"({_load()})"
+                )
+    if perf_program is not None:
+        for sort in ("dso", "dso,sym"):
+            report = [perf_program, "report", "-i", output, "--stdio", "--no-children"]
+            subprocess.run([*report, "--sort", sort, "-g", "none"], check=False)
+        return
     stats = pstats.Stats(output)
     stats.sort_stats("tottime").print_stats(top)
     stats.sort_stats("cumulative").print_stats(top)
@@ -728,12 +767,21 @@ def profile(output: str, seconds: int, top: int, *, reconnect: bool = False) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.proxy")
-    parser.add_argument("--profile", required=True, help="where to write the pstats file")
+    parser.add_argument("--profile", required=True, help="where to write the profile")
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--reconnect", action="store_true", help="pgbench -C: profile setup")
+    parser.add_argument("--perf", action="store_true", help="perf record instead of cProfile")
+    parser.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto")
     args = parser.parse_args()
-    profile(args.profile, args.seconds, args.top, reconnect=args.reconnect)
+    profile(
+        args.profile,
+        args.seconds,
+        args.top,
+        reconnect=args.reconnect,
+        perf=args.perf,
+        event_loop=args.event_loop,
+    )
 
 
 if __name__ == "__main__":
