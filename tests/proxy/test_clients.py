@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import subprocess
@@ -250,6 +251,34 @@ def test_stats_and_open_sessions(proxy: Proxy) -> None:
     assert (stats.opened, stats.closed, stats.failed, stats.active) == (1, 1, 0, 0)
     assert stats.bytes_from_clients > 0
     assert stats.bytes_to_clients > 0
+
+
+def test_bytes_are_counted_once_while_open_and_after_close(
+    proxy: Proxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session's bytes count in the totals while it relays and after it ends, not twice."""
+    caplog.set_level(logging.INFO, logger="iampg.proxy")
+    with psycopg.connect(proxy.conninfo) as conn:
+        conn.execute("select repeat('x', 100000)").fetchone()
+        (live,) = proxy.open_sessions()
+        during = proxy.stats()
+        assert live.bytes_to_client > 100_000
+        assert (during.bytes_from_clients, during.bytes_to_clients) == (
+            live.bytes_from_client,
+            live.bytes_to_client,
+        )
+    assert eventually(lambda: proxy.stats().closed == 1)
+    after = proxy.stats()
+    assert after.bytes_to_clients >= during.bytes_to_clients
+    assert after.bytes_to_clients < 2 * during.bytes_to_clients
+
+    def closed_lines() -> list[str]:
+        return [m for r in list(caplog.records) if (m := r.getMessage()).startswith("session c")]
+
+    assert eventually(lambda: len(closed_lines()) == 1)
+    (line,) = closed_lines()
+    assert f"bytes_from_client={after.bytes_from_clients} " in line
+    assert f"bytes_to_client={after.bytes_to_clients} " in line
 
 
 def test_client_given_names_cannot_forge_log_lines(

@@ -93,6 +93,8 @@ class Stream(asyncio.Protocol, Channel):
         self._reading_paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._partner: Stream | None = None
+        #: Bytes relayed to the partner so far.
+        self.relayed = 0
         #: Called with what is relayed to the partner, just before relaying it.
         self.on_data: Callable[[bytes], None] | None = None
         #: Returns what to relay instead of what was received (the emulator's DSQL mode).
@@ -106,6 +108,7 @@ class Stream(asyncio.Protocol, Channel):
 
     def data_received(self, data: bytes) -> None:
         if self._partner is not None:
+            self.relayed += len(data)
             if self.on_data is not None:
                 self.on_data(data)
             if self.transform is not None:
@@ -176,6 +179,7 @@ class Stream(asyncio.Protocol, Channel):
         if self._buffer:
             data = bytes(self._buffer)
             self._buffer.clear()
+            self.relayed += len(data)
             if self.on_data is not None:
                 self.on_data(data)
             if self.transform is not None:

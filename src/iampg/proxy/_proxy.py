@@ -136,9 +136,19 @@ class _Session:
     database: str = ""
     key: bytes | None = None
     established: bool = False
-    bytes_in: int = 0
-    bytes_out: int = 0
+    greeting: int = 0  # bytes sent to the client at login, before the relay
     outcome: str = ""
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes relayed from the client to the server so far."""
+        return 0 if self.client is None or not self.established else self.client.relayed
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes sent to the client since its login: the greeting, then what is relayed."""
+        relayed = 0 if self.upstream is None or not self.established else self.upstream.relayed
+        return self.greeting + relayed
 
     def close_socket(self, _: object = None) -> None:
         sock, self.sock = self.sock, None
@@ -353,13 +363,17 @@ class Proxy(BackgroundLoop):
     def stats(self) -> ProxyStats:
         """Return the counts since start: sessions opened, closed and failed, bytes, cancels."""
         c = self._counters
+        with self._state_lock:  # a session's bytes are in the totals or live, not both
+            live = [s for s in list(self._open) if s.established]
+            bytes_in = c.bytes_in + sum(s.bytes_in for s in live)
+            bytes_out = c.bytes_out + sum(s.bytes_out for s in live)
         return ProxyStats(
             c.opened,
             c.closed,
             c.failed,
-            self.sessions,
-            c.bytes_in,
-            c.bytes_out,
+            len(live),
+            bytes_in,
+            bytes_out,
             c.cancels_forwarded,
             c.cancels_ignored,
         )
@@ -686,8 +700,12 @@ class Proxy(BackgroundLoop):
 
     def _finish(self, session: _Session) -> None:
         """Count a client connection's end and log its line (once)."""
-        if session in self._open:
-            self._open.discard(session)
+        with self._state_lock:
+            if session in self._open:
+                self._open.discard(session)
+                if session.established:  # its bytes move from the live sessions to the totals
+                    self._counters.bytes_in += session.bytes_in
+                    self._counters.bytes_out += session.bytes_out
         if session.outcome in {"cancel", "logged"}:
             return
         duration = time.monotonic() - session.started
@@ -878,11 +896,11 @@ class Proxy(BackgroundLoop):
             message = pack_message(kind, body)
             sent += len(message)
             client.write(message)
-        session.bytes_out = sent
+        session.greeting = sent
         session.established = True
-        self._open.add(session)
+        with self._state_lock:
+            self._open.add(session)
         self._counters.opened += 1
-        self._counters.bytes_out += sent
         logger.info(
             "session opened client=%s user=%s database=%s",
             session.peer,
@@ -897,18 +915,6 @@ class Proxy(BackgroundLoop):
                 }
             },
         )
-        counters = self._counters
-
-        def from_client(data: bytes) -> None:
-            session.bytes_in += len(data)
-            counters.bytes_in += len(data)
-
-        def to_client(data: bytes) -> None:
-            session.bytes_out += len(data)
-            counters.bytes_out += len(data)
-
-        client.on_data = from_client
-        upstream.on_data = to_client
         upstream.pipe_to(client)
         client.pipe_to(upstream)
 
