@@ -73,7 +73,7 @@ def test_the_upstream_tls_is_the_loop_s_own_on_uvloop_and_iampg_s_on_asyncio(
     proxy = start_proxy(emulator_endpoint)
     with psycopg.connect(proxy.conninfo) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
-        (session,) = proxy._open  # noqa: SLF001 -- which TLS layer carries the session
+        (session,) = proxy._open
         assert session.upstream is not None
         layer = type(session.upstream.transport).__module__
         if event_loop_kind == "uvloop":
