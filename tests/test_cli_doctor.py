@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from iampg import Endpoint
 from iampg.cli import main
 from iampg.emulator import Backend, Emulator
 from support import EmulatorFactory
@@ -140,10 +141,8 @@ def test_unreachable_port_fails_the_tcp_step(
     assert checks["token"]["status"] == "pass"
 
 
-def test_untrusted_certificate_fails_the_tls_step(
-    emulator: Emulator, capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    """A CA file that did not sign the server's certificate: TLS fails and says what to pass."""
+def write_other_ca(path: Path) -> Path:
+    """Write a CA certificate that did not sign the emulator's certificate to ``path``."""
     import datetime as dt
 
     from cryptography import x509
@@ -164,8 +163,16 @@ def test_untrusted_certificate_fails_the_tls_step(
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    other = tmp_path / "other-ca.pem"
-    other.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def test_untrusted_certificate_fails_the_tls_step(
+    emulator: Emulator, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A CA file that did not sign the server's certificate: TLS fails and says what to pass."""
+    other = write_other_ca(tmp_path / "other-ca.pem")
     args = doctor_args(emulator)
     args[args.index("--sslrootcert") + 1] = str(other)
     code, checks = run_json(args, capsys)
@@ -203,6 +210,37 @@ def test_dns_step_resolves_the_host_name(
     assert "127.0.0.1" in checks["dns"]["detail"]
 
 
+@pytest.fixture
+def home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Return an empty home directory, HOME for the doctor and libpq alike."""
+    path = tmp_path / "home"
+    path.mkdir()
+    monkeypatch.setenv("HOME", str(path))
+    return path
+
+
+def require_args(emu: Emulator) -> list[str]:
+    """Return the doctor's arguments for ``sslmode=require`` and no ``sslrootcert``."""
+    args = doctor_args(emu)
+    args[args.index("--sslmode") + 1] = "require"
+    del args[args.index("--sslrootcert") : args.index("--sslrootcert") + 2]
+    return args
+
+
+def require_endpoint(emu: Emulator) -> Endpoint:
+    """Return the endpoint with ``sslmode=require`` and no ``sslrootcert``."""
+    return Endpoint(
+        emu.host,
+        user="postgres",
+        port=emu.port,
+        hostaddr=emu.listen_host,
+        region=emu.region,
+        sslmode="require",
+        connect_timeout="5",
+    )
+
+
+@pytest.mark.usefixtures("home")
 def test_require_is_a_warning_not_a_failure(
     emulator: Emulator, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -291,3 +329,90 @@ def test_doctor_from_python_names_python_settings(emulator: Emulator) -> None:
     assert "any server with a certificate from this CA receives the token" in tls.detail
     assert "not authenticated" not in tls.detail
     assert tls.fix.startswith("use sslmode='verify-full' (with sslrootcert=... for")
+
+
+def test_require_with_a_foreign_root_crt_fails_as_libpq_does(
+    emulator: Emulator, capsys: pytest.CaptureFixture[str], home: Path
+) -> None:
+    """~/.postgresql/root.crt exists: libpq checks the chain under require; so does the doctor."""
+    root = write_other_ca(home / ".postgresql" / "root.crt")
+    code, checks = run_json(require_args(emulator), capsys)
+    assert code == 1
+    tls = checks["tls"]
+    assert tls["status"] == "fail"
+    assert tls["detail"].startswith(
+        f"the server certificate did not verify against {root} "
+        "(libpq's default root certificate file): "
+    )
+    assert f"libpq verifies the server against {root} whenever that file exists" in tls["fix"]
+    assert checks["authentication"]["status"] == "skip"
+    # libpq itself refuses the same server with the same HOME
+    import psycopg
+
+    import iampg
+
+    with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
+        iampg.connect(require_endpoint(emulator)).close()
+
+
+def test_require_with_the_servers_ca_in_root_crt_names_the_file(
+    emulator: Emulator, capsys: pytest.CaptureFixture[str], home: Path
+) -> None:
+    """The emulator's CA as ~/.postgresql/root.crt: chain checked, and the file named."""
+    root = home / ".postgresql" / "root.crt"
+    root.parent.mkdir()
+    root.write_bytes(emulator.ca_file.read_bytes())
+    code, checks = run_json(require_args(emulator), capsys)
+    assert code == 0, checks
+    tls = checks["tls"]
+    assert tls["status"] == "warn"
+    assert (
+        "chain checked, host name not checked "
+        "(sslmode=require with libpq's default root certificate file)"
+    ) in tls["detail"]
+    assert tls["detail"].endswith(f"; verified against {root}")
+
+
+def test_pgsslrootcert_is_the_root_file_when_no_sslrootcert_is_given(
+    emulator: Emulator, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PGSSLROOTCERT wins over root.crt, as in libpq, for the doctor run from Python too."""
+    from iampg._doctor import Doctor
+
+    write_other_ca(home / ".postgresql" / "root.crt")
+    endpoint = require_endpoint(emulator)
+    monkeypatch.setenv("PGSSLROOTCERT", str(emulator.ca_file))
+    tls = {c.name: c for c in Doctor(endpoint, timeout=5).run().checks}["tls"]
+    assert tls.status == "warn"
+    assert "(sslmode=require with PGSSLROOTCERT)" in tls.detail
+    assert tls.detail.endswith(f"; verified against {emulator.ca_file}")
+    other = write_other_ca(home / "other.pem")
+    monkeypatch.setenv("PGSSLROOTCERT", str(other))
+    tls = {c.name: c for c in Doctor(endpoint, timeout=5).run().checks}["tls"]
+    assert tls.status == "fail"
+    assert f"did not verify against {other} (PGSSLROOTCERT)" in tls.detail
+
+
+def test_require_with_a_missing_sslrootcert_checks_nothing_and_says_so(
+    emulator: Emulator, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """libpq reads a missing sslrootcert under require as no root file: nothing is checked."""
+    missing = tmp_path / "missing.pem"
+    code, checks = run_json([*require_args(emulator), "--sslrootcert", str(missing)], capsys)
+    assert code == 0, checks
+    assert checks["tls"]["status"] == "warn"
+    assert (
+        f"encrypted, not authenticated (sslmode=require checks nothing, {missing} does not exist)"
+    ) in checks["tls"]["detail"]
+
+
+def test_require_with_sslrootcert_system_is_refused_as_by_libpq(
+    emulator: Emulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """libpq 16 and later refuse sslrootcert=system with a weaker sslmode than verify-full."""
+    code, checks = run_json([*require_args(emulator), "--sslrootcert", "system"], capsys)
+    assert code == 1
+    assert checks["tls"]["detail"] == (
+        'weak sslmode "require" may not be used with sslrootcert=system'
+    )
+    assert checks["tls"]["fix"] == "use --sslmode verify-full (or PGSSLMODE)"

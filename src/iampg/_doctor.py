@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import socket
 import ssl
 import struct
@@ -309,7 +310,8 @@ class Doctor:
         sslmode = self.params.get("sslmode", "require")
         if sslmode == "disable":
             raise _Skipped("sslmode=disable: the token would travel unencrypted")
-        context, verified = self._ssl_context(sslmode)
+        root = _root_file(self.params)
+        context, verified = self._ssl_context(sslmode, root)
         address = self.addresses[0]
         try:
             with socket.create_connection((address, ep.port), timeout=self.timeout) as sock:
@@ -329,12 +331,24 @@ class Doctor:
                     cert = tls.getpeercert()
                     der = tls.getpeercert(binary_form=True)
         except ssl.SSLCertVerificationError as exc:
+            if root.source == _DEFAULT_SOURCE:
+                fix = (
+                    f"libpq verifies the server against {root.path} whenever that file exists, "
+                    f"with sslmode={sslmode} too: add the server's CA to that file, pass "
+                    f"{option('sslrootcert')} with the server's CA (`iampg ca` names the one "
+                    "iampg uses for this endpoint), or move the file away"
+                )
+            else:
+                fix = (
+                    "connect with the cluster's own host name (for tunnels keep "
+                    f"{option('host')} and add {option('hostaddr')}); `iampg ca` shows the CA "
+                    "file used and how old it is: for a CA newer than iampg's trust store, point "
+                    f"IAMPG_SSLROOTCERT (or {option('sslrootcert')}) at AWS's current bundle"
+                )
             raise _CheckFailedError(
-                f"the server certificate did not verify: {exc.verify_message}",
-                "connect with the cluster's own host name (for tunnels keep "
-                f"{option('host')} and add {option('hostaddr')}); `iampg ca` shows the CA file "
-                "used and how old it is: for a CA newer than iampg's trust store, point "
-                f"IAMPG_SSLROOTCERT (or {option('sslrootcert')}) at AWS's current bundle",
+                f"the server certificate did not verify against {root.path} ({root.source}): "
+                f"{exc.verify_message}",
+                fix,
             ) from exc
         except (OSError, ssl.SSLError) as exc:
             raise _CheckFailedError(
@@ -348,10 +362,12 @@ class Doctor:
             # but never the host name: a server of another name with a certificate from the
             # same CA would pass.
             said = (
-                f"chain checked, host name not checked (sslmode={sslmode} with sslrootcert): "
-                "any server with a certificate from this CA receives the token"
+                f"chain checked, host name not checked (sslmode={sslmode} with {root.source}): "
+                f"any server with a certificate from this CA receives the token; "
+                f"verified against {root.path}"
                 if verified
-                else f"encrypted, not authenticated (sslmode={sslmode} checks nothing): "
+                else f"encrypted, not authenticated (sslmode={sslmode} checks nothing"
+                f"{'' if root.source == _DEFAULT_SOURCE else f', {root.path} does not exist'}): "
                 "whoever answers on this address receives the token"
             )
             raise _Warned(
@@ -367,38 +383,46 @@ class Doctor:
             )
         return f"{found}; verified ({verified})"
 
-    def _ssl_context(self, sslmode: str) -> tuple[ssl.SSLContext, str]:
-        """Build a context like libpq's for ``sslmode``; return it and how it verifies."""
-        rootcert = self.params.get("sslrootcert")
+    def _ssl_context(self, sslmode: str, root: _RootFile) -> tuple[ssl.SSLContext, str]:
+        """Build a context like libpq's for ``sslmode``; return it and how it verifies.
+
+        libpq verifies the chain whenever its root certificate file exists, whatever the
+        ``sslmode`` (``require`` then behaves as ``verify-ca``); ``verify-ca`` and
+        ``verify-full`` fail without it; only ``verify-full`` checks the host name.
+        """
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-        if rootcert is None and sslmode in _VERIFYING_MODES:
-            default = _ROOT_CERT.expanduser()
-            if not default.exists():
+        if root.path == "system":
+            if sslmode not in _VERIFYING_MODES:  # libpq 16 and later refuse to connect
                 raise _CheckFailedError(
-                    f"sslmode={sslmode} needs a root certificate and {default} does not exist",
+                    f'weak sslmode "{sslmode}" may not be used with sslrootcert=system',
+                    f"use {option('sslmode', 'verify-full')}",
+                )
+        elif not Path(root.path).exists():
+            if sslmode in _VERIFYING_MODES:
+                raise _CheckFailedError(
+                    f"sslmode={sslmode} needs a root certificate and {root.path} "
+                    f"({root.source}) does not exist",
                     f"pass {option('sslrootcert', 'FILE')} (the RDS CA bundle) or "
                     f"{option('sslrootcert', 'system')}",
                 )
-            rootcert = str(default)
-        # libpq: with a root certificate, sslmode=require checks the chain like verify-ca.
-        if rootcert is None or sslmode not in {"require", *_VERIFYING_MODES}:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
             return context, ""
         try:
-            if rootcert == "system":
+            if root.path == "system":
                 context.load_default_certs()
             else:
-                context.load_verify_locations(cafile=rootcert)
+                context.load_verify_locations(cafile=root.path)
         except (OSError, ssl.SSLError) as exc:
             raise _CheckFailedError(
-                f"cannot load sslrootcert {rootcert}: {_os_error(exc)}",
+                f"cannot load the root certificates in {root.path} ({root.source}): "
+                f"{_os_error(exc)}",
                 "pass a readable PEM file of CA certificates",
             ) from exc
         context.check_hostname = sslmode == "verify-full"
         what = "host name and chain" if sslmode == "verify-full" else "chain only"
-        return context, f"{what}, sslmode={sslmode}, sslrootcert={rootcert}"
+        return context, f"{what}, sslmode={sslmode}, {root.source}={root.path}"
 
     def check_auth(self) -> str:
         try:
@@ -457,6 +481,31 @@ class Doctor:
 
 class _Skipped(Exception):  # noqa: N818 -- not an error: a check that does not apply
     """A check does not apply; the message says why."""
+
+
+_DEFAULT_SOURCE = "libpq's default root certificate file"
+
+
+@dataclass(frozen=True)
+class _RootFile:
+    """The root certificate file libpq reads: its path and where that path comes from."""
+
+    path: str
+    source: str  # "sslrootcert", "PGSSLROOTCERT" or _DEFAULT_SOURCE
+
+
+def _root_file(params: dict[str, str]) -> _RootFile:
+    """Return the root certificate file libpq would read for ``params``.
+
+    ``sslrootcert``, else ``PGSSLROOTCERT``, else ``~/.postgresql/root.crt`` (``HOME``
+    first, as libpq); an empty value counts as none, as in libpq.
+    """
+    given, source = params.get("sslrootcert"), "sslrootcert"
+    if given is None:
+        given, source = os.environ.get("PGSSLROOTCERT"), "PGSSLROOTCERT"
+    if given:
+        return _RootFile(given, source)
+    return _RootFile(str(_ROOT_CERT.expanduser()), _DEFAULT_SOURCE)
 
 
 def _is_ip(value: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import shlex
@@ -614,3 +615,134 @@ def test_advertise_port_is_what_tokens_and_exports_use(
     assert any("generate-db-auth-token" in line and "--port 6543" in line for line in banner)
     emulate.proc.send_signal(signal.SIGINT)
     assert emulate.finish()[0] == 0
+
+
+def _dsql_admin(banner: list[str]) -> psycopg.Connection[tuple[object, ...]]:
+    """Return a connection as admin to the DSQL emulator the banner describes."""
+    import botocore.session
+
+    exports = _exports(banner)
+    session = botocore.session.Session()
+    session.set_credentials(exports["AWS_ACCESS_KEY_ID"], exports["AWS_SECRET_ACCESS_KEY"])
+    client = session.create_client("dsql", region_name=exports["AWS_REGION"])
+    token = client.generate_db_connect_admin_auth_token(exports["PGHOST"], exports["AWS_REGION"])
+    return psycopg.connect(
+        host=exports["PGHOST"],
+        hostaddr=exports["PGHOSTADDR"],
+        port=int(exports["PGPORT"]),
+        user="admin",
+        dbname=exports["PGDATABASE"],
+        password=token,
+        sslmode="verify-full",
+        sslrootcert=exports["PGSSLROOTCERT"],
+        connect_timeout=10,
+    )
+
+
+def _sqlstate(conn: psycopg.Connection[tuple[object, ...]], statement: str) -> str | None:
+    """Run ``statement`` in a transaction rolled back after; return its SQLSTATE, or None."""
+    try:
+        conn.execute(statement)
+    except psycopg.Error as exc:
+        return exc.sqlstate
+    finally:
+        conn.rollback()
+    return None
+
+
+@pytest.mark.skipif(not IAMPG.exists(), reason="needs the iampg command")
+@pytest.mark.usefixtures("quiet_botocore")
+@pytest.mark.parametrize(
+    ("flags", "off", "savepoint", "truncate", "isolation"),
+    [
+        pytest.param([], None, "0A000", "0A000", "repeatable read", id="all-on"),
+        pytest.param(
+            ["--dsql-off", "sql"],
+            (
+                "savepoint, foreign-keys, triggers, temporary-tables, truncate, listen-notify, "
+                "extensions, sequences, one-ddl, ddl-dml-mix"
+            ),
+            None,
+            None,
+            "repeatable read",
+            id="sql",
+        ),
+        pytest.param(
+            ["--dsql-off", "savepoint,OCC"],
+            "savepoint, occ",
+            None,
+            "0A000",
+            "read committed",
+            id="savepoint-and-occ",
+        ),
+        pytest.param(
+            ["--dsql-off", "all"],
+            None,  # every rule: the banner lists them all
+            None,
+            None,
+            "read committed",
+            id="all",
+        ),
+    ],
+)
+def test_dsql_off_turns_dsql_rules_off(  # noqa: PLR0917
+    run_emulate: Launch,
+    existing_server: Backend,
+    flags: list[str],
+    off: str | None,
+    savepoint: str | None,
+    truncate: str | None,
+    isolation: str,
+) -> None:
+    """``iampg emulate --preset dsql --dsql-off ...``: those refusals and OCC are gone."""
+    existing_server.ensure_role("admin")
+    with psycopg.connect(existing_server.dsn, autocommit=True) as owner:
+        owner.execute("CREATE SCHEMA IF NOT EXISTS admin AUTHORIZATION admin")  # "$user"
+    emulate = run_emulate(
+        ["--backend", existing_server.dsn, "--preset", "dsql", *flags],
+        command=[str(IAMPG), "emulate"],
+    )
+    banner = emulate.read_until("Ctrl-C")
+    rules = [line.strip() for line in banner if "DSQL rules off:" in line]
+    if flags == ["--dsql-off", "all"]:
+        assert rules == [f"DSQL rules off: {', '.join(f.replace('_', '-') for f in FIELDS)}"]
+    else:
+        assert rules == ([f"DSQL rules off: {off}"] if off else [])
+    with _dsql_admin(banner) as conn:
+        assert _sqlstate(conn, "SAVEPOINT s1") == savepoint
+        table = f"t_{os.getpid()}_{len(flags)}"
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (id int PRIMARY KEY)")
+        conn.commit()
+        try:
+            assert _sqlstate(conn, f"TRUNCATE {table}") == truncate
+            assert conn.execute("SHOW transaction_isolation").fetchone() == (isolation,)
+            conn.rollback()
+        finally:
+            conn.execute(f"DROP TABLE {table}")
+            conn.commit()
+    emulate.proc.send_signal(signal.SIGINT)
+    assert emulate.finish()[0] == 0
+
+
+FIELDS = [field.name for field in dataclasses.fields(iampg.emulator.DsqlRules)]
+
+
+@pytest.mark.parametrize("preset", [[], ["--preset", "rds"], ["--preset", "aurora-serverless"]])
+def test_dsql_off_is_refused_outside_dsql(run_emulate: Launch, preset: list[str]) -> None:
+    """RDS presets refuse no statement: --dsql-off there is a usage error, before any cluster."""
+    code, out, stderr = run_emulate([*preset, "--dsql-off", "sql"], standin=False).finish()
+    assert code == 2
+    assert out == []
+    assert stderr == (
+        "iampg emulate: error: --dsql-off applies to --preset dsql only: "
+        "the RDS presets refuse no statement\n"
+    )
+
+
+def test_dsql_off_names_an_unknown_rule(run_emulate: Launch) -> None:
+    """A misspelt rule is argparse's usage error, listing the rules."""
+    code, out, stderr = run_emulate(["--preset", "dsql", "--dsql-off", "sql,savepoints"]).finish()
+    assert code == 2
+    assert out == []
+    assert "argument --dsql-off: unknown DSQL rule 'savepoints' (choose from sql, all, " in stderr
+    assert "role-mapping)" in stderr

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 import botocore.session
 import psycopg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from psycopg import sql
 
 import iampg
@@ -554,6 +556,215 @@ def test_statements_are_split_and_classified(text: str, kinds: list[str]) -> Non
 def test_refusals_read_the_statement(text: str, refused: bool) -> None:
     (tokens,) = dq.split_statements(text)
     assert (dq.classify(tokens, DsqlRules()).refusal is not None) == refused
+
+
+# --- names, strings and comments that spell a refused feature ---
+
+#: Words DSQL's refusals are about. Each names a column, table or sequence unquoted in
+#: PostgreSQL, except the reserved ones, which need quotes.
+KEYWORD_NAMES = [
+    "serial",
+    "bigserial",
+    "smallserial",
+    "serial4",
+    "sequence",
+    "trigger",
+    "temp",
+    "temporary",
+    "truncate",
+    "listen",
+    "notify",
+    "extension",
+    "savepoint",
+    "key",
+    "cache",
+    "insert",
+    "update",
+    "delete",
+]
+RESERVED_NAMES = ["references", "foreign", "constraint", "like", "table", "create"]
+
+#: Valid DSQL that spells refused features as names, strings, comments or bodies; ``{t}`` is
+#: a fresh name, ``{u}`` a table ``(id int PRIMARY KEY, n int)`` holding rows 1 and 2.
+VALID = [
+    "CREATE TABLE {t} (id uuid PRIMARY KEY, serial int)",
+    "CREATE TABLE {t} (id int PRIMARY KEY, bigserial text, smallserial int, serial8 int)",
+    'CREATE TABLE {t} (id int PRIMARY KEY, "serial" int, "references" int, "foreign" text)',
+    "CREATE TABLE {t} (id int PRIMARY KEY, sequence int, trigger text, temp int, temporary int)",
+    "CREATE TABLE {t} (id int PRIMARY KEY, truncate int, listen int, notify int, extension int)",
+    "CREATE TABLE {t} (id int PRIMARY KEY, key int, cache int, insert int, update int)",
+    "CREATE TABLE {t} (id int PRIMARY KEY, note text DEFAULT 'serial REFERENCES u FOREIGN KEY')",
+    "CREATE TABLE {t} (id int PRIMARY KEY, CONSTRAINT serial UNIQUE (id))",
+    "CREATE TABLE {t} (id int PRIMARY KEY, n int CHECK (n > 0)) -- serial REFERENCES u",
+    "CREATE TABLE {t} (id int PRIMARY KEY /* , p int REFERENCES u, s serial */)",
+    "CREATE TABLE {t} AS SELECT 1 AS references, 2 AS serial",
+    "CREATE TABLE {t} (serial, sequence) AS SELECT 1, 2",
+    'CREATE TABLE "serial{t}" (id int PRIMARY KEY)',
+    "CREATE TABLE serial{t} (id int PRIMARY KEY)",
+    "CREATE INDEX ASYNC ON {u} (n)",
+    "ALTER TABLE {u} ADD COLUMN serial int",
+    "ALTER TABLE {u} ADD COLUMN IF NOT EXISTS trigger text",
+    "ALTER TABLE {u} RENAME COLUMN n TO serial",
+    "ALTER TABLE {u} ADD COLUMN note text DEFAULT 'FOREIGN KEY'",
+    "CREATE SEQUENCE {t} CACHE 1",
+    "CREATE VIEW {t} AS SELECT n AS serial, id AS references FROM {u}",
+    (
+        "CREATE FUNCTION {t}() RETURNS text LANGUAGE sql "
+        "AS $body$ SELECT 'CREATE TEMP TABLE x (id serial); TRUNCATE x' $body$"
+    ),
+    "SELECT 'TRUNCATE {u}; SAVEPOINT s; LISTEN c' AS truncate, $$ NOTIFY c $$ AS notify",
+    "SELECT E'it\\'s; ROLLBACK TO s' AS savepoint",
+]
+
+
+def run_valid(conn: psycopg.Connection[Any], statement: str, u: str) -> None:
+    """Run ``statement`` in a transaction of its own, then drop what it made."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    try:
+        with conn.transaction():
+            conn.execute(statement.format(t=name, u=u))
+    finally:
+        made = conn.execute(
+            "SELECT c.relname, c.relkind FROM pg_class c JOIN pg_namespace n "
+            "ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname LIKE %s "
+            "AND c.relkind IN ('r', 'v', 'S')",
+            [SCHEMA, f"%{name}"],
+        ).fetchall()
+        for relname, relkind in made:
+            kind = {"r": "TABLE", "v": "VIEW", "S": "SEQUENCE"}[relkind]
+            conn.execute(sql.SQL(f"DROP {kind} {{}}").format(sql.Identifier(relname)))
+        conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}").format(sql.Identifier(name)))
+
+
+@pytest.mark.parametrize("statement", VALID)
+def test_valid_dsql_that_spells_a_refused_feature_passes(
+    admin: psycopg.Connection[Any], table: str, statement: str
+) -> None:
+    """Names, strings, comments and bodies are not statements: the backend runs them all."""
+    run_valid(admin, statement, table)
+
+
+@pytest.mark.parametrize("statement", VALID)
+def test_valid_dsql_that_spells_a_refused_feature_is_not_refused(statement: str) -> None:
+    for tokens in dq.split_statements(statement.format(t="t1", u="u1")):
+        assert dq.classify(tokens, DsqlRules()).refusal is None
+
+
+@pytest.mark.parametrize(
+    ("text", "kinds"),
+    [
+        ("copy (select * from t where a = 1) to stdout", ["other"]),
+        ("copy t (a, b) from stdin", ["dml"]),
+        ("with a as (select insert, update from log) select * from a", ["other"]),
+        ("with insert as (select 1) select * from insert", ["other"]),
+        ("with x (a) as materialized (select 1), y as (delete from t) select 1", ["dml"]),
+        ("with x as (select 1) update t set a = 1", ["dml"]),
+        ("with x as (select 1) select * from t for update", ["other"]),
+        (
+            (
+                "create function f() returns int language sql begin atomic "
+                "insert into a values (case when true then 1 end); insert into b values (1); "
+                "end; commit"
+            ),
+            ["ddl", "commit"],
+        ),
+        (
+            "create rule r as on insert to t do also (notify c; select 1); select 2",
+            ["ddl", "other"],
+        ),
+    ],
+)
+def test_statements_are_told_apart_by_their_structure(text: str, kinds: list[str]) -> None:
+    """A word in a name, a subquery or a routine body does not change what a statement is."""
+    rules = DsqlRules()
+    found = [dq.classify(tokens, rules).kind for tokens in dq.split_statements(text)]
+    assert found == kinds
+
+
+def test_ddl_then_copy_to_is_not_a_ddl_dml_mix(admin: psycopg.Connection[Any], table: str) -> None:
+    """``COPY (SELECT ... FROM t) TO`` reads: it may follow a DDL statement in a transaction."""
+    admin.autocommit = False
+    admin.execute(f"ALTER TABLE {table} ADD COLUMN serial int")
+    with admin.cursor().copy(f"COPY (SELECT id FROM {table} ORDER BY id) TO STDOUT") as copy:
+        assert b"".join(bytes(block) for block in copy) == b"1\n2\n"
+    admin.rollback()
+
+
+def spell(name: str) -> st.SearchStrategy[str]:
+    """``name`` as PostgreSQL reads it the same: any letter case, or double-quoted."""
+    quoted = f'"{name}"'
+    if name in RESERVED_NAMES:
+        return st.just(quoted)
+    cased = st.lists(st.booleans(), min_size=len(name), max_size=len(name)).map(
+        lambda upper: "".join(c.upper() if u else c for c, u in zip(name, upper, strict=True))
+    )
+    return st.one_of(cased, st.just(quoted))
+
+
+NAMES = st.sampled_from(KEYWORD_NAMES + RESERVED_NAMES).flatmap(spell)
+WORDS = st.sampled_from(
+    ["SERIAL", "REFERENCES", "FOREIGN KEY", "TRIGGER", "TEMP", "TRUNCATE", "LISTEN", "NOTIFY"]
+)
+PASSING = [
+    "CREATE TABLE {a} (id int PRIMARY KEY, {b} int, {c} text NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS s.{a} ({b} uuid PRIMARY KEY, {c} bigint DEFAULT 0)",
+    "CREATE TABLE {a} ({b} int, CONSTRAINT {c} PRIMARY KEY ({b}))",
+    "CREATE TABLE {a} AS SELECT 1 AS {b}, x.{c} FROM x",
+    "ALTER TABLE {a} ADD COLUMN {b} int, ADD {c} text",
+    "ALTER TABLE {a} RENAME COLUMN {b} TO {c}",
+    "ALTER TABLE {a} ADD CONSTRAINT {b} UNIQUE ({c})",
+    "CREATE INDEX ASYNC {a} ON {b} ({c})",
+    "CREATE VIEW {a} AS SELECT {b} FROM {c}",
+    "CREATE SEQUENCE {a} CACHE 1",
+    "CREATE TABLE {a} (id int, n text DEFAULT '{w}') -- {w}",
+    "CREATE TABLE {a} (id int /* , {b} int {w} */)",
+    "CREATE FUNCTION {a}() RETURNS int LANGUAGE sql AS $f$ {w} $f$",
+    "SELECT {b} FROM {a} WHERE {c} = '{w}'",
+    "WITH {a} AS (SELECT {b} FROM {c}) SELECT * FROM {a}",
+    "COPY (SELECT {b} FROM {a}) TO STDOUT",
+    "INSERT INTO {a} ({b}, {c}) VALUES (1, '{w}')",
+]
+REFUSING = [
+    ("CREATE TABLE {a} ({b} serial PRIMARY KEY, {c} int)", "sequences"),
+    ("CREATE TABLE {a} ({b} int, {c} BIGSERIAL)", "sequences"),
+    ("ALTER TABLE {a} ADD COLUMN {b} smallserial", "sequences"),
+    ("CREATE TABLE {a} ({b} int REFERENCES {c} ({b}))", "foreign_keys"),
+    ("CREATE TABLE {a} ({b} int, FOREIGN KEY ({b}) REFERENCES {c})", "foreign_keys"),
+    ("ALTER TABLE {a} ADD CONSTRAINT {b} FOREIGN KEY ({c}) REFERENCES {a}", "foreign_keys"),
+    ("ALTER TABLE {a} ADD COLUMN {b} int REFERENCES {c}", "foreign_keys"),
+    ("CREATE TRIGGER {a} AFTER INSERT ON {b} EXECUTE FUNCTION {c}()", "triggers"),
+    ("CREATE TEMP TABLE {a} ({b} int)", "temporary_tables"),
+    ("TRUNCATE {a}", "truncate"),
+    ("LISTEN {a}", "listen_notify"),
+    ("NOTIFY {a}, '{w}'", "listen_notify"),
+    ("CREATE EXTENSION {a}", "extensions"),
+    ("CREATE SEQUENCE {a} CACHE 10", "sequences"),
+    ("SAVEPOINT {a}", "savepoint"),
+]
+
+
+def refusals(template: str, a: str, b: str, c: str, w: str) -> list[dq.Refusal | None]:
+    text = template.format(a=a, b=b, c=c, w=w)
+    return [dq.classify(tokens, DsqlRules()).refusal for tokens in dq.split_statements(text)]
+
+
+@given(st.sampled_from(PASSING), NAMES, NAMES, NAMES, WORDS)
+def test_names_spelled_like_refused_features_pass(
+    template: str, a: str, b: str, c: str, w: str
+) -> None:
+    """Any name, string or comment in valid DSQL: no refusal."""
+    assert refusals(template, a, b, c, w) == [None]
+
+
+@given(st.sampled_from(REFUSING), NAMES, NAMES, NAMES, WORDS)
+def test_refused_features_are_refused_whatever_their_names(
+    case: tuple[str, str], a: str, b: str, c: str, w: str
+) -> None:
+    """The refusals keep reading the statement, whatever it names."""
+    template, rule = case
+    (refusal,) = refusals(template, a, b, c, w)
+    assert refusal is not None
+    assert refusal.rule == rule
 
 
 def test_iam_statements_are_parsed() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import signal
@@ -12,6 +13,7 @@ import warnings
 from typing import TYPE_CHECKING, Any, Protocol
 
 from iampg.emulator._backend import Backend, find_bindir
+from iampg.emulator._dsql_sql import DsqlRules
 from iampg.errors import ConfigurationError, Error
 
 if TYPE_CHECKING:
@@ -28,6 +30,14 @@ _EXIT_RUNTIME = 1
 _EXIT_USAGE = 2
 _PRESETS = "{rds,aurora-serverless,aurora-express,dsql}"
 _WAIT_SLICE = 0.5  # seconds; the main thread wakes this often while waiting for a signal
+_DSQL_RULES = tuple(field.name for field in dataclasses.fields(DsqlRules))
+#: ``--dsql-off`` groups: every refusal of a statement, and everything.
+_DSQL_GROUPS = {
+    "sql": tuple(
+        name for name in _DSQL_RULES if name not in ("transaction_limits", "occ", "role_mapping")
+    ),
+    "all": _DSQL_RULES,
+}
 
 
 class _Credentials(Protocol):
@@ -163,6 +173,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="accept tokens for database users not granted rds_iam (RDS refuses them)",
     )
     parser.add_argument(
+        "--dsql-off",
+        type=_dsql_off,
+        action="extend",
+        metavar="RULE[,RULE...]",
+        default=None,
+        help="with --preset dsql: turn DSQL rules off, comma-separated or repeated: sql "
+        "(every refusal of a statement), transaction-limits, occ (optimistic concurrency), "
+        "role-mapping, all, or one refusal: "
+        + ", ".join(_flag(name) for name in _DSQL_GROUPS["sql"]),
+    )
+    parser.add_argument(
         "--max-unauthenticated",
         type=int,
         metavar="N",
@@ -197,6 +218,44 @@ def _preset(value: str) -> str:
         return canonical_preset(value)
     except ConfigurationError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _flag(rule: str) -> str:
+    """Return how ``--dsql-off`` spells a :class:`DsqlRules` field."""
+    return rule.replace("_", "-")
+
+
+def _dsql_off(value: str) -> list[str]:
+    """Return the :class:`DsqlRules` fields ``--dsql-off`` names, or refuse like argparse."""
+    import argparse  # noqa: PLC0415
+
+    rules: list[str] = []
+    for word in value.split(","):
+        name = word.strip().lower().replace("-", "_")
+        if name in _DSQL_GROUPS:
+            rules.extend(_DSQL_GROUPS[name])
+        elif name in _DSQL_RULES:
+            rules.append(name)
+        else:
+            choices = ", ".join(map(_flag, [*_DSQL_GROUPS, *_DSQL_RULES]))
+            raise argparse.ArgumentTypeError(f"unknown DSQL rule {word!r} (choose from {choices})")
+    return rules
+
+
+def _dsql_rules(args: argparse.Namespace) -> DsqlRules | None:
+    """Return the rules ``--dsql-off`` leaves on, or None without it.
+
+    Raises:
+        iampg.ConfigurationError: ``--dsql-off`` without ``--preset dsql``.
+    """
+    off = getattr(args, "dsql_off", None)
+    if not off:
+        return None
+    if _chosen_preset(args) != "dsql":
+        raise ConfigurationError(
+            "--dsql-off applies to --preset dsql only: the RDS presets refuse no statement"
+        )
+    return DsqlRules().replace(**dict.fromkeys(off, False))
 
 
 def _chosen_preset(args: argparse.Namespace) -> str | None:
@@ -259,6 +318,9 @@ def _emulator_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["loopback_names"] = True
     if not getattr(args, "require_rds_iam", True):
         kwargs["require_rds_iam"] = False
+    rules = _dsql_rules(args)
+    if rules is not None:
+        kwargs["dsql_rules"] = rules
     return kwargs
 
 
@@ -275,6 +337,10 @@ def _behaviour(emu: _Emulator) -> list[str]:
     if preset is None:
         return []
     lines = preset.describe()
+    rules: DsqlRules | None = getattr(emu, "dsql_rules", None)
+    if rules is not None and rules != DsqlRules():
+        off = [_flag(name) for name in _DSQL_RULES if not getattr(rules, name)]
+        lines = [*lines, f"DSQL rules off: {', '.join(off)}"]
     return [f"  preset:     {preset.name}", *(f"              {line}" for line in lines)]
 
 
@@ -518,6 +584,7 @@ def _start(
     set.
     """
     factory = _load_emulator()
+    _dsql_rules(args)  # a usage error before a throwaway cluster is started for nothing
     _check_port(args.listen, args.port)
     backend = _open_backend(args.backend)
     running.append(("backend", backend))

@@ -83,7 +83,8 @@ class DsqlRules:
 
     Attributes:
         savepoint: Refuse ``SAVEPOINT``, ``RELEASE`` and ``ROLLBACK TO``.
-        foreign_keys: Refuse ``REFERENCES`` / ``FOREIGN KEY`` in ``CREATE``/``ALTER TABLE``.
+        foreign_keys: Refuse a ``REFERENCES`` / ``FOREIGN KEY`` constraint in ``CREATE
+            TABLE`` or ``ALTER TABLE ... ADD``.
         triggers: Refuse ``CREATE TRIGGER``.
         temporary_tables: Refuse ``CREATE TEMP``/``TEMPORARY`` tables.
         truncate: Refuse ``TRUNCATE``.
@@ -91,8 +92,8 @@ class DsqlRules:
             undo then, passes: asyncpg's pools send ``UNLISTEN *`` when a connection is
             released).
         extensions: Refuse ``CREATE EXTENSION``.
-        sequences: Refuse ``SERIAL`` types and ``CREATE SEQUENCE`` without ``CACHE 1`` or
-            ``CACHE`` of at least 65536.
+        sequences: Refuse ``SERIAL`` types as a column's type and ``CREATE SEQUENCE``
+            without ``CACHE 1`` or ``CACHE`` of at least 65536.
         one_ddl: Refuse a second DDL statement in a transaction.
         ddl_dml_mix: Refuse DDL and DML in the same transaction.
         transaction_limits: Fail transactions past 3,000 modified rows, 10 MiB written or
@@ -173,16 +174,19 @@ def split_statements(sql: str) -> list[list[_Token]]:  # noqa: C901, PLR0912, PL
     """Split ``sql`` at top-level semicolons into token lists (comments dropped).
 
     Quoted strings (``'...'``, ``E'...'``, dollar quotes) and quoted identifiers become single
-    tokens, so keywords inside them are never seen. Empty statements are left out.
+    tokens, so keywords inside them are never seen. A semicolon inside parentheses or inside
+    the ``BEGIN ATOMIC ... END`` body of ``CREATE FUNCTION``/``PROCEDURE`` does not end a
+    statement (psql's rule). Empty statements are left out.
     """
     statements: list[list[_Token]] = []
     current: list[_Token] = []
+    parens = blocks = 0  # open parentheses; open BEGIN (and CASE inside one) of a routine body
     i, n = 0, len(sql)
     while i < n:
         c = sql[i]
         if c.isspace():
             i += 1
-        elif c == ";":
+        elif c == ";" and not (parens or blocks):
             if current:
                 statements.append(current)
             current = []
@@ -243,7 +247,13 @@ def split_statements(sql: str) -> list[list[_Token]]:  # noqa: C901, PLR0912, PL
             end = i + 1
             while end < n and (sql[end].isalnum() or sql[end] in "_$"):
                 end += 1
-            current.append(_Token(sql[i:end].upper(), "word"))
+            word = sql[i:end].upper()
+            if not parens and word in ("BEGIN", "CASE", "END") and _routine(current):
+                if word == "BEGIN" or (word == "CASE" and blocks):
+                    blocks += 1
+                elif word == "END" and blocks:
+                    blocks -= 1
+            current.append(_Token(word, "word"))
             i = end
         elif c.isdigit():
             end = i + 1
@@ -252,11 +262,23 @@ def split_statements(sql: str) -> list[list[_Token]]:  # noqa: C901, PLR0912, PL
             current.append(_Token(sql[i:end], "number"))
             i = end
         else:
+            if c == "(":
+                parens += 1
+            elif c == ")" and parens:
+                parens -= 1
             current.append(_Token(c, "punct"))
             i += 1
     if current:
         statements.append(current)
     return statements
+
+
+def _routine(tokens: list[_Token]) -> bool:
+    """Tell whether ``tokens`` begin ``CREATE [OR REPLACE] FUNCTION`` or ``PROCEDURE``."""
+    words = _words(tokens[:4])
+    if words[2:3] == ["REPLACE"] and words[1:2] == ["OR"]:
+        words = words[:1] + words[3:]
+    return words[:1] == ["CREATE"] and words[1:2] in (["FUNCTION"], ["PROCEDURE"])
 
 
 def _dollar_tag_end(sql: str, start: int) -> int:
@@ -298,9 +320,9 @@ def classify(tokens: list[_Token], rules: DsqlRules) -> Statement:  # noqa: C901
         return Statement("other", refusal if rules.listen_notify else None)
     if first in _DDL:
         return Statement("ddl", _ddl_refusal(tokens, words, rules))
-    if first in _DML or (first == "COPY" and "FROM" in words):
+    if first in _DML or (first == "COPY" and "FROM" in _top_words(tokens)):
         return Statement("dml")
-    if first == "WITH" and _DML.intersection(words) and "FOR" not in words:
+    if first == "WITH" and _with_modifies(tokens):
         return Statement("dml")
     return Statement("other")
 
@@ -310,7 +332,7 @@ def _refuse_savepoint(rules: DsqlRules, kind: Kind) -> Statement:
     return Statement(kind, refusal if rules.savepoint else None)
 
 
-def _ddl_refusal(  # noqa: C901, PLR0911
+def _ddl_refusal(  # noqa: PLR0911
     tokens: list[_Token], words: list[str], rules: DsqlRules
 ) -> Refusal | None:
     first = words[0]
@@ -325,17 +347,185 @@ def _ddl_refusal(  # noqa: C901, PLR0911
             return Refusal(UNSUPPORTED_CODE, EXTENSION_MESSAGE, "extensions")
         if rules.sequences and obj == "SEQUENCE" and not _cache_allowed(tokens):
             return Refusal(UNSUPPORTED_CODE, SEQUENCE_CACHE_MESSAGE, "sequences")
-    if first in ("CREATE", "ALTER") and obj == "TABLE":
-        if rules.foreign_keys and ("REFERENCES" in words or _has_pair(words, "FOREIGN", "KEY")):
-            if first == "ALTER" and _has_pair(words, "ADD", "CONSTRAINT"):
-                return Refusal(UNSUPPORTED_CODE, ALTER_FOREIGN_KEY_MESSAGE, "foreign_keys")
-            return Refusal(UNSUPPORTED_CODE, FOREIGN_KEY_MESSAGE, "foreign_keys")
-        if rules.sequences:
-            for token in tokens:
-                if token.kind == "word" and token.text in _SERIAL_TYPES:
-                    message = SERIAL_MESSAGE.format(type=token.text.lower())
-                    return Refusal(SERIAL_CODE, message, "sequences")
+        if obj == "TABLE":
+            return _definitions_refusal(_table_elements(tokens), rules, alter=False)
+    if first == "ALTER" and obj == "TABLE":
+        return _definitions_refusal(_added_definitions(tokens), rules, alter=True)
     return None
+
+
+#: Words that begin a table constraint rather than a column in ``CREATE TABLE (...)`` and
+#: ``ALTER TABLE ... ADD``; all are reserved, so no column can be named so unquoted.
+_CONSTRAINT_WORDS: Final = frozenset(
+    {"CONSTRAINT", "PRIMARY", "UNIQUE", "CHECK", "FOREIGN", "EXCLUDE", "LIKE"}
+)
+
+
+def _definitions_refusal(
+    definitions: list[list[_Token]], rules: DsqlRules, *, alter: bool
+) -> Refusal | None:
+    """Refuse foreign keys and ``SERIAL`` column types among column and constraint definitions.
+
+    Only the definitions' own keywords count (``REFERENCES``, ``FOREIGN KEY`` outside
+    parentheses, the type that follows a column's name): a column, table or default named
+    after them passes, as on DSQL.
+    """
+    if rules.foreign_keys:
+        for definition in definitions:
+            if _references(definition):
+                if alter and _is_word(definition[0], "CONSTRAINT"):
+                    return Refusal(UNSUPPORTED_CODE, ALTER_FOREIGN_KEY_MESSAGE, "foreign_keys")
+                return Refusal(UNSUPPORTED_CODE, FOREIGN_KEY_MESSAGE, "foreign_keys")
+    if rules.sequences:
+        for definition in definitions:
+            serial = _serial_type(definition)
+            if serial:
+                return Refusal(SERIAL_CODE, SERIAL_MESSAGE.format(type=serial), "sequences")
+    return None
+
+
+def _references(definition: list[_Token]) -> bool:
+    """Tell whether a column or constraint definition declares a foreign key."""
+    words = _top_words(definition)
+    return "REFERENCES" in words or _has_pair(words, "FOREIGN", "KEY")
+
+
+def _serial_type(definition: list[_Token]) -> str:
+    """Return the ``SERIAL`` type (lower case) a column definition declares, else ``""``."""
+    if len(definition) < 2 or _words(definition[:1])[0] in _CONSTRAINT_WORDS:  # noqa: PLR2004
+        return ""
+    type_ = definition[1:]
+    if len(type_) > 2 and _is_word(type_[0], "PG_CATALOG") and _is_punct(type_[1], "."):  # noqa: PLR2004
+        type_ = type_[2:]
+    name = type_[0]
+    if name.kind == "word" and name.text in _SERIAL_TYPES:
+        return name.text.lower()
+    if name.kind == "ident" and name.text.upper() in _SERIAL_TYPES and name.text.islower():
+        return name.text  # a quoted "serial" names the same type
+    return ""
+
+
+def _table_elements(tokens: list[_Token]) -> list[list[_Token]]:
+    """Return ``CREATE TABLE``'s column and constraint definitions (none for ``AS SELECT``)."""
+    for index, token in enumerate(tokens):
+        if _is_word(token, "AS"):
+            return []
+        if _is_punct(token, "("):
+            return _split_commas(tokens[index + 1 : _closing(tokens, index)])
+    return []
+
+
+def _added_definitions(tokens: list[_Token]) -> list[list[_Token]]:
+    """Return the column and constraint definitions an ``ALTER TABLE`` adds.
+
+    ``ALTER TABLE [IF EXISTS] [ONLY] name [*] action, ...``: each ``ADD [COLUMN] [IF NOT
+    EXISTS] definition`` action gives its definition; other actions give nothing.
+    """
+    words = _words(tokens)
+    i = 4 if words[2:4] == ["IF", "EXISTS"] else 2
+    i += 1 if words[i : i + 1] == ["ONLY"] else 0
+    i += 1  # the table's name, maybe qualified
+    while i + 1 < len(tokens) and _is_punct(tokens[i], "."):
+        i += 2
+    if i < len(tokens) and _is_punct(tokens[i], "*"):
+        i += 1
+    added = []
+    for action in _split_commas(tokens[i:]):
+        if not action or not _is_word(action[0], "ADD"):
+            continue
+        definition = action[1:]
+        if definition and _is_word(definition[0], "COLUMN"):
+            definition = definition[1:]
+        if _words(definition[:3]) == ["IF", "NOT", "EXISTS"]:
+            definition = definition[3:]
+        if definition:
+            added.append(definition)
+    return added
+
+
+def _with_modifies(tokens: list[_Token]) -> bool:
+    """Tell whether ``WITH`` has a data-modifying ``WITH`` query or main statement.
+
+    ``WITH [RECURSIVE] name [(columns)] AS [[NOT] MATERIALIZED] (query) [SEARCH ... | CYCLE
+    ...], ... statement``: the first word of each query and of the statement decides.
+    """
+    i = 1
+    if i < len(tokens) and _is_word(tokens[i], "RECURSIVE"):
+        i += 1
+    while i < len(tokens):
+        named = False  # past the query's name, its column list, AS and MATERIALIZED
+        while i < len(tokens) and not (named and _is_punct(tokens[i], "(")):
+            named = named or _is_word(tokens[i], "AS")
+            if _is_punct(tokens[i], "("):
+                i = _closing(tokens, i)
+            i += 1
+        if i + 1 < len(tokens) and tokens[i + 1].kind == "word" and tokens[i + 1].text in _DML:
+            return True
+        i = _closing(tokens, i) + 1
+        for clause, last in (("SEARCH", "SET"), ("CYCLE", "USING")):
+            if i < len(tokens) and _is_word(tokens[i], clause):
+                while i < len(tokens) and not _is_word(tokens[i], last):
+                    i += 1
+                i += 2
+        if i < len(tokens) and _is_punct(tokens[i], ","):
+            i += 1
+            continue
+        return i < len(tokens) and tokens[i].kind == "word" and tokens[i].text in _DML
+    return False
+
+
+def _is_word(token: _Token, word: str) -> bool:
+    return token.kind == "word" and token.text == word
+
+
+def _is_punct(token: _Token, char: str) -> bool:
+    return token.kind == "punct" and token.text == char
+
+
+def _closing(tokens: list[_Token], start: int) -> int:
+    """Return the index of the parenthesis closing the one at ``start`` (or ``len(tokens)``)."""
+    depth = 0
+    for index in range(start, len(tokens)):
+        token = tokens[index]
+        if token.kind == "punct" and token.text in "()":
+            depth += 1 if token.text == "(" else -1
+            if not depth:
+                return index
+    return len(tokens)
+
+
+def _split_commas(tokens: list[_Token]) -> list[list[_Token]]:
+    """Split ``tokens`` at the commas outside parentheses."""
+    parts: list[list[_Token]] = [[]]
+    depth = 0
+    for token in tokens:
+        if token.kind == "punct":
+            if token.text == "(":
+                depth += 1
+            elif token.text == ")":
+                depth -= 1
+            elif token.text == "," and not depth:
+                parts.append([])
+                continue
+        parts[-1].append(token)
+    return parts
+
+
+def _top_words(tokens: list[_Token]) -> list[str]:
+    """Return the keywords outside parentheses: no word after ``.`` or ``AS`` (a name there)."""
+    words = []
+    depth = 0
+    previous = ""
+    for token in tokens:
+        if token.kind == "punct" and token.text == "(":
+            depth += 1
+        elif token.kind == "punct" and token.text == ")":
+            depth -= 1
+        words.append(
+            token.text if not depth and token.kind == "word" and previous not in (".", "AS") else ""
+        )
+        previous = token.text if token.kind in ("word", "punct") else ""
+    return words
 
 
 def _has_pair(words: list[str], a: str, b: str) -> bool:
