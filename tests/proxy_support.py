@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from iampg import Endpoint
-from iampg.emulator import Emulator
 from iampg._wire.lifecycle import uvloop_installed
+from iampg.emulator import Emulator
 from iampg.proxy import Proxy
 from support import endpoint_for
 
