@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -54,6 +56,38 @@ def test_without_uvloop_auto_is_asyncio_and_uvloop_says_what_to_install() -> Non
     assert "pip install 'iampg[proxy]'" in done.stdout
 
 
+def test_a_uvloop_that_does_not_import_leaves_auto_on_asyncio(tmp_path: Path) -> None:
+    """uvloop installed but broken (built for another Python): ``auto`` warns, runs on asyncio.
+
+    ``uvloop`` asked for by name still fails, naming the import error.
+    """
+    broken = tmp_path / "uvloop"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('undefined symbol: PyFake')\n")
+    code = (
+        "import asyncio, logging\n"
+        "logging.basicConfig(format='%(levelname)s %(message)s')\n"
+        "from iampg._wire.lifecycle import loop_factory\n"
+        "from iampg import ConfigurationError\n"
+        "assert loop_factory('auto') is asyncio.SelectorEventLoop\n"
+        "try:\n"
+        "    loop_factory('uvloop')\n"
+        "except ConfigurationError as exc:\n"
+        "    print(exc)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env=env,
+    )
+    assert "WARNING uvloop is installed but cannot be imported" in done.stderr
+    assert "undefined symbol: PyFake" in done.stdout
+
+
 @pytest.mark.skipif(not uvloop_installed(), reason="uvloop is not installed")
 def test_auto_is_uvloop_when_installed() -> None:
     import uvloop
@@ -73,7 +107,7 @@ def test_the_upstream_tls_is_the_loop_s_own_on_uvloop_and_iampg_s_on_asyncio(
     proxy = start_proxy(emulator_endpoint)
     with psycopg.connect(proxy.conninfo) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
-        (session,) = proxy._open  # noqa: SLF001 -- which TLS layer carries the session
+        (session,) = proxy._open
         assert session.upstream is not None
         layer = type(session.upstream.transport).__module__
         if event_loop_kind == "uvloop":
