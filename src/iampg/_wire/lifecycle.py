@@ -21,6 +21,7 @@ logger = logging.getLogger("iampg")
 
 EventLoopKind = Literal["auto", "asyncio", "uvloop"]
 EVENT_LOOPS: tuple[EventLoopKind, ...] = ("auto", "asyncio", "uvloop")
+_uvloop_warned = threading.Event()
 
 
 def uvloop_installed() -> bool:
@@ -47,7 +48,11 @@ def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
         import uvloop  # noqa: PLC0415 -- optional, and only where asked for
     except ImportError as exc:
         if kind == "auto":
-            logger.warning("uvloop is installed but cannot be imported (%s): using asyncio", exc)
+            if not _uvloop_warned.is_set():  # once a process, not once a proxy
+                _uvloop_warned.set()
+                logging.getLogger("iampg.proxy").warning(
+                    "uvloop is installed but cannot be imported (%s): using asyncio", exc
+                )
             return asyncio.SelectorEventLoop
         raise ConfigurationError(
             f"event_loop='uvloop' needs uvloop: pip install 'iampg[proxy]' ({exc})"
