@@ -21,6 +21,7 @@ logger = logging.getLogger("iampg")
 
 EventLoopKind = Literal["auto", "asyncio", "uvloop"]
 EVENT_LOOPS: tuple[EventLoopKind, ...] = ("auto", "asyncio", "uvloop")
+_uvloop_warned = threading.Event()
 
 
 def uvloop_installed() -> bool:
@@ -32,10 +33,11 @@ def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
     """Return what makes a new event loop of ``kind``.
 
     ``asyncio``: asyncio's selector loop. ``uvloop``: uvloop's (``pip install iampg[proxy]``).
-    ``auto``: uvloop when it is installed, else asyncio's.
+    ``auto``: uvloop when it is installed and imports, else asyncio's (with a warning when
+    uvloop is installed but does not import, e.g. built for another Python).
 
     Raises:
-        ConfigurationError: ``kind`` is unknown, or ``uvloop`` and uvloop is not installed.
+        ConfigurationError: ``kind`` is unknown, or ``uvloop`` and uvloop cannot be imported.
     """
     if kind not in EVENT_LOOPS:
         choices = ", ".join(EVENT_LOOPS)
@@ -45,6 +47,13 @@ def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
     try:
         import uvloop  # noqa: PLC0415 -- optional, and only where asked for
     except ImportError as exc:
+        if kind == "auto":
+            if not _uvloop_warned.is_set():  # once a process, not once a proxy
+                _uvloop_warned.set()
+                logging.getLogger("iampg.proxy").warning(
+                    "uvloop is installed but cannot be imported (%s): using asyncio", exc
+                )
+            return asyncio.SelectorEventLoop
         raise ConfigurationError(
             f"event_loop='uvloop' needs uvloop: pip install 'iampg[proxy]' ({exc})"
         ) from None

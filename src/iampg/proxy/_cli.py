@@ -227,17 +227,20 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     """Run ``iampg proxy`` until SIGINT or SIGTERM; return the exit code."""
     if args.grace < 0:
         raise ConfigurationError(f"--grace must be 0 seconds or more, not {args.grace}")
-    proxies = _proxies(args)
     logger = logging.getLogger("iampg.proxy")
     handler = _log_handler(args.log_format, sys.stderr)
     logger.addHandler(handler)
     previous_level = logger.level
     logger.setLevel(logging.INFO)
-    loop = loop_factory(args.event_loop)()
     try:
-        return loop.run_until_complete(_serve(proxies, out))
+        new_loop = loop_factory(args.event_loop)  # its warning in the chosen log format
+        proxies = _proxies(args)
+        loop = new_loop()
+        try:
+            return loop.run_until_complete(_serve(proxies, out))
+        finally:
+            loop.close()
     finally:
-        loop.close()
         logger.removeHandler(handler)
         logger.setLevel(previous_level)
 
