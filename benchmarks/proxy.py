@@ -8,9 +8,9 @@ Every variant talks to the same emulator (its own process, in front of the same 
   see the ``token`` group, to every connect);
 - **proxy**: pgbench to the proxy (plain TCP on loopback, no password), which opens one
   upstream session per client session over verified TLS with a token from its provider. It
-  runs as ``iampg proxy`` does: on uvloop when installed (the ``proxy`` extra; the bench
-  group installs it); then a second proxy on asyncio's own loop is measured as well
-  (**proxy-asyncio**), what iampg without the extra does;
+  runs as ``iampg proxy`` does by default, on asyncio's own loop; where uvloop is installed
+  (the ``proxy`` extra; the bench group installs it), a second proxy runs on it as
+  ``--event-loop uvloop`` does (**proxy-uvloop**);
 - **pgbouncer**: pgbench to Debian's PgBouncer in session mode (plain TCP on loopback, trust),
   started here with a generated configuration that logs in upstream with the same static
   token over verified TLS: the same path with a C pooler in the middle.
@@ -56,6 +56,7 @@ from psycopg.conninfo import make_conninfo
 
 from benchmarks._common import EmulatorInfo, Result, Stats, child_env
 from iampg import TokenProvider
+from iampg._wire.lifecycle import uvloop_installed
 
 DATABASE = "iampg_pgbench"
 USER = "postgres"
@@ -236,12 +237,12 @@ def proxy_process(
     emu: EmulatorInfo,
     profile: str | None = None,
     *,
-    event_loop: str = "auto",
+    event_loop: str = "asyncio",
     name: str = "proxy",
 ) -> Iterator[Target | str]:
     """Run the proxy in a child process; yield its target, or why it is not available.
 
-    ``event_loop`` as ``iampg proxy --event-loop`` takes it (``auto``: uvloop when installed).
+    ``event_loop`` as ``iampg proxy --event-loop`` takes it (its default: asyncio's loop).
     """
     log = tempfile.TemporaryFile()  # noqa: SIM115 -- the child's stderr, closed below
     args = [sys.executable, "-m", "benchmarks._proxy", "--event-loop", event_loop, "--endpoint"]
@@ -502,12 +503,9 @@ ROWS = {
         DIRECT_WITH,
         "ratio ≥ 0.85",
     ),
-    "proxy_select_asyncio": (
-        (
-            f"pgbench -S, {CLIENTS} clients, persistent, the proxy on asyncio's loop "
-            "(`--event-loop asyncio`, iampg without the proxy extra)"
-        ),
-        DIRECT_WITH,
+    "proxy_select_uvloop": (
+        f"pgbench -S, {CLIENTS} clients, persistent, the proxy on uvloop (`--event-loop uvloop`)",
+        DIRECT_WITH + "; PgBouncer",
         "reported",
     ),
     "proxy_pgbouncer": (
@@ -559,33 +557,33 @@ def _ratio(
 def _persistent_rows(got: dict[str, list[Run]], label: str, rows: list[Result]) -> None:
     """Append the rows of the persistent 8-client rounds: vs direct, on asyncio, vs PgBouncer."""
     rows.append(_ratio("proxy_select", got, "proxy", "direct", 0.85, label=label))
-    if "proxy-asyncio" in got:
-        rows.append(
-            _ratio(
-                "proxy_select_asyncio",
-                got,
-                "proxy-asyncio",
-                "direct",
-                None,
-                label="proxy on asyncio",
-            )
+    if "pgbouncer" in got:
+        rows.append(_ratio("proxy_pgbouncer", got, "proxy", "pgbouncer", 1.0, label=label))
+    if "proxy-uvloop" in got:
+        row = _ratio(
+            "proxy_select_uvloop", got, "proxy-uvloop", "direct", None, label="proxy on uvloop"
         )
+        if "pgbouncer" in got:
+            pgb = Stats.of(
+                [x.tps / y.tps for x, y in zip(got["proxy-uvloop"], got["pgbouncer"], strict=True)]
+            )
+            row.claim += f"; ÷ PgBouncer {pgb.median:.3f} ({pgb.minimum:.3f}-{pgb.maximum:.3f})"
+            row.details["ratio_to_pgbouncer"] = pgb.median
+        rows.append(row)
     else:
         rows.append(
             _skipped(
-                "proxy_select_asyncio",
-                *ROWS["proxy_select_asyncio"],
-                "the proxy above runs on asyncio's loop (uvloop is not installed)",
+                "proxy_select_uvloop",
+                *ROWS["proxy_select_uvloop"],
+                "uvloop is not installed (pip install 'iampg[proxy]')",
             )
         )
-    if "pgbouncer" in got:
-        rows.append(_ratio("proxy_pgbouncer", got, "proxy", "pgbouncer", 1.0, label=label))
     rows.append(_cpu_row(got, label))
 
 
 def _cpu_row(got: dict[str, list[Run]], label: str) -> Result:
     """CPU per transaction of each process on each path (medians over the rounds)."""
-    names = {"direct": "direct", "proxy": label, "proxy-asyncio": "proxy on asyncio"}
+    names = {"direct": "direct", "proxy": label, "proxy-uvloop": "proxy on uvloop"}
     names["pgbouncer"] = "PgBouncer"
     parts: list[str] = []
     medians: dict[str, dict[str, float]] = {}
@@ -624,18 +622,18 @@ def _measure(emu: EmulatorInfo, backend_dsn: str, *, quick: bool, rows: list[Res
     direct = Target("direct", make_conninfo(**emu.conninfo(USER, DATABASE)), token)
     bouncer_program = find_program("pgbouncer")
     with contextlib.ExitStack() as stack:
-        proxy = stack.enter_context(proxy_process(emu))  # as `iampg proxy` runs here
+        proxy = stack.enter_context(proxy_process(emu))  # as `iampg proxy` runs by default
         if isinstance(proxy, str):
             return proxy
         label = f"proxy on {proxy.event_loop}"
         targets = [direct, proxy]
-        if proxy.event_loop != "asyncio":  # and without uvloop, for comparison
-            on_asyncio = stack.enter_context(
-                proxy_process(emu, event_loop="asyncio", name="proxy-asyncio")
+        if uvloop_installed():  # and as `iampg proxy --event-loop uvloop` runs
+            on_uvloop = stack.enter_context(
+                proxy_process(emu, event_loop="uvloop", name="proxy-uvloop")
             )
-            if isinstance(on_asyncio, str):
-                return on_asyncio
-            targets.append(on_asyncio)
+            if isinstance(on_uvloop, str):
+                return on_uvloop
+            targets.append(on_uvloop)
         bouncer_reason = f"pgbouncer not found; {INSTALL_HINT}"
         if bouncer_program is not None:
             try:
@@ -708,7 +706,7 @@ def profile(
     *,
     reconnect: bool = False,
     perf: bool = False,
-    event_loop: str = "auto",
+    event_loop: str = "asyncio",
 ) -> None:
     """Drive the proxy with pgbench under a profiler and print where its time goes.
 
@@ -772,7 +770,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--reconnect", action="store_true", help="pgbench -C: profile setup")
     parser.add_argument("--perf", action="store_true", help="perf record instead of cProfile")
-    parser.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto")
+    parser.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args()
     profile(
         args.profile,

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import importlib.util
 import logging
+import sys
 import threading
 from typing import TYPE_CHECKING, Literal
 
@@ -54,6 +55,10 @@ def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
                     "uvloop is installed but cannot be imported (%s): using asyncio", exc
                 )
             return asyncio.SelectorEventLoop
+        if sys.platform == "win32":
+            raise ConfigurationError(
+                "event_loop='uvloop': uvloop does not run on Windows"
+            ) from None
         raise ConfigurationError(
             f"event_loop='uvloop' needs uvloop: pip install 'iampg[proxy]' ({exc})"
         ) from None
