@@ -183,6 +183,36 @@ def test_sqlalchemy_learns_and_uses_the_one_ca(
     assert Path(used[2]).read_bytes() == emulator.ca_file.read_bytes()
 
 
+@pytest.mark.parametrize("pool", [False, True], ids=["unpooled", "native-pool"])
+def test_django_learns_and_uses_the_one_ca(
+    emulator: Emulator, bundle: Path, pool: bool, request: pytest.FixtureRequest
+) -> None:
+    """Django's backend narrows without a pool and with its native psycopg pool."""
+    pytest.importorskip("django")
+    request.getfixturevalue("django_configured")
+    from django.db import utils as db_utils
+
+    from iampg.integrations.django import database
+
+    endpoint = endpoint_for(emulator, sslrootcert=str(bundle))
+    entry = database(endpoint, pool={"min_size": 0, "max_size": 1} if pool else False)
+    handler = db_utils.ConnectionHandler({"default": entry})
+    conn = handler["default"]
+    used = []
+    try:
+        for _ in range(3):
+            conn.ensure_connection()
+            used.append(_rootcert(conn.connection))
+            conn.close()
+            if pool:
+                conn.pool.drain()
+    finally:
+        conn.close()
+        conn.close_pool()
+    assert used[0] == str(bundle)
+    assert Path(used[2]).read_bytes() == emulator.ca_file.read_bytes()
+
+
 # -- a server that moves to another CA of the file, or to none ---------------------------
 
 

@@ -75,6 +75,8 @@ class DatabaseWrapper(base.DatabaseWrapper):  # type: ignore[misc]
         target.check(params)
         base_connect = super().get_new_connection
         try:
+            if self.pool:  # the pool's connection class chooses the CA file (sync_class)
+                return base_connect(conn_params)
             return open_verified(lambda root: base_connect(with_root(conn_params, root)), params)
         except psycopg.OperationalError as exc:
             error = explain(exc, target.provider, token, conn_params)
