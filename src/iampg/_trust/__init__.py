@@ -7,10 +7,13 @@ file name is chosen from the endpoint, and the manifest is read only by :func:`d
 the ``iampg ca`` command.
 
 Which file an endpoint gets (libpq reads the whole file on every connection, so each is as
-small as what the endpoint's certificate chains to):
+small as what the endpoint's certificate chains to; and since an instance's certificate
+chains to one CA of its region's set, ``iampg._narrow`` then learns, per server, which
+certificate of the file verifies it and gives libpq that one alone; see that module):
 
 - RDS and Aurora instance endpoints: ``rds-<region>.pem``, that region's RDS CAs
-  (rds-ca-rsa2048-g1, rds-ca-rsa4096-g1, rds-ca-ecc384-g1).
+  (rds-ca-rsa2048-g1, AWS's default for new instances, first; then rds-ca-rsa4096-g1 and
+  rds-ca-ecc384-g1: the order in which iampg tries them alone).
 - Aurora cluster endpoints (``.cluster-``, ``.cluster-ro-``, ``.cluster-custom-``):
   ``aws-<region>.pem``, the region's RDS CAs plus Amazon Root CA 1. Why that root too: an
   Aurora PostgreSQL cluster in the express configuration is reached through an internet
@@ -40,7 +43,9 @@ small as what the endpoint's certificate chains to):
 
 The environment variable ``IAMPG_SSLROOTCERT`` names a file to use instead (a newer bundle
 from AWS, a private CA, the emulator's CA); ``IAMPG_SSLROOTCERT=system`` passes libpq's
-``sslrootcert=system`` (libpq >= 16: the operating system's store).
+``sslrootcert=system`` (libpq >= 16: the operating system's store). Such a file, or an
+``sslrootcert`` given, is narrowed like iampg's own when it holds 2 to 5 certificates (an
+AWS region bundle, say), in its own order; a larger one and ``system`` are read whole.
 """
 
 from __future__ import annotations
