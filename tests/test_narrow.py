@@ -375,6 +375,27 @@ def test_concurrent_connects_make_one_trial(emulator: Emulator, tmp_path: Path) 
         assert Path(_rootcert(conn)).read_bytes() == emulator.ca_file.read_bytes()
 
 
+def test_concurrent_tasks_make_one_trial(emulator: Emulator, tmp_path: Path) -> None:
+    """Eight aconnect tasks at once on one loop: one trial, the others use the whole file."""
+    bundle = _bundle(tmp_path / "region.pem", _rds(0), emulator.ca_file.read_bytes())
+    endpoint = endpoint_for(emulator, sslrootcert=str(bundle))
+    provider = iampg.TokenProvider(endpoint)
+    provider.token()
+
+    async def connect() -> str:
+        conn = await iampg.aconnect(endpoint, provider=provider)
+        try:
+            return _rootcert(conn)
+        finally:
+            await conn.close()
+
+    async def burst() -> list[str]:
+        return list(await asyncio.gather(*(connect() for _ in range(8))))
+
+    assert asyncio.run(burst()) == [str(bundle)] * 8
+    assert _server(bundle).misses == 1
+
+
 # -- pure rules ---------------------------------------------------------------------------
 
 
