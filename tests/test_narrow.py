@@ -138,6 +138,23 @@ def test_psycopg_paths_learn_and_use_the_one_ca(
     assert Path(used[2]).read_bytes() == emulator.ca_file.read_bytes()
 
 
+def test_a_learned_file_removed_from_disk_is_written_again(
+    emulator: Emulator, bundle: Path
+) -> None:
+    """A temporary-file cleaner deleting the learned file costs one retry, nothing learned."""
+    endpoint = endpoint_for(emulator, sslrootcert=str(bundle))
+    for _ in range(2):
+        iampg.connect(endpoint).close()
+    with iampg.connect(endpoint) as conn:
+        learned = _rootcert(conn)
+    Path(learned).unlink()
+    with iampg.connect(endpoint) as conn:  # the missing file: the whole file, at once
+        assert _rootcert(conn) == str(bundle)
+    with iampg.connect(endpoint) as conn:  # written again; still the emulator's CA
+        assert _rootcert(conn) == learned
+    assert _server(bundle).misses == 1
+
+
 def test_psycopg2_learns_and_uses_the_one_ca(emulator: Emulator, bundle: Path) -> None:
     """iampg's psycopg2 connect and pool narrow; psycopg2 cannot reconnect an object, so the
     whole-file retry is a new connection."""

@@ -26,7 +26,9 @@ server keeps the whole file (a reader endpoint that spreads connections over ins
 different CAs); files of more than :data:`MAX_CERTIFICATES` certificates (the system store,
 a global bundle) and ``sslrootcert=system`` are used as they are. A server is its host,
 address, port and CA file (with the file's size and modification time), so a changed file
-starts afresh.
+starts afresh. A one-certificate file that is gone (a temporary-file cleaner) costs one
+connect with the whole file and is written again; where no temporary directory is writable,
+nothing is narrowed.
 
 Forks: a child keeps what its parent learned (the same servers; a wrong guess costs one
 retry), with fresh locks, no trial in flight and its own temporary directory.
@@ -132,12 +134,22 @@ class Choice:
         self._finish(learned=False)
 
     def refused(self) -> None:
-        """The certificate did not verify with :attr:`file`: forget it, try another next."""
+        """The certificate did not verify with :attr:`file`: forget it, try another next.
+
+        A file that is gone (a cleaner emptied the temporary directory) is no verdict on the
+        server: the files are written again at the next connect, and nothing is forgotten.
+        """
+        gone = not os.path.exists(self.file)  # noqa: PTH110
         with _state.lock:
             server = self._server
             if self._done:
                 return
             self._done = True
+            if gone:
+                server.pieces = ()
+                server.trying = server.trying and not self.trial
+                _state.pieces.clear()
+                return
             server.misses += 1
             if self.trial:
                 server.trying = False
@@ -282,7 +294,7 @@ def _write(block: bytes) -> str:
 def _directory() -> str:
     state = _state
     with state.lock:
-        if state.directory is None:
+        if state.directory is None or not os.path.isdir(state.directory):  # noqa: PTH112 -- gone too
             state.directory = tempfile.mkdtemp(prefix="iampg-ca-")  # private: mode 0700
             atexit.register(_remove, state.directory, os.getpid())
         return state.directory
