@@ -413,6 +413,16 @@ def test_concurrent_tasks_make_one_trial(emulator: Emulator, tmp_path: Path) -> 
     assert _server(bundle).misses == 1
 
 
+def test_iampgs_own_files_narrow_to_the_shipped_one_ca_files(tmp_path: Path) -> None:
+    """A shipped region file's trials are the store's one-CA files: nothing is written."""
+    whole = STORE / "aws-us-east-1.pem"
+    choice = _narrow.choose(_params(whole))
+    assert choice is not None
+    assert Path(choice.file).parent == STORE
+    assert Path(choice.file).name == "ca-us-east-1-rsa2048.pem"
+    choice.released()
+
+
 # -- pure rules ---------------------------------------------------------------------------
 
 

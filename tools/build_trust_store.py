@@ -13,6 +13,10 @@ The store holds, as small PEM files that libpq reads on every connection:
   DSQL client must trust);
 - ``rds-global.pem``: every region's RDS CAs and the public roots, for regions without a file
   of their own;
+- ``ca-<region>-<rsa2048|rsa4096|ecc384>.pem``: each RDS CA alone, the file iampg gives libpq
+  once it has learned which CA of ``rds-<region>.pem`` or ``aws-<region>.pem`` verifies a
+  server (the manifest lists each region file's ``pieces``, in the order iampg tries them;
+  Amazon Root CA 1's is ``amazon-root-ca-1.pem``);
 - ``manifest.json``: for every certificate where it came from (package, version and path inside
   it, or the file given; the sha256 of that source), its subject, fingerprint and validity; for
   every file the certificates it holds; and the build date.
@@ -86,6 +90,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -520,7 +525,7 @@ def _preferred(entry: Entry) -> int:
     return CA_ORDER.index(match["alg"]) if match else len(CA_ORDER)
 
 
-def plan_files(found: Collected) -> dict[str, tuple[dict[str, str], list[Entry]]]:
+def plan_files(found: Collected) -> dict[str, tuple[dict[str, Any], list[Entry]]]:
     """Return {file name: (description fields, entries)} for every file of the store."""
     rds = sorted((e for e in found.entries.values() if e.role == "rds"), key=_sort_key)
     roots = sorted((e for e in found.entries.values() if e.role == "amazon-root"), key=_sort_key)
@@ -529,7 +534,7 @@ def plan_files(found: Collected) -> dict[str, tuple[dict[str, str], list[Entry]]
     # documented to need (DSQL: "trust Amazon Root CA 1"); each certificate in a file costs
     # every connection (see src/iampg/_trust/__init__.py).
     root_ca_1 = [e for e in roots if e.subject == ROOT_CA_1]
-    files: dict[str, tuple[dict[str, str], list[Entry]]] = {
+    files: dict[str, tuple[dict[str, Any], list[Entry]]] = {
         "amazon-roots.pem": ({"kind": "amazon-roots"}, roots),
         # Aurora DSQL: AWS documents one root ("your client system must trust Amazon Root CA
         # 1"), and each certificate in the file costs every connection.
@@ -538,9 +543,25 @@ def plan_files(found: Collected) -> dict[str, tuple[dict[str, str], list[Entry]]
     }
     for region in regions:
         mine = sorted((e for e in rds if e.region == region), key=_preferred)
-        files[f"rds-{region}.pem"] = ({"kind": "rds", "region": region}, mine)
-        files[f"aws-{region}.pem"] = ({"kind": "aws", "region": region}, mine + root_ca_1)
+        # One file per CA: what iampg gives libpq once it learned which CA verifies a server.
+        alone = [_ca_name(e) for e in mine]
+        for name, entry in zip(alone, mine, strict=True):
+            files[name] = ({"kind": "ca", "region": region}, [entry])
+        root_alone = ["amazon-root-ca-1.pem"] if root_ca_1 else []
+        files[f"rds-{region}.pem"] = ({"kind": "rds", "region": region, "pieces": alone}, mine)
+        files[f"aws-{region}.pem"] = (
+            {"kind": "aws", "region": region, "pieces": alone + root_alone},
+            mine + root_ca_1,
+        )
     return files
+
+
+def _ca_name(entry: Entry) -> str:
+    """Return the name of the file that holds one RDS CA alone: ``ca-<region>-<alg>.pem``."""
+    match = RDS_ROOT_CN.match(_attr(entry.cert.subject, NameOID.COMMON_NAME) or "")
+    if match is None:
+        raise TrustStoreError(f"{entry.subject}: not named like an RDS CA")
+    return f"ca-{match['region']}-{match['alg'].lower()}.pem"
 
 
 def render_pem(entries: Iterable[Entry]) -> bytes:
@@ -554,7 +575,7 @@ def render_pem(entries: Iterable[Entry]) -> bytes:
 
 def build_manifest(
     found: Collected,
-    files: dict[str, tuple[dict[str, str], list[Entry]]],
+    files: dict[str, tuple[dict[str, Any], list[Entry]]],
     contents: dict[str, bytes],
     *,
     built: dt.date,
@@ -628,6 +649,13 @@ def check_store(out: Path, *, now: dt.datetime) -> list[str]:
                 problems.append(f"{name}: {exc}")
         if prints != info["certificates"]:
             problems.append(f"{name}: certificates differ from the manifest")
+    for name, info in manifest["files"].items():
+        pieces = info.get("pieces")
+        if pieces is None:
+            continue
+        held = [manifest["files"].get(piece, {}).get("certificates") for piece in pieces]
+        if held != [[cert] for cert in info["certificates"]]:
+            problems.append(f"{name}: its pieces are not its certificates one by one, in order")
     extras = sorted(p.name for p in out.glob("*.pem") if p.name not in manifest["files"])
     problems.extend(f"{extra}: not in the manifest" for extra in extras)
     return problems

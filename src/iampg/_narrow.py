@@ -6,18 +6,19 @@ to one of its region's three RDS CAs, an Aurora cluster endpoint to one of those
 Amazon Root CA 1. So iampg learns, per server, which certificate of the file verifies it and
 gives libpq a file of that certificate alone.
 
-How it learns, by trial and never by accepting more: the certificates of a file of two to
-:data:`MAX_CERTIFICATES` are each written once to a file of its own (in a private temporary
-directory of the process), and a connect tries one of them, in the file's order, AWS's
-default CA first in iampg's files. libpq checks the chain during the TLS handshake, before
-anything else is sent, so a certificate that does not verify the server costs one failed
-handshake and no token; the connect is then made again at once with the whole file, as it
-would have been without narrowing, and the next connect tries the next certificate. A
-certificate that verified is used from then on; if it stops verifying (the instance's CA
-was rotated to another of the set), it is forgotten and the connect made again with the
-whole file within the same call. A narrowed file is always a subset of the file libpq would
-have read, so narrowing can refuse a server the whole file accepts (at the cost of that
-retry), never accept one the whole file refuses.
+How it learns, by trial and never by accepting more: each certificate of a file of two to
+:data:`MAX_CERTIFICATES` has a file of its own (for iampg's region files, the one-CA files
+the store ships, see :func:`iampg._trust.pieces`; for any other file, written once into a
+private temporary directory of the process), and a connect tries one of them, in the file's
+order, AWS's default CA first in iampg's files. libpq checks the chain during the TLS
+handshake, before anything else is sent, so a certificate that does not verify the server
+costs one failed handshake and no token; the connect is then made again at once with the
+whole file, as it would have been without narrowing, and the next connect tries the next
+certificate. A certificate that verified is used from then on; if it stops verifying (the
+instance's CA was rotated to another of the set), it is forgotten and the connect made again
+with the whole file within the same call. A narrowed file is always a subset of the file
+libpq would have read, so narrowing can refuse a server the whole file accepts (at the cost
+of that retry), never accept one the whole file refuses.
 
 Bounds: one trial at a time per server (while it runs, other connects to that server use the
 whole file, so a pool opening eight connections at once makes one trial); at most
@@ -262,6 +263,11 @@ def _pieces(whole: str, stamp: Stamp) -> tuple[str, ...] | None:
     with state.lock:
         if (whole, stamp) in state.pieces:
             return state.pieces[(whole, stamp)]
+    shipped = _shipped_pieces(whole)
+    if shipped is not None:
+        with state.lock:
+            state.pieces[(whole, stamp)] = shipped
+        return shipped
     try:
         with open(whole, "rb") as file:  # noqa: PTH123 -- one read, size-limited below
             data = file.read(_MAX_BYTES)
@@ -278,6 +284,13 @@ def _pieces(whole: str, stamp: Stamp) -> tuple[str, ...] | None:
             state.pieces.clear()
         state.pieces[(whole, stamp)] = pieces
     return pieces
+
+
+def _shipped_pieces(whole: str) -> tuple[str, ...] | None:
+    """Return the one-CA files iampg ships for one of its own files (nothing written)."""
+    from iampg import _trust  # noqa: PLC0415 -- the store's manifest, read once
+
+    return _trust.pieces(whole)
 
 
 def _write(block: bytes) -> str:
