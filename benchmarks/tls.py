@@ -20,13 +20,15 @@ the same token; only the TLS settings differ:
   trials that missed, made before timing) which one certificate verifies the emulator and
   gives libpq that certificate alone. Compared with ``iampg require``, :func:`iampg.connect`
   with ``sslmode=require``, so both sides pay iampg's own work (parameters checked, cached
-  token); this is the row with the bar, ≤ 1.05x.
+  token); this is the row with the bar, ≤ 1.05x. The file is not one iampg ships (none
+  holds the emulator's CA), so iampg splits it into its temporary directory instead of
+  using the store's one-CA files: either way libpq reads a 1-certificate file.
 
 The raw psycopg rows are context (what each file size costs libpq), reported only.
 
 Rounds run each variant once in a shuffled order (seeded), the garbage collector untimed
 before each connect; a verified variant's cost is the median of its per-round ratios to
-``require`` in the same round, with a bootstrap 95 % interval of that median and the
+``require`` (``iampg require`` for the iampg row) in the same round, with a bootstrap 95 % interval of that median and the
 interquartile range of the ratios as spread. ``IAMPG_BENCH_TLS_ROUNDS`` sets the number of
 rounds (default 300; 40 with ``--quick``).
 """
