@@ -28,9 +28,9 @@ The raw psycopg rows are context (what each file size costs libpq), reported onl
 
 Rounds run each variant once in a shuffled order (seeded), the garbage collector untimed
 before each connect; a verified variant's cost is the median of its per-round ratios to
-``require`` (``iampg require`` for the iampg row) in the same round, with a bootstrap 95 % interval of that median and the
-interquartile range of the ratios as spread. ``IAMPG_BENCH_TLS_ROUNDS`` sets the number of
-rounds (default 300; 40 with ``--quick``).
+``require`` (``iampg require`` for the iampg row) in the same round, with a bootstrap 95 %
+interval of that median and the interquartile range of the ratios as spread.
+``IAMPG_BENCH_TLS_ROUNDS`` sets the number of rounds (default 300; 40 with ``--quick``).
 """
 
 from __future__ import annotations
