@@ -164,6 +164,61 @@ def test_builder_reproduces_the_shipped_files(tmp_path: Path) -> None:
         assert (out / name).read_bytes() == (STORE / name).read_bytes(), name
 
 
+def test_replan_writes_the_same_store_from_its_own_manifest(tmp_path: Path) -> None:
+    """--replan: files, sources and build date come back the same from the store alone."""
+    import shutil
+
+    out = tmp_path / "store"
+    shutil.copytree(STORE, out, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    (out / "rds-us-east-1.pem").write_bytes(
+        b"".join(reversed(builder.pems_in_text((out / "rds-us-east-1.pem").read_bytes())))
+    )
+    assert builder.main(["--replan", "--out", str(out)]) == 0
+    for path in STORE.glob("*.pem"):
+        assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+    assert (out / "manifest.json").read_bytes() == (STORE / "manifest.json").read_bytes()
+
+
+def test_region_files_put_aws_default_ca_first() -> None:
+    """A region's CAs go RSA2048 (AWS's default), RSA4096, ECC384: the order iampg tries them."""
+    manifest = json.loads((STORE / "manifest.json").read_text(encoding="utf-8"))
+    subjects = {c["sha256"]: c["subject"] for c in manifest["certificates"]}
+    for name, info in manifest["files"].items():
+        if info.get("region") in (None, "*") or info["kind"] not in ("rds", "aws"):
+            continue
+        algs = [subjects[f] for f in info["certificates"]]
+        for alg, subject in zip(("RSA2048", "RSA4096", "ECC384"), algs, strict=False):
+            assert f"Root CA {alg} G1" in subject, name
+        if info["kind"] == "aws":
+            assert "Amazon Root CA 1" in algs[3], name
+
+
+def test_each_region_file_ships_its_cas_one_per_file() -> None:
+    """pieces(): one shipped file per certificate of a region file, in the file's order."""
+    for name in ("rds-us-east-1.pem", "aws-eu-west-1.pem"):
+        pieces = _trust.pieces(STORE / name)
+        assert pieces is not None
+        whole = builder.pems_in_text((STORE / name).read_bytes())
+        assert [builder.pems_in_text(Path(p).read_bytes()) for p in pieces] == [[c] for c in whole]
+    assert Path(_trust.pieces(STORE / "aws-eu-west-1.pem")[-1]).name == "amazon-root-ca-1.pem"  # type: ignore[index]
+    assert _trust.pieces(STORE / "rds-global.pem") is None
+    assert _trust.pieces(STORE / "amazon-root-ca-1.pem") is None
+    assert _trust.describe(STORE / "ca-us-east-1-rsa2048.pem") is not None
+
+
+def test_check_refuses_pieces_that_are_not_the_files_certificates(tmp_path: Path) -> None:
+    """--check: a region file's pieces must hold its certificates, one each, in order."""
+    import shutil
+
+    out = tmp_path / "store"
+    shutil.copytree(STORE, out, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    pieces = manifest["files"]["rds-us-east-1.pem"]["pieces"]
+    pieces[0], pieces[1] = pieces[1], pieces[0]
+    (out / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    assert any("pieces" in p for p in builder.check_store(out, now=NOW))
+
+
 def _npm_tgz(path: Path, name: str, version: str, files: dict[str, bytes]) -> Path:
     """Write an npm package tarball (``package/...``) holding ``files`` and a package.json."""
     import io
@@ -199,7 +254,11 @@ def test_builder_refuses_an_npm_bundle_that_disagrees_with_another_source(
     tmp_path: Path,
 ) -> None:
     """A certificate whose subject another source holds with another key stops the build."""
-    real = builder.load_pem(builder.pems_in_text((STORE / "rds-us-east-1.pem").read_bytes())[0])
+    (real,) = [
+        cert
+        for pem in builder.pems_in_text((STORE / "rds-us-east-1.pem").read_bytes())
+        if "ECC384" in (cert := builder.load_pem(pem)).subject.rfc4514_string()
+    ]
     forged = (
         x509.CertificateBuilder()
         .subject_name(real.subject)
@@ -289,7 +348,11 @@ def test_every_region_file_holds_that_regions_three_cas() -> None:
     """rds-<region>.pem holds RSA2048, RSA4096 and ECC384 CAs of that region and nothing else."""
     manifest = json.loads((STORE / "manifest.json").read_text(encoding="utf-8"))
     subjects = {c["sha256"]: c["subject"] for c in manifest["certificates"]}
-    regional = {n: i for n, i in manifest["files"].items() if i.get("region") not in (None, "*")}
+    regional = {
+        n: i
+        for n, i in manifest["files"].items()
+        if i.get("region") not in (None, "*") and i["kind"] in ("rds", "aws")
+    }
     assert "rds-us-east-1.pem" in regional
     for name, info in regional.items():
         names = sorted(subjects[f] for f in info["certificates"] if "Amazon RDS" in subjects[f])

@@ -3,7 +3,8 @@ r"""Build iampg's shipped AWS trust store (src/iampg/_trust/) from published cer
 The store holds, as small PEM files that libpq reads on every connection:
 
 - ``rds-<region>.pem``: the RDS certificate authorities of one region (rds-ca-rsa2048-g1,
-  rds-ca-rsa4096-g1, rds-ca-ecc384-g1), for RDS and Aurora instance endpoints;
+  rds-ca-rsa4096-g1, rds-ca-ecc384-g1, in that order: AWS's default first, the first iampg
+  tries alone), for RDS and Aurora instance endpoints;
 - ``aws-<region>.pem``: the same plus Amazon Root CA 1, for Aurora cluster endpoints and host
   names that are not AWS names (a tunnel alias, the emulator);
 - ``amazon-roots.pem``: Amazon Root CA 1-4 and Starfield Services Root CA G2, which RDS Proxy
@@ -12,6 +13,10 @@ The store holds, as small PEM files that libpq reads on every connection:
   DSQL client must trust);
 - ``rds-global.pem``: every region's RDS CAs and the public roots, for regions without a file
   of their own;
+- ``ca-<region>-<rsa2048|rsa4096|ecc384>.pem``: each RDS CA alone, the file iampg gives libpq
+  once it has learned which CA of ``rds-<region>.pem`` or ``aws-<region>.pem`` verifies a
+  server (the manifest lists each region file's ``pieces``, in the order iampg tries them;
+  Amazon Root CA 1's is ``amazon-root-ca-1.pem``);
 - ``manifest.json``: for every certificate where it came from (package, version and path inside
   it, or the file given; the sha256 of that source), its subject, fingerprint and validity; for
   every file the certificates it holds; and the build date.
@@ -62,6 +67,7 @@ Typical runs::
         --aws-bundle global-bundle.pem
 
     python tools/build_trust_store.py --check   # shipped files match the manifest
+    python tools/build_trust_store.py --replan  # the same certificates, files planned anew
 
     # the wheel carries the store (hatchling packages every file under src/iampg):
     python -m build --wheel --outdir /tmp/iampg-wheel . && \
@@ -84,6 +90,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -507,7 +514,18 @@ def _sort_key(entry: Entry) -> tuple[str, str, str]:
     return (entry.role, entry.region or "", entry.subject)
 
 
-def plan_files(found: Collected) -> dict[str, tuple[dict[str, str], list[Entry]]]:
+# The order of a region's CAs in its files: AWS's default for new instances first. iampg
+# tries a file's certificates one at a time, in this order, to learn which one verifies a
+# server (src/iampg/_narrow.py): the likeliest first costs the fewest failed handshakes.
+CA_ORDER = ("RSA2048", "RSA4096", "ECC384")
+
+
+def _preferred(entry: Entry) -> int:
+    match = RDS_ROOT_CN.match(_attr(entry.cert.subject, NameOID.COMMON_NAME) or "")
+    return CA_ORDER.index(match["alg"]) if match else len(CA_ORDER)
+
+
+def plan_files(found: Collected) -> dict[str, tuple[dict[str, Any], list[Entry]]]:
     """Return {file name: (description fields, entries)} for every file of the store."""
     rds = sorted((e for e in found.entries.values() if e.role == "rds"), key=_sort_key)
     roots = sorted((e for e in found.entries.values() if e.role == "amazon-root"), key=_sort_key)
@@ -516,7 +534,7 @@ def plan_files(found: Collected) -> dict[str, tuple[dict[str, str], list[Entry]]
     # documented to need (DSQL: "trust Amazon Root CA 1"); each certificate in a file costs
     # every connection (see src/iampg/_trust/__init__.py).
     root_ca_1 = [e for e in roots if e.subject == ROOT_CA_1]
-    files: dict[str, tuple[dict[str, str], list[Entry]]] = {
+    files: dict[str, tuple[dict[str, Any], list[Entry]]] = {
         "amazon-roots.pem": ({"kind": "amazon-roots"}, roots),
         # Aurora DSQL: AWS documents one root ("your client system must trust Amazon Root CA
         # 1"), and each certificate in the file costs every connection.
@@ -524,10 +542,26 @@ def plan_files(found: Collected) -> dict[str, tuple[dict[str, str], list[Entry]]
         "rds-global.pem": ({"kind": "aws", "region": "*"}, rds + roots),
     }
     for region in regions:
-        mine = [e for e in rds if e.region == region]
-        files[f"rds-{region}.pem"] = ({"kind": "rds", "region": region}, mine)
-        files[f"aws-{region}.pem"] = ({"kind": "aws", "region": region}, mine + root_ca_1)
+        mine = sorted((e for e in rds if e.region == region), key=_preferred)
+        # One file per CA: what iampg gives libpq once it learned which CA verifies a server.
+        alone = [_ca_name(e) for e in mine]
+        for name, entry in zip(alone, mine, strict=True):
+            files[name] = ({"kind": "ca", "region": region}, [entry])
+        root_alone = ["amazon-root-ca-1.pem"] if root_ca_1 else []
+        files[f"rds-{region}.pem"] = ({"kind": "rds", "region": region, "pieces": alone}, mine)
+        files[f"aws-{region}.pem"] = (
+            {"kind": "aws", "region": region, "pieces": alone + root_alone},
+            mine + root_ca_1,
+        )
     return files
+
+
+def _ca_name(entry: Entry) -> str:
+    """Return the name of the file that holds one RDS CA alone: ``ca-<region>-<alg>.pem``."""
+    match = RDS_ROOT_CN.match(_attr(entry.cert.subject, NameOID.COMMON_NAME) or "")
+    if match is None:
+        raise TrustStoreError(f"{entry.subject}: not named like an RDS CA")
+    return f"ca-{match['region']}-{match['alg'].lower()}.pem"
 
 
 def render_pem(entries: Iterable[Entry]) -> bytes:
@@ -541,7 +575,7 @@ def render_pem(entries: Iterable[Entry]) -> bytes:
 
 def build_manifest(
     found: Collected,
-    files: dict[str, tuple[dict[str, str], list[Entry]]],
+    files: dict[str, tuple[dict[str, Any], list[Entry]]],
     contents: dict[str, bytes],
     *,
     built: dt.date,
@@ -615,9 +649,46 @@ def check_store(out: Path, *, now: dt.datetime) -> list[str]:
                 problems.append(f"{name}: {exc}")
         if prints != info["certificates"]:
             problems.append(f"{name}: certificates differ from the manifest")
+    for name, info in manifest["files"].items():
+        pieces = info.get("pieces")
+        if pieces is None:
+            continue
+        held = [manifest["files"].get(piece, {}).get("certificates") for piece in pieces]
+        if held != [[cert] for cert in info["certificates"]]:
+            problems.append(f"{name}: its pieces are not its certificates one by one, in order")
     extras = sorted(p.name for p in out.glob("*.pem") if p.name not in manifest["files"])
     problems.extend(f"{extra}: not in the manifest" for extra in extras)
     return problems
+
+
+def collected_from_store(out: Path) -> tuple[Collected, dt.date]:
+    """Return what a written store holds, with its recorded sources, and its build date.
+
+    For ``--replan``: the files are planned again from the same certificates and provenance
+    (a change of layout or order), without the original sources at hand.
+    """
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    sources = [
+        Source(r["sha256"], r["path"], r.get("package"), r.get("version"))
+        for r in manifest["sources"]
+    ]
+    found = Collected(sources=list(sources))
+    by_print = {c["sha256"]: c for c in manifest["certificates"]}
+    for name in manifest["files"]:
+        for pem in pems_in_text((out / name).read_bytes()):
+            entry = Entry(load_pem(pem), "", None)
+            record = by_print.get(entry.fingerprint)
+            if record is None:
+                raise TrustStoreError(f"{name}: a certificate the manifest does not list")
+            if entry.fingerprint in found.entries:
+                continue
+            entry.role, entry.region = record["role"], record.get("region")
+            entry.sources = [sources[i] for i in record["sources"]]
+            found.entries[entry.fingerprint] = entry
+    if set(found.entries) != set(by_print):
+        raise TrustStoreError("the manifest lists certificates that no file holds")
+    found.skipped = [(s["subject"], s["reason"]) for s in manifest["skipped"]]
+    return found, dt.date.fromisoformat(manifest["built"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -653,6 +724,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=OUT, help=f"where to write (default: {OUT})")
     parser.add_argument(
+        "--replan",
+        action="store_true",
+        help="write the store's files again from its own certificates and manifest (same "
+        "sources and build date); for a change of layout or order",
+    )
+    parser.add_argument(
         "--check",
         action="store_true",
         help="check the written store against its manifest; write nothing",
@@ -666,6 +743,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not problems:
             print(f"{args.out}: every file matches manifest.json; every certificate is a valid CA")
         return 1 if problems else 0
+    if args.replan:
+        try:
+            found, built = collected_from_store(args.out)
+            write_store(found, args.out, built=built)
+        except (TrustStoreError, OSError, KeyError, ValueError) as exc:
+            print(f"build_trust_store: {exc}; nothing written", file=sys.stderr)
+            return 1
+        print(f"planned {args.out} again from its {len(found.entries)} certificates")
+        return 0
     if args.npm_package is None and not args.aws_bundle and not args.npm_bundle:
         parser.error("give --npm-package, --npm-bundle and/or --aws-bundle")
     public_roots, package = args.public_roots, None

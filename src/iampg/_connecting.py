@@ -13,10 +13,10 @@ import ipaddress
 import logging
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from iampg import _conninfo, _refresh
+from iampg import _conninfo, _narrow, _refresh
 from iampg._defaults import ServiceDefaults, canonical_preset, defaults_for
 from iampg._diagnose import (
     authentication_error,
@@ -36,20 +36,24 @@ __all__ = [
     "Attempts",
     "Secret",
     "Target",
+    "aopen_verified",
     "async_class",
     "check",
     "check_extra",
     "connect_params",
     "explain",
     "final_params",
+    "open_verified",
     "prepare",
     "preset_argument",
     "resolve",
     "sync_class",
+    "with_root",
 ]
 
 logger = logging.getLogger("iampg.pool")
 
+T = TypeVar("T")
 CT = TypeVar("CT", bound="psycopg.Connection[Any]")
 ACT = TypeVar("ACT", bound="psycopg.AsyncConnection[Any]")
 
@@ -307,6 +311,70 @@ def prepare(
     return Target(ep, prov, defaults, params, allow_insecure)
 
 
+# -- the CA file each attempt verifies with ----------------------------------------------
+
+
+def with_root(params: Mapping[str, Any], rootcert: str | None) -> dict[str, Any]:
+    """Return ``params`` with ``sslrootcert`` replaced by ``rootcert`` (unless None)."""
+    return dict(params) if rootcert is None else {**params, "sslrootcert": rootcert}
+
+
+def _settle(choice: _narrow.Choice, exc: BaseException) -> bool:
+    """Record how a narrowed attempt failed; tell whether to connect again with the whole file.
+
+    A refused token proves the certificate verified: libpq sends a password only then.
+    """
+    if isinstance(exc, Exception) and choice.refusal(exc):
+        choice.refused()
+        return True
+    if isinstance(exc, Exception) and failure_kind(exc) == "token":
+        choice.verified()
+    else:
+        choice.released()
+    return False
+
+
+def open_verified(open_: Callable[[str | None], T], params: Mapping[str, Any]) -> T:
+    """Call ``open_`` with the one-CA file that verifies the server, else None (the whole file).
+
+    ``params`` are the final libpq parameters. When :mod:`iampg._narrow` knows (or is
+    finding out) which certificate of the ``sslrootcert`` file verifies this server,
+    ``open_`` gets that certificate's file; if the server's certificate does not verify with
+    it (before any password is sent), ``open_`` is called again with None: the whole file,
+    as without narrowing.
+    """
+    choice = _narrow.choose(params)
+    if choice is None:
+        return open_(None)
+    try:
+        conn = open_(choice.file)
+    except BaseException as exc:
+        if not _settle(choice, exc):
+            raise
+    else:
+        choice.verified()
+        return conn
+    return open_(None)
+
+
+async def aopen_verified(
+    open_: Callable[[str | None], Awaitable[T]], params: Mapping[str, Any]
+) -> T:
+    """The asynchronous twin of :func:`open_verified`."""
+    choice = _narrow.choose(params)
+    if choice is None:
+        return await open_(None)
+    try:
+        conn = await open_(choice.file)
+    except BaseException as exc:
+        if not _settle(choice, exc):
+            raise
+    else:
+        choice.verified()
+        return conn
+    return await open_(None)
+
+
 # -- refusals and retries -----------------------------------------------------------------
 
 
@@ -402,8 +470,14 @@ def sync_class(base: type[CT], target: Target) -> type[CT]:
             token = Secret(kwargs.pop("password", None))
             params = final_params(conninfo, kwargs)
             target.check(params)
+            base_connect = super().connect
             try:
-                return super().connect(conninfo, **kwargs, password=token.value)
+                return open_verified(
+                    lambda root: base_connect(
+                        conninfo, **with_root(kwargs, root), password=token.value
+                    ),
+                    params,
+                )
             except psycopg.OperationalError as exc:
                 error = explain(exc, target.provider, token, params)
                 if error is exc:
@@ -424,8 +498,14 @@ def async_class(base: type[ACT], target: Target) -> type[ACT]:
             token = Secret(kwargs.pop("password", None))
             params = final_params(conninfo, kwargs)
             target.check(params)
+            base_connect = super().connect
             try:
-                return await super().connect(conninfo, **kwargs, password=token.value)
+                return await aopen_verified(
+                    lambda root: base_connect(
+                        conninfo, **with_root(kwargs, root), password=token.value
+                    ),
+                    params,
+                )
             except psycopg.OperationalError as exc:
                 error = explain(exc, target.provider, token, params)
                 if error is exc:

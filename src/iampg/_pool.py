@@ -18,10 +18,14 @@ from typing_extensions import TypeVar
 from iampg._connecting import (
     Attempts,
     Secret,
+    aopen_verified,
     async_class,
+    final_params,
+    open_verified,
     prepare,
     preset_argument,
     sync_class,
+    with_root,
 )
 from iampg._defaults import pool_options
 from iampg._endpoint import Endpoint
@@ -42,6 +46,7 @@ ACT = TypeVar(
 _CONNECTION: Any = psycopg.Connection
 _ASYNC_CONNECTION: Any = psycopg.AsyncConnection
 
+T = TypeVar("T")
 KwargsParam = Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None
 AsyncKwargsParam = (
     Mapping[str, Any]
@@ -141,11 +146,12 @@ def connect(
         endpoint, provider, preset_argument(preset, profile), allow_insecure=allow_insecure
     )
     params = target.merge(kwargs)
+    final = final_params("", params)
     attempts = Attempts(target, wait, params)
     while True:
         token = Secret(target.provider.token())
         try:
-            return connection_class.connect(**params, password=token.value)
+            return open_verified(_opening(connection_class.connect, params, token), final)
         except psycopg.OperationalError as exc:
             delay = attempts.failed(exc, token)
         if delay:
@@ -207,15 +213,23 @@ async def aconnect(
         endpoint, provider, preset_argument(preset, profile), allow_insecure=allow_insecure
     )
     params = target.merge(kwargs)
+    final = final_params("", params)
     attempts = Attempts(target, wait, params)
     while True:
         token = Secret(await target.provider.atoken())
         try:
-            return await connection_class.connect(**params, password=token.value)
+            return await aopen_verified(_opening(connection_class.connect, params, token), final)
         except psycopg.OperationalError as exc:
             delay = attempts.failed(exc, token)
         if delay:
             await asyncio.sleep(delay)
+
+
+def _opening(
+    connect: Callable[..., T], params: Mapping[str, Any], token: Secret
+) -> Callable[[str | None], T]:
+    """Return what opens a connection with ``params``, its ``sslrootcert`` replaced if given."""
+    return lambda root: connect(**with_root(params, root), password=token.value)
 
 
 class ConnectionPool(psycopg_pool.ConnectionPool[CT]):

@@ -3,14 +3,17 @@
 The PEM files beside this module are built by ``tools/build_trust_store.py`` from AWS's
 published certificates; ``manifest.json`` records where each certificate came from, its
 fingerprint and validity, and when the store was built. Nothing is read at import time: a
-file name is chosen from the endpoint, and the manifest is read only by :func:`describe` and
-the ``iampg ca`` command.
+file name is chosen from the endpoint, and the manifest is read only by :func:`describe`,
+:func:`pieces` (once per CA file narrowed) and the ``iampg ca`` command.
 
 Which file an endpoint gets (libpq reads the whole file on every connection, so each is as
-small as what the endpoint's certificate chains to):
+small as what the endpoint's certificate chains to; and since an instance's certificate
+chains to one CA of its region's set, ``iampg._narrow`` then learns, per server, which
+certificate of the file verifies it and gives libpq that one alone; see that module):
 
 - RDS and Aurora instance endpoints: ``rds-<region>.pem``, that region's RDS CAs
-  (rds-ca-rsa2048-g1, rds-ca-rsa4096-g1, rds-ca-ecc384-g1).
+  (rds-ca-rsa2048-g1, AWS's default for new instances, first; then rds-ca-rsa4096-g1 and
+  rds-ca-ecc384-g1: the order in which iampg tries them alone).
 - Aurora cluster endpoints (``.cluster-``, ``.cluster-ro-``, ``.cluster-custom-``):
   ``aws-<region>.pem``, the region's RDS CAs plus Amazon Root CA 1. Why that root too: an
   Aurora PostgreSQL cluster in the express configuration is reached through an internet
@@ -40,7 +43,9 @@ small as what the endpoint's certificate chains to):
 
 The environment variable ``IAMPG_SSLROOTCERT`` names a file to use instead (a newer bundle
 from AWS, a private CA, the emulator's CA); ``IAMPG_SSLROOTCERT=system`` passes libpq's
-``sslrootcert=system`` (libpq >= 16: the operating system's store).
+``sslrootcert=system`` (libpq >= 16: the operating system's store). Such a file, or an
+``sslrootcert`` given, is narrowed like iampg's own when it holds 2 to 5 certificates (an
+AWS region bundle, say), in its own order; a larger one and ``system`` are read whole.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ from iampg.errors import ConfigurationError
 if TYPE_CHECKING:
     from iampg._endpoint import Endpoint
 
-__all__ = ["ENV_VAR", "describe", "directory", "override", "root_file"]
+__all__ = ["ENV_VAR", "describe", "directory", "override", "pieces", "root_file"]
 
 ENV_VAR = "IAMPG_SSLROOTCERT"
 """The environment variable that names a CA file to use instead of the shipped store."""
@@ -140,6 +145,24 @@ def root_file(endpoint: Endpoint, *, environ: Mapping[str, str] | None = None) -
     return _regional("rds", endpoint.region)
 
 
+def pieces(path: str | os.PathLike[str]) -> tuple[str, ...] | None:
+    """Return the shipped one-certificate files of a shipped file, in the order to try them.
+
+    None for a file that is not iampg's or has none (``iampg._narrow`` then splits it
+    itself). ``rds-<region>.pem`` has ``ca-<region>-rsa2048.pem``, ``-rsa4096`` and
+    ``-ecc384``; ``aws-<region>.pem`` the same and ``amazon-root-ca-1.pem``.
+    """
+    candidate = Path(path)
+    try:
+        if candidate.resolve().parent != _DIR:
+            return None
+    except (OSError, RuntimeError):
+        return None
+    info = _manifest()["files"].get(candidate.name) or {}
+    names = info.get("pieces")
+    return None if not names else tuple(str(_DIR / name) for name in names)
+
+
 @cache
 def _manifest() -> dict[str, Any]:
     import json  # noqa: PLC0415 -- read only by describe() and `iampg ca`
@@ -171,6 +194,8 @@ def _what(info: Mapping[str, Any]) -> str:
         )
     if info["kind"] == "aws":
         return f"RDS CA set for {region}, with Amazon Root CA 1"
+    if info["kind"] == "ca":
+        return f"one RDS CA of {region}"
     return f"RDS CA set for {region}"
 
 
@@ -227,6 +252,11 @@ def report(*, today: dt.date | None = None) -> list[str]:
         )
         span = "-".join(dict.fromkeys(str(c) for c in (counts or [0])[:: max(len(counts) - 1, 1)]))
         lines.append(f"{prefix}-<region>.pem: {span} certificates each: {what}")
+    alone = sum(info["kind"] == "ca" for info in files.values())
+    lines.append(
+        f"ca-<region>-<rsa2048|rsa4096|ecc384>.pem: {alone} files of 1 certificate: each RDS CA "
+        "alone, what a verified connect reads once iampg has learned the server's CA"
+    )
     return lines
 
 

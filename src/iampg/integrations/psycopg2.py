@@ -25,8 +25,8 @@ import psycopg2.extensions
 import psycopg2.pool
 
 import iampg.errors
-from iampg import _retry
-from iampg._connecting import Attempts, Secret, Target, check_extra, explain, prepare
+from iampg import _narrow, _retry
+from iampg._connecting import Attempts, Secret, Target, check_extra, explain, prepare, with_root
 from iampg._diagnose import failure_kind
 from iampg._forks import Opened as _Opened
 from iampg.integrations import EndpointOrProvider
@@ -41,6 +41,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("iampg.integrations.psycopg2")
+
+T = TypeVar("T")
 
 
 # The two bases type their ``diag`` differently; at runtime each is the driver's own.
@@ -72,6 +74,15 @@ def _translated(error: Exception) -> Exception:
     return error
 
 
+class _NarrowedRefused(psycopg2.OperationalError):
+    """The server did not verify with the one-CA file tried: connect again with the whole file.
+
+    psycopg2 cannot connect a connection object twice, so the connect is made again by the
+    caller (:func:`connect`, :class:`ThreadedConnectionPool`), inside
+    :func:`iampg._narrow.whole_file`.
+    """
+
+
 def _final_params(target: Target, dsn: str) -> dict[str, str]:
     """Merge the caller's DSN over the endpoint's parameters; check what libpq will receive.
 
@@ -88,24 +99,46 @@ def _final_params(target: Target, dsn: str) -> dict[str, str]:
 
 
 def _factory(
-    connecting: Target, base: type[psycopg2.extensions.connection]
+    connecting: Target, base: type[psycopg2.extensions.connection], *, narrow: bool = False
 ) -> type[psycopg2.extensions.connection]:
-    """Subclass ``base``: each connection checked, signed, and its refusal explained."""
+    """Subclass ``base``: each connection checked, signed, and its refusal explained.
+
+    With ``narrow``, a connection may verify the server with the one certificate of the CA
+    file that verifies it (see :mod:`iampg._narrow`); when that fails, it raises
+    :class:`_NarrowedRefused` for the caller to connect again with the whole file.
+    """
     provider = connecting.provider
 
     class IamConnection(base):  # type: ignore[valid-type,misc]
         def __init__(self, dsn: str, *args: Any, **kwargs: Any) -> None:
             params = _final_params(connecting, dsn)
+            choice = _narrow.choose(params) if narrow else None
             token = Secret(provider.token())
             try:
                 super().__init__(
-                    psycopg2.extensions.make_dsn(**params, password=token.value), *args, **kwargs
+                    psycopg2.extensions.make_dsn(
+                        **with_root(params, None if choice is None else choice.file),
+                        password=token.value,
+                    ),
+                    *args,
+                    **kwargs,
                 )
             except psycopg2.OperationalError as exc:
+                if choice is not None and choice.refusal(exc):
+                    choice.refused()
+                    raise _NarrowedRefused(str(exc)) from exc
+                if choice is not None:
+                    choice.released()
                 error = explain(cast("Any", exc), provider, token)
                 if error is exc:
                     raise
                 raise _translated(error) from exc
+            except BaseException:
+                if choice is not None:
+                    choice.released()
+                raise
+            if choice is not None:
+                choice.verified()
 
     name = base.__name__
     IamConnection.__name__ = IamConnection.__qualname__ = f"Iam{name[:1].upper()}{name[1:]}"
@@ -190,11 +223,12 @@ def connect(
         psycopg2.OperationalError: The connection failed for another reason.
     """
     connecting = prepare(target, None, preset, allow_insecure=allow_insecure)
-    factory = _factory(connecting, connection_factory or psycopg2.extensions.connection)
+    base = connection_factory or psycopg2.extensions.connection
+    factory = _factory(connecting, base, narrow=True)
     attempts = Attempts(connecting, wait)
     while True:
         try:
-            return psycopg2.connect(connection_factory=factory, **kwargs)
+            return _connect_narrowed(lambda: psycopg2.connect(connection_factory=factory, **kwargs))
         except psycopg2.OperationalError as exc:
             server = exc.__cause__ if isinstance(exc, iampg.errors.Error) else exc
             try:
@@ -204,6 +238,16 @@ def connect(
                 raise _translated(verdict) from server
         if delay:
             time.sleep(delay)
+
+
+def _connect_narrowed(open_: Callable[[], T]) -> T:
+    """Call ``open_``; when the one-CA file it tried did not verify, again with the whole file."""
+    try:
+        return open_()
+    except _NarrowedRefused:
+        logger.debug("connecting again with the whole CA file")
+    with _narrow.whole_file():
+        return open_()
 
 
 class ThreadedConnectionPool(psycopg2.pool.ThreadedConnectionPool):
@@ -252,7 +296,8 @@ class ThreadedConnectionPool(psycopg2.pool.ThreadedConnectionPool):
         **kwargs: Any,
     ) -> None:
         connecting = prepare(target, None, preset, allow_insecure=allow_insecure)
-        factory = _factory(connecting, connection_factory or psycopg2.extensions.connection)
+        base = connection_factory or psycopg2.extensions.connection
+        factory = _factory(connecting, base, narrow=True)
         self._iampg_opened = _Opened()
         super().__init__(minconn, maxconn, connection_factory=factory, **kwargs)
 
@@ -275,18 +320,17 @@ class ThreadedConnectionPool(psycopg2.pool.ThreadedConnectionPool):
 
     def _connect(self, key: Any = None) -> Any:
         """Open a new pooled connection, once more if the server refused the token."""
+        connect = super()._connect  # type: ignore[misc]
         try:
-            return super()._connect(key)  # type: ignore[misc]
+            return _connect_narrowed(lambda: connect(key))
         except AuthenticationError as exc:
             if failure_kind(exc) != "token":
                 raise
             logger.info("token refused; retrying once with a new token")
-        return super()._connect(key)  # type: ignore[misc]
+        return _connect_narrowed(lambda: connect(key))
 
 
 # -- transactions that run again after a conflict or a lost connection ----------------------
-
-T = TypeVar("T")
 
 
 @overload

@@ -21,7 +21,15 @@ import sqlalchemy
 from sqlalchemy import event
 
 from iampg import _retry
-from iampg._connecting import Secret, Target, explain, prepare
+from iampg._connecting import (
+    Secret,
+    Target,
+    explain,
+    final_params,
+    open_verified,
+    prepare,
+    with_root,
+)
 from iampg._defaults import ServiceDefaults, defaults_for
 from iampg.errors import AuthenticationError
 from iampg.integrations import EndpointOrProvider, _resolve
@@ -167,6 +175,7 @@ def install(
     connecting = prepare(target, None, preset, allow_insecure=allow_insecure)
     endpoint, provider = connecting.endpoint, connecting.provider
     arguments = _ARGUMENTS[driver](connecting)
+    libpq = _ARGUMENTS[driver] is _libpq  # libpq reads the CA file on every connection
     explained = _explained_class(engine.dialect.loaded_dbapi)
     from_url = {"host": engine.url.host, "port": engine.url.port}
     bridge = _await_function() if engine.dialect.is_async else None
@@ -182,7 +191,12 @@ def install(
         kwargs = arguments(given)
         token = Secret(bridge(provider.atoken()) if bridge is not None else provider.token())
         try:
-            return dialect.connect(*cargs, **kwargs, password=token.value)
+            return open_verified(
+                lambda root: dialect.connect(
+                    *cargs, **with_root(kwargs, root), password=token.value
+                ),
+                final_params("", kwargs) if libpq else {},
+            )
         except Exception as exc:
             server = _server_error(exc)
             error = explain(cast("Any", server), provider, token, kwargs)

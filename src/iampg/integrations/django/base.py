@@ -9,7 +9,7 @@ import psycopg
 from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.postgresql import base
 
-from iampg._connecting import Secret, Target, explain, final_params
+from iampg._connecting import Secret, Target, explain, final_params, open_verified, with_root
 from iampg._tokens import TokenProvider
 from iampg.integrations.django import PROVIDER_OPTION, ProviderRef
 
@@ -71,9 +71,13 @@ class DatabaseWrapper(base.DatabaseWrapper):  # type: ignore[misc]
         """Connect; a token the server refused is forgotten and the error explained."""
         target = self._target()
         token = Secret(conn_params.get("password"))
-        target.check(final_params("", {k: v for k, v in conn_params.items() if k != "password"}))
+        params = final_params("", {k: v for k, v in conn_params.items() if k != "password"})
+        target.check(params)
+        base_connect = super().get_new_connection
         try:
-            return super().get_new_connection(conn_params)
+            if self.pool:  # the pool's connection class chooses the CA file (sync_class)
+                return base_connect(conn_params)
+            return open_verified(lambda root: base_connect(with_root(conn_params, root)), params)
         except psycopg.OperationalError as exc:
             error = explain(exc, target.provider, token, conn_params)
             if error is exc:
