@@ -270,6 +270,19 @@ def _wait_closed(pool: psycopg_pool.ConnectionPool[Any]) -> None:
     pytest.fail("the closed sessions never showed an end of stream")
 
 
+def _restartable(emu: Emulator) -> Endpoint:
+    """The endpoint of ``emu`` that still works once it is restarted (a new CA) on its port."""
+    return Endpoint(
+        emu.host,
+        user="postgres",
+        port=emu.port,
+        hostaddr=emu.listen_host,
+        region=emu.region,
+        sslmode="require",
+        connect_timeout="5",
+    )
+
+
 def test_liveness_check_refuses_a_closed_session_without_a_round_trip(backend: Backend) -> None:
     """A session whose socket shows the server's close is refused without trying a query.
 
@@ -282,17 +295,8 @@ def test_liveness_check_refuses_a_closed_session_without_a_round_trip(backend: B
     emu = Emulator(backend.dsn)
     emu.start()
     try:
-        endpoint = Endpoint(
-            emu.host,
-            user="postgres",
-            port=emu.port,
-            hostaddr=emu.listen_host,
-            region=emu.region,
-            sslmode="require",  # a restarted gateway has a new CA
-            connect_timeout="5",
-        )
         with iampg.ConnectionPool(
-            endpoint,
+            _restartable(emu),
             min_size=1,
             max_size=1,
             connection_class=CountingConnection,
@@ -316,6 +320,61 @@ def test_liveness_check_refuses_a_closed_session_without_a_round_trip(backend: B
             assert CountingConnection.checks == 2
     finally:
         emu.stop()
+
+
+class AsyncCountingConnection(psycopg.AsyncConnection[Any]):
+    """The asynchronous twin of :class:`CountingConnection`."""
+
+    checks = 0
+
+    async def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+        if query == "":
+            AsyncCountingConnection.checks += 1
+        return await super().execute(query, *args, **kwargs)
+
+
+def test_async_liveness_check_refuses_a_closed_session_without_a_round_trip(
+    backend: Backend,
+) -> None:
+    """The async twin refuses a closed session on what its socket shows, with no query."""
+    clock = FakeClock()
+    AsyncCountingConnection.checks = 0
+    emu = Emulator(backend.dsn)
+    emu.start()
+
+    async def main() -> dict[str, int]:
+        nonlocal emu
+        async with iampg.AsyncConnectionPool(
+            _restartable(emu),
+            min_size=1,
+            max_size=1,
+            connection_class=AsyncCountingConnection,
+            check=_lost.AsyncLivenessCheck(clock=clock),
+        ) as pool:
+            await pool.wait()
+            async with pool.connection() as conn:
+                await conn.execute("select 1")
+            port = emu.port
+            await asyncio.to_thread(emu.stop)
+            for _ in range(500):
+                if all((r := _lost._ready(c)) and r[0][1] & _lost._GONE for c in pool._pool):
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                pytest.fail("the closed sessions never showed an end of stream")
+            emu = Emulator(backend.dsn, port=port)
+            await asyncio.to_thread(emu.start)
+            clock.now += 0.5
+            async with pool.connection() as conn:
+                assert await (await conn.execute("select 1")).fetchone() == (1,)
+            return pool.get_stats()
+
+    try:
+        stats = asyncio.run(main())
+    finally:
+        emu.stop()
+    assert stats["connections_lost"] == 1
+    assert AsyncCountingConnection.checks == 2  # each connection once, as new; none when closed
 
 
 def _last_query(backend: Backend, application_name: str) -> str:
