@@ -19,7 +19,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import RESULTS, Result, emulator_process, isolate_aws_env
+from benchmarks._common import (
+    RESULTS,
+    Result,
+    emulator_process,
+    isolate_aws_env,
+    reference_loop_ms,
+)
 
 GROUPS = (
     "token",
@@ -47,11 +53,21 @@ PACKAGES = (
 )
 
 
+def _version(name: str) -> str:
+    """Return an installed distribution's version, or "not installed".
+
+    metadata.version() normalises the name as pip does: aws-advanced-python-wrapper's own
+    metadata spells it aws_advanced_python_wrapper, which a plain comparison missed.
+    """
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    installed = {d.metadata["Name"].lower() for d in metadata.distributions()}
-    for name in PACKAGES:
-        out[name] = metadata.version(name) if name in installed else "not installed"
+    out |= {name: _version(name) for name in PACKAGES}
     try:
         import psycopg  # noqa: PLC0415
 
@@ -62,10 +78,12 @@ def _versions() -> dict[str, str]:
 
 
 def _machine() -> dict[str, Any]:
+    """Describe the machine, its load and its speed; called before the first benchmark."""
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "load_average_at_start": os.getloadavg(),
+        "reference_loop_cpu_ms_at_start": round(reference_loop_ms(), 1),
     }
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
@@ -160,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     from iampg.emulator import Backend  # noqa: PLC0415
 
     started = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    machine = _machine()  # the load average and the machine's speed before any benchmark
     t0 = time.perf_counter()
     results: list[Result] = []
     with ExitStack() as stack:
@@ -201,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "nox -s bench"
         if os.environ.get("NOX_CURRENT_SESSION")
         else shlex.join(["python", "-m", "benchmarks", *(argv or sys.argv[1:])]),
-        "machine": _machine(),
+        "machine": {**machine, "load_average_at_end": os.getloadavg()},
         "versions": _versions(),
         "backend": backend_desc,
         "results": [r.to_json() for r in results],

@@ -91,6 +91,23 @@ class Stats:
         return (self.p75 - self.p25) / self.median if self.median else float("nan")
 
 
+def reference_loop_ms(repeats: int = 5) -> float:
+    """Return the median CPU milliseconds of a fixed pure-Python loop: the machine's speed now.
+
+    This shared 2-core machine's speed varies by several times over a day (other guests on its
+    host): a token-cache hit and a botocore signing took 3-4x longer one afternoon than in
+    that morning's run, and a pooled checkout's client CPU time with them, while the machine
+    itself was mostly idle. Rows that report CPU time report this too, so that two runs'
+    figures can be compared.
+    """
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        sum(range(1_000_000))
+        times.append(time.process_time() - start)
+    return statistics.median(times) * 1e3
+
+
 def median_interval(values: list[float], *, resamples: int = 2000) -> tuple[float, float]:
     """Return a 95 % bootstrap interval of the median of ``values`` (seeded, repeatable)."""
     rng = random.Random(7)

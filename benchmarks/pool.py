@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg_pool
 from psycopg.conninfo import make_conninfo
 
 import iampg
-from benchmarks._common import EmulatorInfo, Result, Stats, median_interval, ms
+from benchmarks._common import (
+    EmulatorInfo,
+    Result,
+    Stats,
+    median_interval,
+    ms,
+    reference_loop_ms,
+)
 from iampg import Endpoint, SignedToken, Signer, TokenProvider
 from iampg._aws import AwsSigner
 
@@ -84,7 +92,7 @@ def _throughput_row(name: str, what: str, ours: list[float], theirs: list[float]
 
 
 def throughput(emu: EmulatorInfo, *, quick: bool = False) -> list[Result]:
-    runs, seconds = (3, 1.0) if quick else (7, 3.0)
+    runs, seconds = (4, 1.0) if quick else (21, 1.5)
     ep = emu.endpoint("postgres")
     provider = TokenProvider(ep)
     static = _static_conninfo(emu, provider.token())
@@ -94,21 +102,22 @@ def throughput(emu: EmulatorInfo, *, quick: bool = False) -> list[Result]:
         "open": True,
         "timeout": 30,
     }
-    ours: list[float] = []
-    theirs: list[float] = []
+    load_before, speed = os.getloadavg(), reference_loop_ms()
     with (
         iampg.ConnectionPool(ep, provider=provider, **sizes) as mine,
         psycopg_pool.ConnectionPool(static, **sizes) as plain,
     ):
-        mine.wait(30)
-        plain.wait(30)
-        _threads_throughput(mine, 0.3)
-        _threads_throughput(plain, 0.3)
-        for i in range(runs):  # alternate which goes first
-            order = [(mine, ours), (plain, theirs)]
-            for pool, sink in order if i % 2 == 0 else order[::-1]:
-                sink.append(_threads_throughput(pool, seconds))
-    rows = [_throughput_row("pool_threads", "pool throughput, 8 threads", ours, theirs)]
+        got = _paired({"iampg": mine, "plain": plain}, runs, seconds)
+    rows = [
+        _paired_row(
+            "pool_threads",
+            "pool throughput, 8 threads",
+            "plain psycopg_pool with a static password, same emulator and sizes",
+            got,
+            load_before=load_before,
+            speed=speed,
+        )
+    ]
 
     async def async_runs() -> tuple[list[float], list[float]]:
         a_ours: list[float] = []
@@ -230,25 +239,42 @@ def refresh_latency(emu: EmulatorInfo, *, quick: bool = False) -> list[Result]:
     return rows
 
 
-def _threads_run(pool: psycopg_pool.ConnectionPool[Any], seconds: float) -> tuple[float, float]:
-    """Return (checkouts per second, client CPU seconds per checkout) with 8 threads.
+def _threads_run(
+    pool: psycopg_pool.ConnectionPool[Any], seconds: float
+) -> tuple[float, float, float]:
+    """Return checkouts per second, client CPU seconds and context switches per checkout.
 
     The CPU time is the benchmark process's own (all its threads: the pool, its workers, the
     check): what the pool costs the client, much less sensitive to other load on the machine
-    than the throughput, which shares 2 cores with the emulator and the server.
+    than the throughput, which shares 2 cores with the emulator and the server. It still
+    follows the machine's speed, and the throughput: a round whose checkouts were slowed by
+    other work shows more CPU time per checkout too (threads woken for less work each). The
+    context switches (voluntary and not, all threads) show GIL hand-offs: a thread that
+    releases the GIL while others wait for it lets one of them run.
     """
     stats_before = pool.get_stats().get("requests_num", 0)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu = time.process_time()
     rate = _threads_throughput(pool, seconds)
     cpu = time.process_time() - cpu
-    done = pool.get_stats().get("requests_num", 0) - stats_before
-    return rate, cpu / max(done, 1)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    done = max(pool.get_stats().get("requests_num", 0) - stats_before, 1)
+    switches = after.ru_nvcsw + after.ru_nivcsw - usage.ru_nvcsw - usage.ru_nivcsw
+    return rate, cpu / done, switches / done
+
+
+class Paired(NamedTuple):
+    """Each pool's figures over interleaved rounds, by pool name."""
+
+    rates: dict[str, list[float]]
+    cpus: dict[str, list[float]]
+    switches: dict[str, list[float]]
 
 
 def _paired(
     pools: dict[str, psycopg_pool.ConnectionPool[Any]], runs: int, seconds: float
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Return each pool's throughput and CPU per checkout over ``runs`` interleaved rounds.
+) -> Paired:
+    """Return each pool's throughput, CPU and context switches per checkout over ``runs`` rounds.
 
     Every round runs each pool once, the order rotating from round to round, so each pool
     meets each position (and the machine's load of the moment) as often as the others.
@@ -257,43 +283,50 @@ def _paired(
     for pool in pools.values():
         pool.wait(30)
         _threads_throughput(pool, 0.3)  # warm up
-    rates: dict[str, list[float]] = {name: [] for name in names}
-    cpus: dict[str, list[float]] = {name: [] for name in names}
+    got = Paired({n: [] for n in names}, {n: [] for n in names}, {n: [] for n in names})
     for i in range(runs):
         order = names[i % len(names) :] + names[: i % len(names)]
         for name in order:
-            rate, cpu = _threads_run(pools[name], seconds)
-            rates[name].append(rate)
-            cpus[name].append(cpu)
-    return rates, cpus
+            rate, cpu, switches = _threads_run(pools[name], seconds)
+            got.rates[name].append(rate)
+            got.cpus[name].append(cpu)
+            got.switches[name].append(switches)
+    return got
 
 
-def _preset_row(
+def _paired_row(
     row_id: str,
     what: str,
-    ours: list[float],
-    plain: list[float],
+    compared_with: str,
+    got: Paired,
     *,
-    cpu: tuple[list[float], list[float]],
     load_before: tuple[float, float, float],
+    speed: float,
     extra: str = "",
 ) -> Result:
+    """The row of pool "iampg" against pool "plain": median of paired ratios, 95 % interval."""
+    ours, plain = got.rates["iampg"], got.rates["plain"]
     ratios = [x / y for x, y in zip(ours, plain, strict=True)]
     r, a, b = Stats.of(ratios), Stats.of(ours), Stats.of(plain)
+    cpu = got.cpus["iampg"], got.cpus["plain"]
     cpu_ratios = [x / y for x, y in zip(*cpu, strict=True)]
     c = Stats.of(cpu_ratios)
     ci_low, ci_high = median_interval(ratios)
+    cpu_low, cpu_high = median_interval(cpu_ratios)
+    sw = Stats.of(got.switches["iampg"]).median, Stats.of(got.switches["plain"]).median
     load_after = os.getloadavg()
     return Result(
         id=row_id,
         what=what,
-        compared_with="psycopg_pool without a check, static password, same emulator and sizes",
+        compared_with=compared_with,
         figures=(
             f"iampg {a.median:.0f}/s (IQR {a.p25:.0f}-{a.p75:.0f}); "
             f"plain {b.median:.0f}/s (IQR {b.p25:.0f}-{b.p75:.0f}); client CPU per checkout "
             f"{Stats.of(cpu[0]).median * 1e6:.0f} vs {Stats.of(cpu[1]).median * 1e6:.0f} µs "
-            f"(paired ratio {c.median:.3f}, IQR {c.p25:.3f}-{c.p75:.3f}){extra}; "
-            f"load average {load_before[0]:.2f} -> {load_after[0]:.2f}; {r.n} rounds"
+            f"(paired ratio {c.median:.3f}, 95 % interval {cpu_low:.3f}-{cpu_high:.3f}); "
+            f"context switches per checkout {sw[0]:.2f} vs {sw[1]:.2f}{extra}; "
+            f"load average {load_before[0]:.2f} -> {load_after[0]:.2f}; reference loop "
+            f"{speed:.0f} ms CPU; {r.n} rounds"
         ),
         claim=(
             f"ratio {r.median:.3f} (median of {r.n} paired rounds, 95 % interval "
@@ -312,10 +345,17 @@ def _preset_row(
             "cpu_per_checkout_iampg": cpu[0],
             "cpu_per_checkout_plain": cpu[1],
             "cpu_ratios": cpu_ratios,
+            "cpu_ratio_median_95ci": (cpu_low, cpu_high),
+            "context_switches_per_checkout_iampg": got.switches["iampg"],
+            "context_switches_per_checkout_plain": got.switches["plain"],
             "load_average_before": load_before,
             "load_average_after": load_after,
+            "reference_loop_cpu_ms": speed,
         },
     )
+
+
+_PRESET_BASELINE = "psycopg_pool without a check, static password, same emulator and sizes"
 
 
 def presets(rds: EmulatorInfo, dsql: EmulatorInfo | None, *, quick: bool = False) -> list[Result]:
@@ -325,7 +365,7 @@ def presets(rds: EmulatorInfo, dsql: EmulatorInfo | None, *, quick: bool = False
     rows: list[Result] = []
     sizes: dict[str, Any] = {"min_size": POOL_SIZE, "max_size": POOL_SIZE, "timeout": 30}
     if dsql is not None:
-        load_before = os.getloadavg()
+        load_before, speed = os.getloadavg(), reference_loop_ms()
         ep = dsql.endpoint("admin")
         provider = TokenProvider(ep)
         static = make_conninfo(**dsql.conninfo("admin"), password=provider.token())
@@ -336,20 +376,21 @@ def presets(rds: EmulatorInfo, dsql: EmulatorInfo | None, *, quick: bool = False
                 static, open=True, check=psycopg_pool.ConnectionPool.check_connection, **sizes
             ) as checked,
         ):
-            got, cpu = _paired({"iampg": mine, "plain": plain, "checked": checked}, runs, seconds)
-        old = Stats.of([x / y for x, y in zip(got["checked"], got["plain"], strict=True)])
+            got = _paired({"iampg": mine, "plain": plain, "checked": checked}, runs, seconds)
+        rates = got.rates
+        old = Stats.of([x / y for x, y in zip(rates["checked"], rates["plain"], strict=True)])
         rows.append(
-            _preset_row(
+            _paired_row(
                 "preset_dsql",
                 "DSQL preset pool throughput (checkout check included), 8 threads",
-                got["iampg"],
-                got["plain"],
-                cpu=(cpu["iampg"], cpu["plain"]),
+                _PRESET_BASELINE,
+                got,
                 load_before=load_before,
+                speed=speed,
                 extra=f"; a round trip per checkout (check_connection): ratio {old.median:.3f}",
             )
         )
-    load_before = os.getloadavg()
+    load_before, speed = os.getloadavg(), reference_loop_ms()
     ep = rds.endpoint("postgres")
     provider = TokenProvider(ep)
     static = make_conninfo(**rds.conninfo("postgres"), password=provider.token())
@@ -365,15 +406,15 @@ def presets(rds: EmulatorInfo, dsql: EmulatorInfo | None, *, quick: bool = False
             static, open=True, min_size=0, max_idle=240.0, **serverless
         ) as plain,
     ):
-        got, cpu = _paired({"iampg": mine, "plain": plain}, runs, seconds)
+        got = _paired({"iampg": mine, "plain": plain}, runs, seconds)
     rows.append(
-        _preset_row(
+        _paired_row(
             "preset_aurora_serverless",
             "Aurora Serverless preset pool throughput (min_size 0, max_idle 240 s), 8 threads",
-            got["iampg"],
-            got["plain"],
-            cpu=(cpu["iampg"], cpu["plain"]),
+            _PRESET_BASELINE,
+            got,
             load_before=load_before,
+            speed=speed,
         )
     )
     return rows

@@ -14,7 +14,7 @@ import psycopg_pool
 import pytest
 
 import iampg
-from iampg import _lost
+from iampg import Endpoint, _lost
 from iampg.emulator import Backend, Emulator
 from support import endpoint_for
 
@@ -257,6 +257,160 @@ def test_liveness_check_never_hands_out_a_session_the_server_just_closed(
         with pool.connection() as conn:  # within the trusted second: no query, yet not handed
             assert conn.execute("select 1").fetchone() == (1,)
         assert pool.get_stats()["connections_lost"] == 1
+
+
+def _wait_closed(pool: psycopg_pool.ConnectionPool[Any]) -> None:
+    """Wait (bounded) until every idle connection's socket shows the server's end of stream."""
+    for _ in range(500):
+        if all(
+            _lost._ready(conn) and _lost._ready(conn)[0][1] & _lost._GONE for conn in pool._pool
+        ):
+            return
+        time.sleep(0.01)
+    pytest.fail("the closed sessions never showed an end of stream")
+
+
+def _restartable(emu: Emulator) -> Endpoint:
+    """The endpoint of ``emu`` that still works once it is restarted (a new CA) on its port."""
+    return Endpoint(
+        emu.host,
+        user="postgres",
+        port=emu.port,
+        hostaddr=emu.listen_host,
+        region=emu.region,
+        sslmode="require",
+        connect_timeout="5",
+    )
+
+
+def test_liveness_check_refuses_a_closed_session_without_a_round_trip(backend: Backend) -> None:
+    """A session whose socket shows the server's close is refused without trying a query.
+
+    A gateway restart closes every client socket (an end of stream or a reset, as a server
+    restart or DSQL's cap does): the check sees it on the socket, the pool replaces the
+    connection, and psycopg_pool's empty query never goes out on the dead one.
+    """
+    clock = FakeClock()
+    CountingConnection.checks = 0
+    emu = Emulator(backend.dsn)
+    emu.start()
+    try:
+        with iampg.ConnectionPool(
+            _restartable(emu),
+            min_size=1,
+            max_size=1,
+            connection_class=CountingConnection,
+            check=_lost.LivenessCheck(clock=clock),
+            open=True,
+        ) as pool:
+            pool.wait()
+            with pool.connection() as conn:
+                conn.execute("select 1")
+            assert CountingConnection.checks == 1  # new to the check
+            port = emu.port
+            emu.stop()
+            _wait_closed(pool)
+            emu = Emulator(backend.dsn, port=port)
+            emu.start()
+            clock.now += 0.5
+            with pool.connection() as conn:
+                assert conn.execute("select 1").fetchone() == (1,)
+            assert pool.get_stats()["connections_lost"] == 1
+            # The replacement is new to the check (one query); the closed one cost none.
+            assert CountingConnection.checks == 2
+    finally:
+        emu.stop()
+
+
+class AsyncCountingConnection(psycopg.AsyncConnection[Any]):
+    """The asynchronous twin of :class:`CountingConnection`."""
+
+    checks = 0
+
+    async def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+        if query == "":
+            AsyncCountingConnection.checks += 1
+        return await super().execute(query, *args, **kwargs)
+
+
+def test_async_liveness_check_refuses_a_closed_session_without_a_round_trip(
+    backend: Backend,
+) -> None:
+    """The async twin refuses a closed session on what its socket shows, with no query."""
+    clock = FakeClock()
+    AsyncCountingConnection.checks = 0
+    emu = Emulator(backend.dsn)
+    emu.start()
+
+    async def main() -> dict[str, int]:
+        nonlocal emu
+        async with iampg.AsyncConnectionPool(
+            _restartable(emu),
+            min_size=1,
+            max_size=1,
+            connection_class=AsyncCountingConnection,
+            check=_lost.AsyncLivenessCheck(clock=clock),
+        ) as pool:
+            await pool.wait()
+            async with pool.connection() as conn:
+                await conn.execute("select 1")
+            port = emu.port
+            await asyncio.to_thread(emu.stop)
+            for _ in range(500):
+                if all((r := _lost._ready(c)) and r[0][1] & _lost._GONE for c in pool._pool):
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                pytest.fail("the closed sessions never showed an end of stream")
+            emu = Emulator(backend.dsn, port=port)
+            await asyncio.to_thread(emu.start)
+            clock.now += 0.5
+            async with pool.connection() as conn:
+                assert await (await conn.execute("select 1")).fetchone() == (1,)
+            return pool.get_stats()
+
+    try:
+        stats = asyncio.run(main())
+    finally:
+        emu.stop()
+    assert stats["connections_lost"] == 1
+    assert AsyncCountingConnection.checks == 2  # each connection once, as new; none when closed
+
+
+def _last_query(backend: Backend, application_name: str) -> str:
+    """Return the last statement the server received in the session of ``application_name``."""
+    with psycopg.connect(backend.dsn, autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT query FROM pg_stat_activity WHERE application_name = %s",
+            (application_name,),
+        ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_liveness_check_sends_nothing_for_a_recent_quiet_session(
+    emulator: Emulator, backend: Backend
+) -> None:
+    """The server receives nothing from the check for a connection used a moment ago."""
+    clock = FakeClock()
+    marker = f"SELECT 'iampg-quiet-{uuid.uuid4().hex}'"
+    with iampg.ConnectionPool(
+        endpoint_for(emulator),
+        min_size=1,
+        max_size=1,
+        check=_lost.LivenessCheck(clock=clock),
+        kwargs={"application_name": APP, "autocommit": True},
+        open=True,
+    ) as pool:
+        pool.wait()
+        with pool.connection() as conn:
+            conn.execute(marker)
+        clock.now += 0.5
+        with pool.connection():
+            assert _last_query(backend, APP) == marker  # the checkout sent no query
+        clock.now += 1.5
+        with pool.connection():
+            assert _last_query(backend, APP) == ""  # idle for 1.5 s: psycopg_pool's empty query
 
 
 def test_async_liveness_check_never_hands_out_a_session_the_server_just_closed(

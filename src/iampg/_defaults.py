@@ -102,14 +102,21 @@ PROFILES: Mapping[str, ServiceDefaults] = {
     # cap. psycopg_pool takes up to 5 % off each connection's lifetime (3135-3300 s), so a
     # pool's connections do not all recycle at once, but it looks at that age only when a
     # connection is returned; the checkout check (iampg._lost.LivenessCheck) also refuses one
-    # that sat idle past it, and sweeps the pool's other idle ones. The check costs no round
-    # trip for a connection handed out within the last second (RECENT_USE) whose socket is
-    # silent: anything the server sends when it closes a session (the cap, an idle cut, a
-    # restart) makes the socket readable, and a connection that sat idle longer is checked
-    # with a query. The window left: a connection the network drops without a word within
+    # that sat idle past it, and sweeps the pool's other idle ones. The check looks at the
+    # socket with one poll() and no round trip: an end of stream or a reset (the cap, an idle
+    # cut, a restart) gets the connection refused and replaced without a query; a connection
+    # handed out within the last second (RECENT_USE) whose socket is silent gets no query;
+    # data waiting (a notice, a FATAL message ahead of its end of stream) or a longer idle
+    # time gets a query. The window left: a connection the network drops without a word within
     # that second fails its query, as it would a moment later, and retry_transaction runs it
-    # again. In a busy pool the check is a clock read and one poll() (about 3 % of the
-    # client's instructions per checkout and SELECT 1): the speed of a pool without a check.
+    # again. Why one second: a busy pool (where a round trip per checkout costs throughput)
+    # hands each connection out many times a second, so nearly all its checkouts fall within
+    # it, while a quiet pool's connections, idle longer, get the query it can afford. In a busy
+    # pool the check is a clock read, a few attribute reads and one poll(): about 4,900
+    # instructions of the ~205,000 a checkout and SELECT 1 cost the client (2-3 %). poll()
+    # releases the GIL; a probe that keeps it (getsockopt TCP_INFO on a socket object made
+    # for libpq's descriptor) cost 2,100 more instructions and a second system call and saved
+    # no context switch in a pool of 8 threads, so poll() stayed (docs/performance.md).
     "dsql": ServiceDefaults(
         connect_timeout=10,
         pool={"max_lifetime": 3300.0},

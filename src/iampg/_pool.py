@@ -257,6 +257,10 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
     4 … seconds between dead connections within one checkout (measured: 6.8 s for four, 28.9 s
     for six, :exc:`~psycopg_pool.PoolTimeout` for eight even with a 60 s ``timeout``).
 
+    A pool opened before ``os.fork()`` is refused in the child: ``getconn()`` (and so
+    ``connection()``), ``open()`` and ``check()`` raise :class:`iampg.ConfigurationError`,
+    since its connections are the parent's (see :doc:`/howto/fork`).
+
     Args:
         endpoint: Where to connect; defaults to the provider's endpoint.
         provider: The token cache; one is made for ``endpoint`` if omitted.
@@ -312,6 +316,7 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         )
         if not self.closed:
             self._iampg_opened = _Opened()
+            self._iampg_opened.guard(self)
         if check is not None:
             check.pool = weakref.ref(self)
 
@@ -326,17 +331,7 @@ class ConnectionPool(psycopg_pool.ConnectionPool[CT]):
         super().open(wait=wait, timeout=timeout)
         if self._iampg_opened is None:
             self._iampg_opened = _Opened()
-
-    def getconn(self, timeout: float | None = None) -> CT:
-        """Take a connection; see :meth:`psycopg_pool.ConnectionPool.getconn`.
-
-        Raises:
-            ConfigurationError: The pool was opened in a parent process, before a fork: its
-                connections are that process's (see :doc:`/howto/fork`).
-        """
-        if self._iampg_opened is not None:
-            self._iampg_opened.refuse(self, "use")
-        return super().getconn(timeout)
+            self._iampg_opened.guard(self)
 
     def check(self) -> None:
         """Check the idle connections; see :meth:`psycopg_pool.ConnectionPool.check`.
@@ -413,6 +408,7 @@ class AsyncConnectionPool(psycopg_pool.AsyncConnectionPool[ACT]):
         )
         if not self.closed:
             self._iampg_opened = _Opened()
+            self._iampg_opened.guard(self)
         if check is not None:
             check.pool = weakref.ref(self)
 
@@ -423,12 +419,7 @@ class AsyncConnectionPool(psycopg_pool.AsyncConnectionPool[ACT]):
         await super().open(wait=wait, timeout=timeout)
         if self._iampg_opened is None:
             self._iampg_opened = _Opened()
-
-    async def getconn(self, timeout: float | None = None) -> ACT:
-        """Take a connection; see :meth:`ConnectionPool.getconn`."""
-        if self._iampg_opened is not None:
-            self._iampg_opened.refuse(self, "use")
-        return await super().getconn(timeout)
+            self._iampg_opened.guard(self)
 
     async def check(self) -> None:
         """Check the idle connections; see :meth:`ConnectionPool.check`."""
