@@ -32,7 +32,10 @@ EmulatorFactory = Callable[..., Emulator]
 
 
 def endpoint_for(emu: Emulator, user: str = "postgres", **params: Any) -> Endpoint:
-    """Return the endpoint a client uses for ``emu``: signed name, loopback address, full TLS."""
+    """Return the endpoint a client uses for ``emu``: signed name, loopback address, full TLS.
+
+    ``params`` override the fields; one given as None is left out (``sslrootcert=None``).
+    """
     fields: dict[str, Any] = {
         "user": user,
         "port": emu.port,
@@ -43,7 +46,7 @@ def endpoint_for(emu: Emulator, user: str = "postgres", **params: Any) -> Endpoi
         "connect_timeout": "5",
     }
     fields.update(params)
-    return Endpoint(emu.host, **fields)
+    return Endpoint(emu.host, **{k: v for k, v in fields.items() if v is not None})
 
 
 def use_credentials_server(monkeypatch: pytest.MonkeyPatch, server: CredentialsServer) -> None:

@@ -11,7 +11,7 @@ import pytest
 from iampg import Endpoint
 from iampg.cli import main
 from iampg.emulator import Backend, Emulator
-from support import EmulatorFactory
+from support import EmulatorFactory, endpoint_for
 
 CHECKS = ["endpoint", "credentials", "token", "dns", "tcp", "tls", "authentication", "query"]
 
@@ -229,15 +229,7 @@ def require_args(emu: Emulator) -> list[str]:
 
 def require_endpoint(emu: Emulator) -> Endpoint:
     """Return the endpoint with ``sslmode=require`` and no ``sslrootcert``."""
-    return Endpoint(
-        emu.host,
-        user="postgres",
-        port=emu.port,
-        hostaddr=emu.listen_host,
-        region=emu.region,
-        sslmode="require",
-        connect_timeout="5",
-    )
+    return endpoint_for(emu, sslmode="require", sslrootcert=None)
 
 
 @pytest.mark.usefixtures("home")
@@ -304,7 +296,6 @@ def test_doctor_runs_without_the_command_line(emulator: Emulator) -> None:
     import io
 
     from iampg._doctor import Doctor
-    from support import endpoint_for
 
     out = io.StringIO()
     report = Doctor(endpoint_for(emulator), timeout=5, out=out).run()
@@ -318,7 +309,6 @@ def test_doctor_runs_without_the_command_line(emulator: Emulator) -> None:
 def test_doctor_from_python_names_python_settings(emulator: Emulator) -> None:
     """Run from Python, the doctor's fixes name keyword arguments, not command-line options."""
     from iampg._doctor import Doctor
-    from support import endpoint_for
 
     report = Doctor(endpoint_for(emulator, sslmode="require"), timeout=5).run()
     tls = {c.name: c for c in report.checks}["tls"]

@@ -272,15 +272,7 @@ def _wait_closed(pool: psycopg_pool.ConnectionPool[Any]) -> None:
 
 def _restartable(emu: Emulator) -> Endpoint:
     """The endpoint of ``emu`` that still works once it is restarted (a new CA) on its port."""
-    return Endpoint(
-        emu.host,
-        user="postgres",
-        port=emu.port,
-        hostaddr=emu.listen_host,
-        region=emu.region,
-        sslmode="require",
-        connect_timeout="5",
-    )
+    return endpoint_for(emu, sslmode="require", sslrootcert=None)
 
 
 def test_liveness_check_refuses_a_closed_session_without_a_round_trip(backend: Backend) -> None:
