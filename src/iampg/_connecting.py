@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from iampg import _conninfo, _narrow, _refresh
@@ -127,6 +129,33 @@ def resolve(
                 f"provider signs for ({getattr(signed, name)!r}): pass one of them"
             )
     return ep, provider
+
+
+DEFAULT_ROOT_SOURCE = "libpq's default root certificate file"
+_DEFAULT_ROOT_CERT = Path("~/.postgresql/root.crt")
+
+
+class RootFile(NamedTuple):
+    """The root certificate file libpq reads: its path and where that path comes from."""
+
+    path: str
+    source: str  # "sslrootcert", "PGSSLROOTCERT" or DEFAULT_ROOT_SOURCE
+
+
+def libpq_root_file(params: Mapping[str, Any]) -> RootFile:
+    """Return the root certificate file libpq would read for ``params``.
+
+    ``sslrootcert``, else ``PGSSLROOTCERT``, else ``~/.postgresql/root.crt`` (``HOME``
+    first, as libpq); an empty value counts as none, as in libpq. Where that file exists,
+    libpq verifies the server's chain against it whatever the ``sslmode`` (``require`` then
+    behaves as ``verify-ca``): the doctor's TLS check and the proxy's upstream TLS do too.
+    """
+    given, source = params.get("sslrootcert"), "sslrootcert"
+    if given is None:
+        given, source = os.environ.get("PGSSLROOTCERT"), "PGSSLROOTCERT"
+    if given:
+        return RootFile(str(given), source)
+    return RootFile(str(_DEFAULT_ROOT_CERT.expanduser()), DEFAULT_ROOT_SOURCE)
 
 
 def connect_params(endpoint: Endpoint, *, allow_insecure: bool = False) -> dict[str, str]:

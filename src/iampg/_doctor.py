@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import socket
 import ssl
 import struct
@@ -19,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
+from iampg._connecting import DEFAULT_ROOT_SOURCE, RootFile, libpq_root_file
 from iampg._dsn import connect_params
 from iampg._endpoint import Endpoint, _infer
 from iampg._options import option
@@ -100,7 +100,6 @@ class _Warned(Exception):  # noqa: N818 -- not an error: a check that passed wit
         self.fix = fix
 
 
-_ROOT_CERT = Path("~/.postgresql/root.crt")
 _SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 _VERIFYING_MODES = frozenset({"verify-ca", "verify-full"})
 _EXPIRY_WARNING = dt.timedelta(days=30)  # a certificate expiring sooner may need renewing ...
@@ -310,7 +309,7 @@ class Doctor:
         sslmode = self.params.get("sslmode", "require")
         if sslmode == "disable":
             raise _Skipped("sslmode=disable: the token would travel unencrypted")
-        root = _root_file(self.params)
+        root = libpq_root_file(self.params)
         context, verified = self._ssl_context(sslmode, root)
         address = self.addresses[0]
         try:
@@ -331,7 +330,7 @@ class Doctor:
                     cert = tls.getpeercert()
                     der = tls.getpeercert(binary_form=True)
         except ssl.SSLCertVerificationError as exc:
-            if root.source == _DEFAULT_SOURCE:
+            if root.source == DEFAULT_ROOT_SOURCE:
                 fix = (
                     f"libpq verifies the server against {root.path} whenever that file exists, "
                     f"with sslmode={sslmode} too: add the server's CA to that file, pass "
@@ -361,13 +360,14 @@ class Doctor:
             # libpq's require with a root certificate checks the chain (as verify-ca does)
             # but never the host name: a server of another name with a certificate from the
             # same CA would pass.
+            missing = "" if root.source == DEFAULT_ROOT_SOURCE else f", {root.path} does not exist"
             said = (
                 f"chain checked, host name not checked (sslmode={sslmode} with {root.source}): "
                 f"any server with a certificate from this CA receives the token; "
                 f"verified against {root.path}"
                 if verified
                 else f"encrypted, not authenticated (sslmode={sslmode} checks nothing"
-                f"{'' if root.source == _DEFAULT_SOURCE else f', {root.path} does not exist'}): "
+                f"{missing}): "
                 "whoever answers on this address receives the token"
             )
             raise _Warned(
@@ -383,7 +383,7 @@ class Doctor:
             )
         return f"{found}; verified ({verified})"
 
-    def _ssl_context(self, sslmode: str, root: _RootFile) -> tuple[ssl.SSLContext, str]:
+    def _ssl_context(self, sslmode: str, root: RootFile) -> tuple[ssl.SSLContext, str]:
         """Build a context like libpq's for ``sslmode``; return it and how it verifies.
 
         libpq verifies the chain whenever its root certificate file exists, whatever the
@@ -481,31 +481,6 @@ class Doctor:
 
 class _Skipped(Exception):  # noqa: N818 -- not an error: a check that does not apply
     """A check does not apply; the message says why."""
-
-
-_DEFAULT_SOURCE = "libpq's default root certificate file"
-
-
-@dataclass(frozen=True)
-class _RootFile:
-    """The root certificate file libpq reads: its path and where that path comes from."""
-
-    path: str
-    source: str  # "sslrootcert", "PGSSLROOTCERT" or _DEFAULT_SOURCE
-
-
-def _root_file(params: dict[str, str]) -> _RootFile:
-    """Return the root certificate file libpq would read for ``params``.
-
-    ``sslrootcert``, else ``PGSSLROOTCERT``, else ``~/.postgresql/root.crt`` (``HOME``
-    first, as libpq); an empty value counts as none, as in libpq.
-    """
-    given, source = params.get("sslrootcert"), "sslrootcert"
-    if given is None:
-        given, source = os.environ.get("PGSSLROOTCERT"), "PGSSLROOTCERT"
-    if given:
-        return _RootFile(given, source)
-    return _RootFile(str(_ROOT_CERT.expanduser()), _DEFAULT_SOURCE)
 
 
 def _is_ip(value: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -210,3 +211,59 @@ def test_the_upstream_certificate_is_verified(
     assert "did not verify as iampg-emulator" in text
     assert "iampg's RDS CA set" in text
     assert [e.outcome for e in emulator.events] == []  # no token was ever sent
+
+
+# A CA that signed nothing the emulator presents: any certificate file that is not the
+# emulator's CA, e.g. one of iampg's shipped files.
+def _other_ca() -> str:
+    from iampg import _trust
+
+    return str(_trust.directory() / "amazon-root-ca-1.pem")
+
+
+@pytest.mark.parametrize("where", ["sslrootcert", "PGSSLROOTCERT", "root.crt"])
+def test_require_verifies_the_chain_where_libpq_has_a_root_file(
+    emulator: Emulator,
+    start_proxy: ProxyFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any,
+    where: str,
+) -> None:
+    """As libpq: sslmode=require with a root file checks the chain; no token to a stranger."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("PGSSLROOTCERT", raising=False)
+    params: dict[str, Any] = {"sslmode": "require", "sslrootcert": None}
+    if where == "sslrootcert":
+        params["sslrootcert"] = _other_ca()
+    elif where == "PGSSLROOTCERT":
+        monkeypatch.setenv("PGSSLROOTCERT", _other_ca())
+    else:
+        (tmp_path / ".postgresql").mkdir()
+        (tmp_path / ".postgresql" / "root.crt").write_bytes(Path(_other_ca()).read_bytes())
+    proxy = start_proxy(endpoint_for(emulator, **params))
+    with pytest.raises(psycopg.OperationalError, match="certificate"):
+        psycopg.connect(proxy.conninfo)
+    assert [e.outcome for e in emulator.events] == []  # no token was ever sent
+
+
+def test_require_with_the_right_root_file_connects(
+    emulator: Emulator, start_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """The server's own CA in ~/.postgresql/root.crt: require checks the chain, and it holds."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("PGSSLROOTCERT", raising=False)
+    (tmp_path / ".postgresql").mkdir()
+    (tmp_path / ".postgresql" / "root.crt").write_bytes(emulator.ca_file.read_bytes())
+    proxy = start_proxy(endpoint_for(emulator, sslmode="require", sslrootcert=None))
+    with psycopg.connect(proxy.conninfo) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_require_with_the_system_store_is_refused_as_libpq_refuses_it(
+    emulator: Emulator, start_proxy: ProxyFactory
+) -> None:
+    from iampg import ConfigurationError
+
+    endpoint = endpoint_for(emulator, sslmode="require", sslrootcert="system")
+    with pytest.raises(ConfigurationError, match="sslrootcert=system needs sslmode=verify-full"):
+        start_proxy(endpoint)

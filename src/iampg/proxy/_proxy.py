@@ -405,13 +405,15 @@ class Proxy(BackgroundLoop):
 
         Raises:
             OSError: The address cannot be listened on (port busy...).
-            iampg.ConfigurationError: The client TLS files cannot be used.
+            iampg.ConfigurationError: The client TLS files, or the upstream's root certificate
+                file, cannot be used (or ``sslrootcert=system`` without ``verify-full``).
         """
         with self._state_lock:
             if self._listeners:
                 return
             loop = asyncio.get_running_loop()
             self._server_tls = self._make_server_tls()
+            upstream = Upstream(self._target, self._streams)  # its TLS settings checked here
             try:
                 listener = _listen(self._listen_host, self._requested_port)
                 bound = listener.getsockname()
@@ -430,7 +432,7 @@ class Proxy(BackgroundLoop):
             self._address = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(bound[0], bound[0])  # noqa: S104
             self._loop = loop
             self._hurry = asyncio.Event()
-            self._upstream = Upstream(self._target, self._streams)
+            self._upstream = upstream
             self._accept_tasks = [
                 loop.create_task(self._accept_loop(sock, unix=sock.family == socket.AF_UNIX))
                 for sock in self._listeners

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import ssl
 import struct
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from iampg import _refresh
+from iampg._connecting import libpq_root_file
 from iampg._diagnose import authentication_error, certificate_advice, failure_kind, transient_reason
 from iampg._wire.login import BackendAuthError, BackendLogin
 from iampg._wire.protocol import (
@@ -23,7 +25,7 @@ from iampg._wire.protocol import (
     read_message,
 )
 from iampg._wire.streams import Stream, connect_tls
-from iampg.errors import TokenError
+from iampg.errors import ConfigurationError, TokenError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -58,23 +60,50 @@ class Refusal:
 
 
 def tls_context(params: Mapping[str, str]) -> ssl.SSLContext | None:
-    """Return the TLS context the libpq parameters ask for; None for ``sslmode=disable``."""
+    """Return the TLS context the libpq parameters ask for; None for ``sslmode=disable``.
+
+    As libpq: ``verify-full`` checks the chain and the host name, ``verify-ca`` the chain;
+    under a weaker mode the chain is checked all the same wherever libpq's root certificate
+    file exists (``sslrootcert``, else ``PGSSLROOTCERT``, else ``~/.postgresql/root.crt``),
+    so that the proxy never sends a token where libpq would have refused the server.
+
+    Raises:
+        ConfigurationError: The root file cannot be read, or ``sslrootcert=system`` is given
+            with a mode weaker than ``verify-full`` (which libpq 16 and later refuse).
+    """
     sslmode = params.get("sslmode") or "prefer"
     if sslmode == "disable":
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if sslmode in _VERIFYING:
-        root = params.get("sslrootcert")
-        if root in (None, "", "system"):
-            context.load_default_certs()
-        else:
-            context.load_verify_locations(cafile=root)
-        context.check_hostname = sslmode == "verify-full"
-        context.verify_mode = ssl.CERT_REQUIRED
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    root = libpq_root_file(params)
+    if root.path == "system":
+        if sslmode != "verify-full":
+            raise ConfigurationError(
+                f'sslrootcert=system needs sslmode=verify-full, not "{sslmode}" '
+                "(as libpq 16 and later): use sslmode=verify-full"
+            )
+        context.load_default_certs()
+    elif sslmode in _VERIFYING or os.path.exists(root.path):  # noqa: PTH110 -- libpq's stat()
+        try:
+            if os.path.exists(root.path):  # noqa: PTH110
+                context.load_verify_locations(cafile=root.path)
+            else:  # verify-ca/verify-full without a file: the system's store, as before
+                context.load_default_certs()
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigurationError(
+                f"cannot load the root certificates in {root.path} ({root.source}): {exc}"
+            ) from None
     else:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
+        return _with_client_cert(context, params)  # encrypted, nothing to verify against
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.check_hostname = sslmode == "verify-full"
+    return _with_client_cert(context, params)
+
+
+def _with_client_cert(context: ssl.SSLContext, params: Mapping[str, str]) -> ssl.SSLContext:
     if params.get("sslcert"):
         context.load_cert_chain(params["sslcert"], params.get("sslkey") or None)
     return context
