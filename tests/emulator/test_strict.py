@@ -140,6 +140,18 @@ def test_user_without_rds_iam_is_refused_with_rds_text(emulator: Emulator, roles
     assert connects(emulator, IAM_USER, mint(emulator, IAM_USER))
 
 
+def test_a_user_that_does_not_exist_is_told_to_be_created(emulator: Emulator) -> None:
+    """The same PAM failure as RDS; the hint creates the user before granting it rds_iam."""
+    user = "iampg_strict_nobody"
+    text = refusal(emulator, user, mint(emulator, user))
+    assert PAM.format(user=user) in text
+    event = emulator.events[-1]
+    assert event.reason == "not granted rds_iam"
+    assert event.detail == (
+        f'no such database user: CREATE ROLE "{user}" LOGIN; GRANT rds_iam TO "{user}"'
+    )
+
+
 def test_rds_iam_is_judged_at_every_login(emulator: Emulator, backend: Backend) -> None:
     """Granting and revoking rds_iam takes effect at the next login, as on RDS."""
     user = "iampg_strict_toggle"

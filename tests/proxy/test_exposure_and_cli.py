@@ -226,6 +226,8 @@ def test_the_command_serves_several_endpoints_with_a_password_and_tls(
     for event, conninfo in zip(generated, (first, second), strict=True):
         assert event["ca_pem"].startswith("-----BEGIN CERTIFICATE-----")
         assert f"sslrootcert={event['ca_file']}" in conninfo
+    ports = {int(re.search(r"port=(\d+)", c)[1]) for c in (first, second)}  # type: ignore[index]
+    assert {e["port"] for e in events if e["event"] == "proxy stopped"} == ports, err
     _no_secret(secret_guard, out + err)
 
 

@@ -142,6 +142,11 @@ async def authorize(
     needs_grant = not rules.dsql and rules.require_rds_iam and iam_check is not None
     if needs_grant and iam_check is not None and not await iam_check.is_member(user):
         ident = '"' + user.replace('"', '""') + '"'
+        if not await iam_check.exists(user):  # a GRANT alone would fail: create it first
+            return Refusal(
+                NOT_GRANTED_RDS_IAM,
+                f"no such database user: CREATE ROLE {ident} LOGIN; GRANT rds_iam TO {ident}",
+            )
         return Refusal(NOT_GRANTED_RDS_IAM, f"GRANT rds_iam TO {ident}")
     action, resource = rules.action(user), rules.resource_arn(user)
     decision = policies.evaluate(principal, action, resource)

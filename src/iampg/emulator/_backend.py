@@ -54,6 +54,7 @@ WITH RECURSIVE member_of(oid) AS (
 )
 SELECT EXISTS (SELECT 1 FROM member_of JOIN pg_roles r USING (oid) WHERE r.rolname = %s)
 """
+_ROLE_EXISTS = "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = %s)"
 _SERVER_SETTINGS = {
     # Throwaway data: durability buys nothing, start-up and commit speed do.
     "fsync": "off",
@@ -741,6 +742,24 @@ class RdsIamCheck:
             except psycopg.Error as exc:
                 await self.aclose()
                 raise BackendError(f"could not check rds_iam: {_one_line(exc)}") from exc
+        return bool(row and row[0])
+
+    async def exists(self, user: str) -> bool:
+        """Tell whether the database user ``user`` exists.
+
+        Raises:
+            BackendError: The backend could not be reached or refused the query.
+        """
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            try:
+                conn = await self._connection()
+                cursor = await conn.execute(_ROLE_EXISTS, (user,))
+                row = await cursor.fetchone()
+            except psycopg.Error as exc:
+                await self.aclose()
+                raise BackendError(f"could not look up the user: {_one_line(exc)}") from exc
         return bool(row and row[0])
 
     async def _connection(self) -> psycopg.AsyncConnection[tuple[object, ...]]:

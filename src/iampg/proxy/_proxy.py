@@ -482,13 +482,15 @@ class Proxy(BackgroundLoop):
             open_now = await self._sessions_still_open()
             if open_now:
                 logger.info(
-                    "proxy stopping: %d %s may finish within %g s",
+                    "proxy stopping on port %d: %d %s may finish within %g s",
+                    self._port,
                     open_now,
                     "session" if open_now == 1 else "sessions",
                     self._grace,
                     extra={
                         "iampg_proxy": {
                             "event": "proxy stopping",
+                            "port": self._port,
                             "sessions": open_now,
                             "grace": self._grace,
                         }
@@ -510,9 +512,13 @@ class Proxy(BackgroundLoop):
             _, pending = await asyncio.wait(pending, timeout=CLOSE_TIMEOUT)
         await self._drop_streams()
         self._remove_files()
-        self._port = 0
+        port, self._port = self._port, 0
         self._loop = None
-        logger.info("proxy stopped", extra={"iampg_proxy": {"event": "proxy stopped"}})
+        logger.info(
+            "proxy stopped on port %d",
+            port,
+            extra={"iampg_proxy": {"event": "proxy stopped", "port": port}},
+        )
 
     async def _sessions_still_open(self) -> int:
         """Return how many sessions relay on, once closes already under way are seen."""
