@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from iampg import _conninfo, _narrow, _refresh
+from iampg import _conninfo, _refresh
 from iampg._defaults import ServiceDefaults, canonical_preset, defaults_for
 from iampg._diagnose import (
     authentication_error,
@@ -33,6 +33,8 @@ from iampg.errors import ConfigurationError
 
 if TYPE_CHECKING:
     import psycopg
+
+    from iampg import _narrow
 
 __all__ = [
     "Attempts",
@@ -372,6 +374,8 @@ def open_verified(open_: Callable[[str | None], T], params: Mapping[str, Any]) -
     it (before any password is sent), ``open_`` is called again with None: the whole file,
     as without narrowing.
     """
+    from iampg import _narrow  # noqa: PLC0415 -- loaded at the first connect, not at import
+
     choice = _narrow.choose(params)
     if choice is None:
         return open_(None)
@@ -390,6 +394,8 @@ async def aopen_verified(
     open_: Callable[[str | None], Awaitable[T]], params: Mapping[str, Any]
 ) -> T:
     """The asynchronous twin of :func:`open_verified`."""
+    from iampg import _narrow  # noqa: PLC0415 -- loaded at the first connect, not at import
+
     choice = _narrow.choose(params)
     if choice is None:
         return await open_(None)

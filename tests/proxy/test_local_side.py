@@ -166,9 +166,12 @@ def test_stopping_counts_sessions_after_closes_in_flight(
     asyncio.run(closed_just_before())
     assert _stopping_lines(caplog) == []
 
+    ports: list[int] = []
+
     async def one_open() -> None:
         proxy = Proxy(emulator_endpoint, grace=60.0)
         await proxy.astart()
+        ports.append(proxy.port)
         conn = await psycopg.AsyncConnection.connect(proxy.conninfo)
         try:
             stopping = asyncio.ensure_future(proxy.astop())
@@ -181,4 +184,6 @@ def test_stopping_counts_sessions_after_closes_in_flight(
         await stopping
 
     asyncio.run(one_open())
-    assert _stopping_lines(caplog) == ["proxy stopping: 1 session may finish within 60 s"]
+    assert _stopping_lines(caplog) == [
+        f"proxy stopping on port {ports[0]}: 1 session may finish within 60 s"
+    ]
