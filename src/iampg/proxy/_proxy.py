@@ -203,7 +203,7 @@ class Proxy(BackgroundLoop):
         event_loop: The loop :meth:`start` runs the proxy on, in its thread: ``asyncio``
             (asyncio's selector loop, the default), ``uvloop`` (``pip install
             'iampg[proxy]'``) or ``auto`` (uvloop when installed). On uvloop a relayed query
-            costs the proxy about a third less CPU, but a client that reads slowly when the
+            costs the proxy a third to a half less CPU, but a client that reads slowly when the
             server ends its session can lose the last of the server's output (see
             docs/cli.md). With :meth:`astart`, the proxy runs on the caller's loop, whatever
             it is.
