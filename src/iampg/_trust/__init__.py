@@ -152,15 +152,21 @@ def pieces(path: str | os.PathLike[str]) -> tuple[str, ...] | None:
     itself). ``rds-<region>.pem`` has ``ca-<region>-rsa2048.pem``, ``-rsa4096`` and
     ``-ecc384``; ``aws-<region>.pem`` the same and ``amazon-root-ca-1.pem``.
     """
-    candidate = Path(path)
-    try:
-        if candidate.resolve().parent != _DIR:
-            return None
-    except (OSError, RuntimeError):
+    candidate = _store_file(path)
+    if candidate is None:
         return None
     info = _manifest()["files"].get(candidate.name) or {}
     names = info.get("pieces")
     return None if not names else tuple(str(_DIR / name) for name in names)
+
+
+def _store_file(path: str | os.PathLike[str]) -> Path | None:
+    """Return ``path`` if it names a file of the shipped store (symbolic links resolved)."""
+    candidate = Path(path)
+    try:
+        return candidate if candidate.resolve().parent == _DIR else None
+    except (OSError, RuntimeError):
+        return None
 
 
 @cache
@@ -209,11 +215,8 @@ def describe(path: str | os.PathLike[str], *, today: dt.date | None = None) -> s
         path: A CA file, as given to libpq's ``sslrootcert``.
         today: The date to count the age from (default: today).
     """
-    candidate = Path(path)
-    try:
-        if candidate.resolve().parent != _DIR:
-            return None
-    except (OSError, RuntimeError):
+    candidate = _store_file(path)
+    if candidate is None:
         return None
     info = _manifest()["files"].get(candidate.name)
     if info is None:
