@@ -384,8 +384,14 @@ def test_ctrl_c_exits_130_without_traceback() -> None:
         silent.listen(1)
         port = silent.getsockname()[1]
         args = ["doctor", HOST, "-U", "app", "-p", str(port), "--hostaddr", "127.0.0.1"]
+        # As a terminal's Ctrl-C finds it: SIGINT raises KeyboardInterrupt in the child even
+        # where the suite runs with SIGINT ignored (a background job: the child inherits that).
+        launch = (
+            "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "sys.argv[0] = 'iampg'; runpy.run_module('iampg.cli', run_name='__main__')"
+        )
         with subprocess.Popen(
-            [sys.executable, "-m", "iampg.cli", *args, "--timeout", "30"],
+            [sys.executable, "-c", launch, *args, "--timeout", "30"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
