@@ -695,7 +695,7 @@ def test_dsql_off_turns_dsql_rules_off(  # noqa: PLR0917
     isolation: str,
 ) -> None:
     """``iampg emulate --preset dsql --dsql-off ...``: those refusals and OCC are gone."""
-    existing_server.ensure_role("admin")
+    existing_server.ensure_role("admin", superuser=True)
     with psycopg.connect(existing_server.dsn, autocommit=True) as owner:
         owner.execute("CREATE SCHEMA IF NOT EXISTS admin AUTHORIZATION admin")  # "$user"
     emulate = run_emulate(

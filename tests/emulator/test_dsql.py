@@ -39,7 +39,7 @@ pytestmark = pytest.mark.usefixtures("quiet_botocore")
 @pytest.fixture(scope="module")
 def roles(backend: Backend) -> None:
     """Create DSQL's admin role and an ordinary role on the backend."""
-    backend.ensure_role("admin")
+    backend.ensure_role("admin", superuser=True)  # as the plugin makes it
     backend.ensure_role(ROLE)
 
 

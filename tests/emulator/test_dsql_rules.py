@@ -35,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("quiet_botocore")
 @pytest.fixture(scope="module")
 def roles(backend: Backend) -> None:
     """DSQL's admin, an ordinary role, and a schema of admin's for the tests' tables."""
-    backend.ensure_role("admin")
+    backend.ensure_role("admin", superuser=True)  # as the plugin makes it
     backend.ensure_role(ROLE)
     with psycopg.connect(backend.dsn, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA} AUTHORIZATION admin")

@@ -40,7 +40,7 @@ WAIT = 10.0  # seconds to wait for the emulator to close the sessions after a ju
 @pytest.fixture
 def dsql(backend: Backend, start_emulator: EmulatorFactory) -> Emulator:
     """A DSQL emulator whose sessions are capped at CAP seconds of real time."""
-    backend.ensure_role("admin")
+    backend.ensure_role("admin", superuser=True)  # as the plugin makes it
     return start_emulator(service="dsql", session_cap=CAP, transaction_limit=0.1)
 
 
@@ -54,7 +54,7 @@ def provider(dsql: Emulator) -> TokenProvider:
 @pytest.fixture
 def hourly(backend: Backend, start_emulator: EmulatorFactory) -> Emulator:
     """A DSQL emulator with the real one-hour cap, whose clock the test moves."""
-    backend.ensure_role("admin")
+    backend.ensure_role("admin", superuser=True)  # as the plugin makes it
     return start_emulator(service="dsql")
 
 

@@ -24,7 +24,7 @@ TABLE = "iampg_retry_dsql"
 @pytest.fixture
 def dsql(backend: Backend, start_emulator: EmulatorFactory) -> Emulator:
     """A DSQL-mode emulator; its admin role may create tables, as DSQL's admin can."""
-    backend.ensure_role("admin")
+    backend.ensure_role("admin", superuser=True)  # as the plugin makes it
     with psycopg.connect(backend.dsn, autocommit=True) as conn:
         conn.execute("grant create on schema public to admin")
         conn.execute(f"drop table if exists {TABLE}")
