@@ -2,7 +2,8 @@
 
 The parent gives the emulator's endpoint as JSON on the command line, reads one JSON line
 (``host``, ``port``, ``conninfo``, or ``error``) and stops the proxy by closing its stdin.
-``--event-loop`` picks the loop as ``iampg proxy --event-loop`` does (default: asyncio's).
+``--event-loop`` picks the loop as ``iampg proxy --event-loop`` does (default: ``auto``,
+uvloop when installed).
 ``--profile FILE`` runs the proxy's event loop under cProfile and writes the statistics
 (``pstats`` format) to ``FILE`` on exit.
 """
@@ -45,7 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--endpoint", required=True, help="Endpoint fields as JSON")
     parser.add_argument("--profile", help="write cProfile statistics of the loop here")
-    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="asyncio")
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto")
     args = parser.parse_args()
     fields: dict[str, Any] = json.loads(args.endpoint)
     endpoint = Endpoint(fields.pop("host"), **fields)

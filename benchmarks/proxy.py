@@ -8,9 +8,9 @@ Every variant talks to the same emulator (its own process, in front of the same 
   see the ``token`` group, to every connect);
 - **proxy**: pgbench to the proxy (plain TCP on loopback, no password), which opens one
   upstream session per client session over verified TLS with a token from its provider. It
-  runs as ``iampg proxy`` does by default, on asyncio's own loop; where uvloop is installed
-  (the ``proxy`` extra; the bench group installs it), a second proxy runs on it as
-  ``--event-loop uvloop`` does (**proxy-uvloop**);
+  runs as ``iampg proxy`` does by default: on uvloop where it is installed (the ``proxy``
+  extra; the bench group installs it), and then a second proxy runs on asyncio's own loop as
+  ``--event-loop asyncio`` does, as without uvloop (**proxy-asyncio**);
 - **pgbouncer**: pgbench to Debian's PgBouncer in session mode (plain TCP on loopback, trust),
   started here with a generated configuration that logs in upstream with the same static
   token over verified TLS: the same path with a C pooler in the middle.
@@ -56,7 +56,6 @@ from psycopg.conninfo import make_conninfo
 
 from benchmarks._common import EmulatorInfo, Result, Stats, child_env
 from iampg import TokenProvider
-from iampg._wire.lifecycle import uvloop_installed
 
 DATABASE = "iampg_pgbench"
 USER = "postgres"
@@ -237,12 +236,12 @@ def proxy_process(
     emu: EmulatorInfo,
     profile: str | None = None,
     *,
-    event_loop: str = "asyncio",
+    event_loop: str = "auto",
     name: str = "proxy",
 ) -> Iterator[Target | str]:
     """Run the proxy in a child process; yield its target, or why it is not available.
 
-    ``event_loop`` as ``iampg proxy --event-loop`` takes it (its default: asyncio's loop).
+    ``event_loop`` as ``iampg proxy --event-loop`` takes it (its default: ``auto``).
     """
     log = tempfile.TemporaryFile()  # noqa: SIM115 -- the child's stderr, closed below
     args = [sys.executable, "-m", "benchmarks._proxy", "--event-loop", event_loop, "--endpoint"]
@@ -503,8 +502,8 @@ ROWS = {
         DIRECT_WITH,
         "ratio ≥ 0.85",
     ),
-    "proxy_select_uvloop": (
-        f"pgbench -S, {CLIENTS} clients, persistent, the proxy on uvloop (`--event-loop uvloop`)",
+    "proxy_select_asyncio": (
+        f"pgbench -S, {CLIENTS} clients, persistent, the proxy on asyncio's loop (without uvloop)",
         DIRECT_WITH + "; PgBouncer",
         "reported",
     ),
@@ -555,17 +554,17 @@ def _ratio(
 
 
 def _persistent_rows(got: dict[str, list[Run]], label: str, rows: list[Result]) -> None:
-    """Append the rows of the persistent 8-client rounds: vs direct, on asyncio, vs PgBouncer."""
+    """Append the rows of the persistent 8-client rounds: vs direct, vs PgBouncer, on asyncio."""
     rows.append(_ratio("proxy_select", got, "proxy", "direct", 0.85, label=label))
     if "pgbouncer" in got:
         rows.append(_ratio("proxy_pgbouncer", got, "proxy", "pgbouncer", 1.0, label=label))
-    if "proxy-uvloop" in got:
+    if "proxy-asyncio" in got:
         row = _ratio(
-            "proxy_select_uvloop", got, "proxy-uvloop", "direct", None, label="proxy on uvloop"
+            "proxy_select_asyncio", got, "proxy-asyncio", "direct", None, label="proxy on asyncio"
         )
         if "pgbouncer" in got:
             pgb = Stats.of(
-                [x.tps / y.tps for x, y in zip(got["proxy-uvloop"], got["pgbouncer"], strict=True)]
+                [x.tps / y.tps for x, y in zip(got["proxy-asyncio"], got["pgbouncer"], strict=True)]
             )
             row.claim += f"; ÷ PgBouncer {pgb.median:.3f} ({pgb.minimum:.3f}-{pgb.maximum:.3f})"
             row.details["ratio_to_pgbouncer"] = pgb.median
@@ -573,9 +572,9 @@ def _persistent_rows(got: dict[str, list[Run]], label: str, rows: list[Result]) 
     else:
         rows.append(
             _skipped(
-                "proxy_select_uvloop",
-                *ROWS["proxy_select_uvloop"],
-                "uvloop is not installed (pip install 'iampg[proxy]')",
+                "proxy_select_asyncio",
+                *ROWS["proxy_select_asyncio"],
+                "uvloop is not installed: the row above is the proxy on asyncio's loop",
             )
         )
     rows.append(_cpu_row(got, label))
@@ -583,7 +582,7 @@ def _persistent_rows(got: dict[str, list[Run]], label: str, rows: list[Result]) 
 
 def _cpu_row(got: dict[str, list[Run]], label: str) -> Result:
     """CPU per transaction of each process on each path (medians over the rounds)."""
-    names = {"direct": "direct", "proxy": label, "proxy-uvloop": "proxy on uvloop"}
+    names = {"direct": "direct", "proxy": label, "proxy-asyncio": "proxy on asyncio"}
     names["pgbouncer"] = "PgBouncer"
     parts: list[str] = []
     medians: dict[str, dict[str, float]] = {}
@@ -627,13 +626,13 @@ def _measure(emu: EmulatorInfo, backend_dsn: str, *, quick: bool, rows: list[Res
             return proxy
         label = f"proxy on {proxy.event_loop}"
         targets = [direct, proxy]
-        if uvloop_installed():  # and as `iampg proxy --event-loop uvloop` runs
-            on_uvloop = stack.enter_context(
-                proxy_process(emu, event_loop="uvloop", name="proxy-uvloop")
+        if proxy.event_loop == "uvloop":  # and as it runs without uvloop
+            on_asyncio = stack.enter_context(
+                proxy_process(emu, event_loop="asyncio", name="proxy-asyncio")
             )
-            if isinstance(on_uvloop, str):
-                return on_uvloop
-            targets.append(on_uvloop)
+            if isinstance(on_asyncio, str):
+                return on_asyncio
+            targets.append(on_asyncio)
         bouncer_reason = f"pgbouncer not found; {INSTALL_HINT}"
         if bouncer_program is not None:
             try:
@@ -706,7 +705,7 @@ def profile(
     *,
     reconnect: bool = False,
     perf: bool = False,
-    event_loop: str = "asyncio",
+    event_loop: str = "auto",
 ) -> None:
     """Drive the proxy with pgbench under a profiler and print where its time goes.
 
@@ -770,7 +769,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--reconnect", action="store_true", help="pgbench -C: profile setup")
     parser.add_argument("--perf", action="store_true", help="perf record instead of cProfile")
-    parser.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto")
     args = parser.parse_args()
     profile(
         args.profile,

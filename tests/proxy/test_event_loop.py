@@ -1,4 +1,4 @@
-"""Which event loop the proxy runs on, and that uvloop's compiled TLS carries the relay."""
+"""Which event loop the proxy runs on, and that iampg's TLS layer carries the relay on each."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import pytest
 from iampg import ConfigurationError
 from iampg._wire.lifecycle import loop_factory, uvloop_installed
 from iampg._wire.protocol import PeerGoneError
-from iampg._wire.streams import Stream, connect_tls, native_tls
+from iampg._wire.streams import Stream, connect_tls
+from iampg._wire.tls import TlsTransport
 from iampg.proxy import Proxy
 from proxy_support import ProxyFactory, eventually
 
@@ -36,7 +37,6 @@ def test_asyncio_is_asyncio_s_selector_loop() -> None:
     loop = loop_factory("asyncio")()
     try:
         assert isinstance(loop, asyncio.SelectorEventLoop)
-        assert not native_tls(loop)  # iampg's TLS layer, with its small buffer
     finally:
         loop.close()
 
@@ -102,25 +102,34 @@ def test_auto_is_uvloop_when_installed() -> None:
     loop = loop_factory("auto")()
     try:
         assert isinstance(loop, uvloop.Loop)
-        assert native_tls(loop)
     finally:
         loop.close()
 
 
-def test_the_upstream_tls_is_the_loop_s_own_on_uvloop_and_iampg_s_on_asyncio(
-    emulator_endpoint: object, start_proxy: ProxyFactory, event_loop_kind: str
+@pytest.mark.skipif(not uvloop_installed(), reason="uvloop is not installed")
+def test_a_proxy_runs_on_uvloop_by_default_where_it_is_installed(
+    emulator_endpoint: object, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """On uvloop the relayed TLS runs in its compiled layer, not asyncio's Python one."""
+    caplog.set_level("INFO", logger="iampg.proxy")
+    with (
+        Proxy(emulator_endpoint, grace=0.0) as proxy,  # type: ignore[arg-type]
+        psycopg.connect(proxy.conninfo) as conn,
+    ):
+        assert conn.execute("select 1").fetchone() == (1,)
+    (listening,) = [r for r in caplog.records if r.getMessage().startswith("proxy listening")]
+    assert listening.iampg_proxy["event_loop"] == "uvloop"  # type: ignore[attr-defined]
+
+
+def test_the_upstream_tls_is_iampg_s_own_layer_on_either_loop(
+    emulator_endpoint: object, start_proxy: ProxyFactory
+) -> None:
+    """Not the loop's: asyncio's runs in Python, uvloop's loses data at a FIN (below)."""
     proxy = start_proxy(emulator_endpoint)
     with psycopg.connect(proxy.conninfo) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
         (session,) = proxy._open
         assert session.upstream is not None
-        layer = type(session.upstream.transport).__module__
-        if event_loop_kind == "uvloop":
-            assert layer.startswith("uvloop")
-        else:
-            assert layer == "asyncio.sslproto"
+        assert isinstance(session.upstream.transport, TlsTransport)
     assert eventually(lambda: proxy.stats().closed == 1)
 
 
@@ -164,21 +173,16 @@ def _serve_then_close_at_once(
 
 
 def test_a_server_s_last_bytes_reach_a_paused_reader_after_it_closed(
-    tmp_path: Path, event_loop_kind: str, request: pytest.FixtureRequest
+    tmp_path: Path, event_loop_kind: str
 ) -> None:
     """The server's last bytes, close_notify and FIN arrive while the relay pauses reading.
 
     As when a slow client reads a result and the server ends the session (a FATAL error,
     pg_terminate_backend, a failover): the relay resumes reading once the client caught up,
-    and must still get those bytes. uvloop's TLS drops what it had not yet decrypted when
-    the FIN arrives while reading is paused; asyncio's delivers it.
+    and must still get those bytes. uvloop's own TLS drops what it had not yet decrypted
+    when the FIN arrives while reading is paused (uvloop 0.23), which is why iampg's layer
+    carries TLS on uvloop too.
     """
-    if event_loop_kind == "uvloop":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True, reason="uvloop's TLS drops undelivered data at the peer's FIN"
-            )
-        )
     from iampg.emulator._tls import make_certificates
 
     files = make_certificates(["localhost"], tmp_path, loopback=True)

@@ -20,9 +20,6 @@ MAX_BACKEND_AUTH_MESSAGE: Final = 1 << 20
 MAX_NEGOTIATIONS: Final = 2
 READ_LIMIT: Final = 1 << 16
 CLOSE_TIMEOUT: Final = 2.0
-# asyncio gives every TLS connection a 256 KiB receive buffer; 32 KiB holds two full TLS
-# records and keeps thousands of connections from costing hundreds of megabytes.
-TLS_BUFFER: Final = 32 * 1024
 AUTH_OK: Final = 0
 AUTH_CLEARTEXT: Final = 3
 AUTH_MD5: Final = 5

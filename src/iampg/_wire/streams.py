@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import asyncio.sslproto
 import contextlib
 import ctypes
 import ipaddress
 import socket
 from typing import TYPE_CHECKING, Final, cast
 
-from .protocol import CLOSE_TIMEOUT, READ_LIMIT, TLS_BUFFER, PeerGoneError
+from .protocol import CLOSE_TIMEOUT, READ_LIMIT, PeerGoneError
+from .tls import TlsTransport
 
 if TYPE_CHECKING:
     import ssl
@@ -210,22 +210,6 @@ class Stream(asyncio.Protocol, Channel):
                 await asyncio.wait_for(asyncio.shield(self.closed), timeout)
 
 
-def native_tls(loop: asyncio.AbstractEventLoop) -> bool:
-    """Tell whether TLS on ``loop`` should be the loop's own rather than :class:`TlsProtocol`.
-
-    asyncio's own loops run TLS in Python (``asyncio.sslproto``), so iampg uses that layer with
-    a smaller buffer. uvloop runs TLS in compiled code, at half the CPU per relayed message
-    (benchmarks/proxy.py): there, the loop's ``ssl=`` argument is used.
-    """
-    return not isinstance(loop, asyncio.BaseEventLoop)
-
-
-class TlsProtocol(asyncio.sslproto.SSLProtocol):
-    """asyncio's TLS layer with a receive buffer sized for TLS records, not 256 KiB."""
-
-    max_size = TLS_BUFFER
-
-
 def _find_malloc_trim() -> Callable[[], None] | None:
     """Return a call that gives the C allocator's free memory back to the system, if any.
 
@@ -287,31 +271,16 @@ async def accept_tls(
 ) -> None:
     """Run the server side of a TLS handshake on an accepted socket, then hand it to ``stream``.
 
-    What ``loop.connect_accepted_socket(ssl=...)`` does, with a smaller receive buffer. The
-    transport owns ``sock`` from the call on. On a loop other than asyncio's own (uvloop),
-    the loop's native TLS runs instead: see :func:`native_tls`.
+    The transport owns ``sock`` from the call on. TLS is iampg's own layer on every event loop
+    (:class:`~iampg._wire.tls.TlsTransport`), not the loop's.
     """
     loop = asyncio.get_running_loop()
-    if native_tls(loop):
-        await loop.connect_accepted_socket(
-            lambda: stream, sock, ssl=context, ssl_handshake_timeout=handshake_timeout
-        )
-        return
     handshake: asyncio.Future[None] = loop.create_future()
-    tls = TlsProtocol(
-        loop,
-        stream,
-        context,
-        handshake,
-        server_side=True,
-        ssl_handshake_timeout=cast("int", handshake_timeout),  # typeshed: any number
+    tls = TlsTransport(
+        loop, stream, context, handshake, server_side=True, handshake_timeout=handshake_timeout
     )
     transport, _ = await loop.connect_accepted_socket(lambda: tls, sock)
-    try:
-        await handshake
-    except BaseException:
-        transport.abort()
-        raise
+    await _handshake(transport, handshake)
 
 
 async def connect_tls(
@@ -324,30 +293,24 @@ async def connect_tls(
     """Run the client side of a TLS handshake on a connected socket, then hand it to ``stream``.
 
     ``server_hostname`` is sent as SNI (and checked if ``context`` checks host names). The
-    transport owns ``sock`` from the call on. On a loop other than asyncio's own (uvloop),
-    the loop's native TLS runs instead: see :func:`native_tls`.
+    transport owns ``sock`` from the call on.
     """
     loop = asyncio.get_running_loop()
-    if native_tls(loop):
-        await loop.create_connection(
-            lambda: stream,
-            sock=sock,
-            ssl=context,
-            server_hostname=server_hostname,
-            ssl_handshake_timeout=handshake_timeout,
-        )
-        return
     handshake: asyncio.Future[None] = loop.create_future()
-    tls = TlsProtocol(
+    tls = TlsTransport(
         loop,
         stream,
         context,
         handshake,
         server_side=False,
         server_hostname=server_hostname,
-        ssl_handshake_timeout=cast("int", handshake_timeout),
+        handshake_timeout=handshake_timeout,
     )
     transport, _ = await loop.create_connection(lambda: tls, sock=sock)
+    await _handshake(transport, handshake)
+
+
+async def _handshake(transport: asyncio.Transport, handshake: asyncio.Future[None]) -> None:
     try:
         await handshake
     except BaseException:

@@ -88,9 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     local.add_argument(
         "--event-loop",
         choices=EVENT_LOOPS,
-        default="asyncio",
-        help="asyncio (default), uvloop (pip install 'iampg[proxy]': less CPU, see the docs), "
-        "or auto: uvloop when installed",
+        default="auto",
+        help="auto (default): uvloop when installed (pip install 'iampg[proxy]'), else "
+        "asyncio; or asyncio, or uvloop",
     )
     local.add_argument("--tls-cert", metavar="FILE", help="PEM certificate for client TLS")
     local.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")

@@ -200,13 +200,12 @@ class Proxy(BackgroundLoop):
         allow_insecure: Allow an upstream ``sslmode`` that may send the token unencrypted
             to a host other than loopback.
         grace: Seconds open sessions may run on after :meth:`stop` before they are closed.
-        event_loop: The loop :meth:`start` runs the proxy on, in its thread: ``asyncio``
-            (asyncio's selector loop, the default), ``uvloop`` (``pip install
-            'iampg[proxy]'``) or ``auto`` (uvloop when installed). On uvloop a relayed query
-            costs the proxy a third to a half less CPU, but a client that reads slowly when the
-            server ends its session can lose the last of the server's output (see
-            docs/cli.md). With :meth:`astart`, the proxy runs on the caller's loop, whatever
-            it is.
+        event_loop: The loop :meth:`start` runs the proxy on, in its thread: ``auto`` (the
+            default: uvloop when it is installed, ``pip install 'iampg[proxy]'``, else
+            asyncio's selector loop), ``asyncio`` or ``uvloop``. TLS runs in iampg's own layer
+            on either; on uvloop a relayed query costs the proxy less CPU (see
+            docs/performance.md). With :meth:`astart`, the proxy runs on the caller's loop,
+            whatever it is.
 
     Raises:
         iampg.ConfigurationError: Bad endpoint or options, or beyond loopback without
@@ -228,7 +227,7 @@ class Proxy(BackgroundLoop):
         password: str | None = None,
         allow_insecure: bool = False,
         grace: float = 10.0,
-        event_loop: EventLoopKind = "asyncio",
+        event_loop: EventLoopKind = "auto",
     ) -> None:
         self._new_loop = loop_factory(event_loop)
         self._target = prepare(
