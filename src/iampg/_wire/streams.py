@@ -95,10 +95,12 @@ class Stream(asyncio.Protocol, Channel):
         self._partner: Stream | None = None
         #: Bytes relayed to the partner so far.
         self.relayed = 0
-        #: Called with what is relayed to the partner, just before relaying it.
+        #: Called with what is relayed to the partner, just before relaying it (set before
+        #: :meth:`pipe_to`, as ``transform``).
         self.on_data: Callable[[bytes], None] | None = None
         #: Returns what to relay instead of what was received (the emulator's DSQL mode).
         self.transform: Callable[[bytes], bytes] | None = None
+        self._relay: Callable[[bytes], None] | None = None  # set by pipe_to
 
     # asyncio.Protocol
 
@@ -107,13 +109,10 @@ class Stream(asyncio.Protocol, Channel):
         self._live.add(self)
 
     def data_received(self, data: bytes) -> None:
-        if self._partner is not None:
+        relay = self._relay
+        if relay is not None:
             self.relayed += len(data)
-            if self.on_data is not None:
-                self.on_data(data)
-            if self.transform is not None:
-                data = self.transform(data)
-            self._partner.write(data)
+            relay(data)
             return
         self._buffer += data
         if len(self._buffer) > READ_LIMIT and self.transport is not None:
@@ -170,21 +169,29 @@ class Stream(asyncio.Protocol, Channel):
         self.write(data)
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
 
     def pipe_to(self, partner: Stream) -> None:
         """Send everything received from now on (and anything buffered) to ``partner``."""
         self._partner = partner
+        on_data, transform = self.on_data, self.transform
+        if on_data is None and transform is None:
+            self._relay = partner.write
+        else:
+
+            def relay(data: bytes) -> None:
+                if on_data is not None:
+                    on_data(data)
+                partner.write(data if transform is None else transform(data))
+
+            self._relay = relay
         if self._buffer:
             data = bytes(self._buffer)
             self._buffer.clear()
             self.relayed += len(data)
-            if self.on_data is not None:
-                self.on_data(data)
-            if self.transform is not None:
-                data = self.transform(data)
-            partner.write(data)
+            self._relay(data)
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()

@@ -79,6 +79,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
             server_hostname=None if server_side else server_hostname,
         )
         self._view = _scratch_view()
+        self._read_into = cast("Callable[[int, memoryview], int]", self._tls.read)
         self._tcp: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._established = False
@@ -171,56 +172,54 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
 
     # reading
 
-    def _read(self) -> None:
+    def _read(self) -> None:  # noqa: C901, PLR0912 -- the hot path, in one frame
         """Decrypt what has arrived and hand it to the app, unless it paused reading.
 
-        Once the peer ended (close_notify, or the TCP connection's end), the app is told after
-        everything received before: at once, or when it resumes reading. A record cut short
-        by the end is dropped, as TLS requires.
+        Records that arrived together go up together, up to :data:`DELIVERY` bytes at a time;
+        what decrypts before an error goes up before the error. Once the peer ended
+        (close_notify, or the TCP connection's end), the app is told after everything
+        received before: at once, or when it resumes reading. A record cut short by the end
+        is dropped, as TLS requires.
         """
         if self._paused or self._ended or self._closing:
             return
-        try:
-            drained = self._deliver()
-        except ssl.SSLError as exc:
-            self._fatal(exc)
-            return
-        if self._outgoing.pending:  # a reply the records called for (a key update)
-            self._flush()
-        if self._peer_ended and drained and not self._paused:
-            self._end()
-
-    def _deliver(self) -> bool:
-        """Hand the app what the records received decrypt to; tell whether none is left.
-
-        Records that arrived together go up together, up to :data:`DELIVERY` bytes at a time;
-        what decrypts before an error goes up before the error.
-        """
-        read_into = cast("Callable[[int, memoryview], int]", self._tls.read)
-        pending, view = self._tls.pending, self._view
+        read_into, pending, view = self._read_into, self._tls.pending, self._view
+        incoming, deliver = self._incoming, self._app.data_received
         filled = 0
+        drained = True
         try:
             while True:
                 if filled > DELIVERY - RECORD:
-                    self._app.data_received(bytes(view[:filled]))
+                    deliver(bytes(view[:filled]))
                     filled = 0
-                    if self._paused or self._closing:
-                        return False
+                    if self._held():  # by the app, in data_received
+                        drained = False
+                        break
                 got = read_into(RECORD, view[filled:])
                 if not got:  # close_notify
                     self._close_notified()
                     break
                 filled += got
-                if not self._incoming.pending and not pending():
+                if not incoming.pending and not pending():
                     break
         except ssl.SSLWantReadError:
             pass  # a record not whole yet, or one that carried no data (a session ticket)
         except ssl.SSLZeroReturnError:
             self._close_notified()
-        finally:
+        except ssl.SSLError as exc:
             if filled:
-                self._app.data_received(bytes(view[:filled]))
-        return True
+                deliver(bytes(view[:filled]))
+            self._fatal(exc)
+            return
+        if filled:
+            deliver(bytes(view[:filled]))
+        if self._outgoing.pending:  # a reply the records called for (a key update)
+            self._flush()
+        if self._peer_ended and drained and not self._paused:
+            self._end()
+
+    def _held(self) -> bool:
+        return self._paused or self._closing
 
     def _close_notified(self) -> None:
         self._peer_ended = True
@@ -243,15 +242,15 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
     # the app's transport
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closing or self._lost or not self._established or not data:
+        tcp = self._tcp
+        if self._closing or self._lost or not self._established or not data or tcp is None:
             return
-        assert self._tcp is not None
         try:
             self._tls.write(data)
         except ssl.SSLError as exc:
             self._fatal(exc)
             return
-        self._tcp.write(self._outgoing.read())
+        tcp.write(self._outgoing.read())
 
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))
