@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
+import shutil
 import socket
 import ssl
+import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -438,3 +442,175 @@ def test_a_record_cut_short_by_the_end_is_dropped_and_the_end_delivered(
 
     with serving(cut, listener):
         assert run_on(event_loop_kind, main) == (b"whole", ["data", "eof", "lost"])
+
+
+def test_nothing_reaches_the_app_after_the_connection_is_lost(
+    event_loop_kind: str,
+    listener: socket.socket,
+    server_context: ssl.SSLContext,
+    client_context: ssl.SSLContext,
+) -> None:
+    """Records left undelivered while paused stay so once the connection is lost (a reset)."""
+    go, sent, reset = threading.Event(), threading.Event(), threading.Event()
+
+    def reset_after_sending(conn: socket.socket) -> None:
+        peer = Memory(conn, server_context)
+        go.wait(10)
+        conn.sendall(peer.records(os.urandom(300_000)))
+        sent.set()
+        reset.wait(10)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    async def main(loop: asyncio.AbstractEventLoop) -> tuple[list[str], int]:
+        app = await connect(loop, listener, client_context)
+        transport = app.transport
+        assert transport is not None
+        transport.pause_reading()
+        go.set()
+        await loop.run_in_executor(None, sent.wait, 10)
+        await asyncio.sleep(0.2)
+        original = app.data_received
+
+        def pause_after_first(data: bytes) -> None:
+            original(data)
+            transport.pause_reading()  # as a relay does when its partner cannot keep up
+
+        app.data_received = pause_after_first  # type: ignore[method-assign]
+        transport.resume_reading()
+        await app.until(lambda: len(app.data) > 0)
+        await asyncio.sleep(0.1)
+        assert 0 < len(app.data) < 300_000  # the rest waits, some of it decrypted-ready
+        reset.set()
+        for _ in range(50):  # a write meets the reset: the connection is lost
+            transport.write(b"y" * 1000)
+            await asyncio.sleep(0.02)
+            if app.lost.done():
+                break
+        assert isinstance(app.lost.result(), ConnectionError)
+        delivered = len(app.data)
+        app.data_received = original  # type: ignore[method-assign]
+        transport.resume_reading()  # as the relay does once its partner drained
+        await asyncio.sleep(0.2)
+        return app.events, len(app.data) - delivered
+
+    with serving(reset_after_sending, listener):
+        events, after = run_on(event_loop_kind, main)
+    assert events[-1] == "lost"
+    assert after == 0
+
+
+def test_close_delivers_what_was_written_to_a_peer_that_still_sends(
+    event_loop_kind: str,
+    listener: socket.socket,
+    server_context: ssl.SSLContext,
+    client_context: ssl.SSLContext,
+) -> None:
+    """Input unread at close would make the kernel reset the connection and drop the rest.
+
+    As when a relay closes a client's connection after a result while the client sends its
+    Terminate, and reads slowly.
+    """
+    size = 4 << 20
+    got: list[object] = []
+    spoke = threading.Event()
+
+    def talk_while_reading_slowly(conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+        with server_context.wrap_socket(conn, server_side=True, suppress_ragged_eofs=False) as tls:
+            spoke.set()
+            time.sleep(0.3)
+            tls.sendall(b"X" * 100)  # after the other side closed
+            time.sleep(0.5)
+            received = 0
+            while chunk := tls.recv(65536):
+                received += len(chunk)
+            got.append(received)
+
+    async def main(loop: asyncio.AbstractEventLoop) -> None:
+        app = await connect(loop, listener, client_context)
+        assert app.transport is not None
+        await loop.run_in_executor(None, spoke.wait, 10)
+        app.transport.write(b"D" * size)
+        app.transport.close()
+        await asyncio.wait_for(app.lost, 20)
+
+    with serving(talk_while_reading_slowly, listener):
+        run_on(event_loop_kind, main)
+    assert got == [size]  # and a clean close_notify: no SSLEOFError in the peer
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_a_write_during_a_renegotiation_goes_out_after_it(
+    event_loop_kind: str, certificates: Any, client_context: ssl.SSLContext
+) -> None:
+    """TLS 1.2: while the server renegotiates, OpenSSL cannot take application data yet."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    files = ["-cert", str(certificates.cert_file), "-key", str(certificates.key_file)]
+    command = ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-tls1_2", *files]
+    server = subprocess.Popen(
+        command,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    stdin = server.stdin
+    assert stdin is not None
+    try:
+        for _ in range(100):  # until it listens
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            time.sleep(0.05)
+
+        async def main(loop: asyncio.AbstractEventLoop) -> bool:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.setblocking(False)
+            app = Recorder(loop)
+            await connect_tls(sock, app, client_context, HOST, 5.0)  # type: ignore[arg-type]
+            assert app.transport is not None
+            deadline = loop.time() + 1.0
+            renegotiations = 0
+            while loop.time() < deadline and not app.lost.done():
+                app.transport.write(b"x")
+                if renegotiations < 5 and loop.time() > deadline - 1.0 + renegotiations * 0.15:
+                    stdin.write(b"r\n")  # s_server: renegotiate
+                    stdin.flush()
+                    renegotiations += 1
+                await asyncio.sleep(0)
+            alive = not app.lost.done()
+            app.transport.close()
+            await asyncio.wait_for(app.lost, 10)
+            return alive
+
+        assert run_on(event_loop_kind, main)
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+        stdin.close()
+
+
+def test_cancelled_while_connecting_leaves_no_unretrieved_error(
+    event_loop_kind: str,
+    listener: socket.socket,
+    client_context: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As when a connect's time limit runs out: no 'exception was never retrieved' logged."""
+
+    async def main(loop: asyncio.AbstractEventLoop) -> None:
+        sock = socket.create_connection(listener.getsockname(), timeout=10)
+        sock.setblocking(False)
+        app = Recorder(loop)
+        task = loop.create_task(connect_tls(sock, app, client_context, HOST, 5.0))  # type: ignore[arg-type]
+        await asyncio.sleep(0)  # inside create_connection
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.2)
+        del task
+        gc.collect()
+
+    run_on(event_loop_kind, main)
+    gc.collect()
+    assert "never retrieved" not in caplog.text

@@ -286,7 +286,11 @@ async def accept_tls(
     tls = TlsTransport(
         loop, stream, context, handshake, server_side=True, handshake_timeout=handshake_timeout
     )
-    transport, _ = await loop.connect_accepted_socket(lambda: tls, sock)
+    try:
+        transport, _ = await loop.connect_accepted_socket(lambda: tls, sock)
+    except BaseException:
+        handshake.cancel()  # the transport's end fails it: nobody is left to hear it
+        raise
     await _handshake(transport, handshake)
 
 
@@ -313,7 +317,11 @@ async def connect_tls(
         server_hostname=server_hostname,
         handshake_timeout=handshake_timeout,
     )
-    transport, _ = await loop.create_connection(lambda: tls, sock=sock)
+    try:
+        transport, _ = await loop.create_connection(lambda: tls, sock=sock)
+    except BaseException:
+        handshake.cancel()  # the transport's end fails it: nobody is left to hear it
+        raise
     await _handshake(transport, handshake)
 
 

@@ -30,6 +30,10 @@ RECORD: Final = 16 * 1024
 #: transport decrypts to, when it holds several records, goes up in one piece.
 DELIVERY: Final = 4 * RECORD
 
+#: How long :meth:`TlsTransport.close` waits for the peer to end its side once it has ended
+#: ours; then the connection is reset.
+CLOSE_WAIT: Final = 30.0
+
 _scratch = threading.local()
 
 
@@ -89,6 +93,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         self._ended = False  # ... and the app was told
         self._lost = False  # the TCP transport is gone
         self._error: BaseException | None = None
+        self._backlog: list[bytes] = []  # written while a renegotiation was under way
 
     # the TCP transport's protocol
 
@@ -98,13 +103,19 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         self._handshake()
 
     def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return  # closing: read only to see the peer's end, and so never reset (close())
         self._incoming.write(data)
         if self._established:
             self._read()
+            if self._backlog:
+                self._write_backlog()
         elif not self._handshake_result.done():
             self._handshake()
 
     def eof_received(self) -> bool:
+        if self._closing:
+            return False  # the end close() waits for: the TCP transport closes now
         if not self._established:
             self._fail_handshake(ConnectionResetError("the peer closed during the TLS handshake"))
             return False
@@ -114,6 +125,7 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        self._closing = True  # nothing more reaches the app, even what waits in the BIO
         if self._timer is not None:
             self._timer.cancel()
         if not self._established:
@@ -146,7 +158,12 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._established = True
-        self._app.connection_made(self)
+        try:
+            self._app.connection_made(self)
+        except BaseException as exc:
+            if not self._handshake_result.done():
+                self._handshake_result.set_exception(exc)
+            raise
         if not self._handshake_result.done():
             self._handshake_result.set_result(None)
         if self._incoming.pending:  # the app's first bytes came with the handshake's last
@@ -245,12 +262,30 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         tcp = self._tcp
         if self._closing or self._lost or not self._established or not data or tcp is None:
             return
+        if self._backlog:
+            self._backlog.append(bytes(data))
+            return
         try:
             self._tls.write(data)
+        except ssl.SSLWantReadError:  # a renegotiation under way: written once it is done
+            self._backlog.append(bytes(data))
         except ssl.SSLError as exc:
             self._fatal(exc)
             return
         tcp.write(self._outgoing.read())
+
+    def _write_backlog(self) -> None:
+        backlog = self._backlog
+        while backlog and not self._closing:
+            try:
+                self._tls.write(backlog[0])
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLError as exc:
+                self._fatal(exc)
+                return
+            del backlog[0]
+        self._flush()
 
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))
@@ -293,17 +328,38 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         return self._closing or self._lost
 
     def close(self) -> None:
-        """Send close_notify and close the TCP connection once what is written went out."""
+        """End the connection without losing what was written.
+
+        close_notify goes out after what is written, then the TCP connection's end (FIN);
+        what the peer still sends is read and dropped, as closing a socket with unread input
+        makes the kernel reset the connection and drop what it has not yet sent. The TCP
+        transport closes at the peer's end, or after :data:`CLOSE_WAIT` seconds.
+        """
         if self._closing:
             return
         self._closing = True
-        if self._tcp is None or self._lost:
+        tcp = self._tcp
+        if tcp is None or self._lost:
             return
-        if self._established:
-            with contextlib.suppress(ssl.SSLError):  # SSLWantReadError: the peer's is not awaited
-                self._tls.unwrap()
-            self._flush()
-        self._tcp.close()
+        if not self._established:
+            tcp.close()
+            return
+        with contextlib.suppress(ssl.SSLError):  # SSLWantReadError: the peer's is not awaited
+            self._tls.unwrap()
+        self._flush()
+        if self._peer_ended:  # its FIN was read: no input is left to cause a reset
+            tcp.close()
+            return
+        if not tcp.can_write_eof():
+            tcp.close()
+            return
+        try:
+            tcp.write_eof()
+        except OSError:  # the peer's reset arrived first: nothing more can go out
+            tcp.abort()
+            return
+        tcp.resume_reading()
+        self._timer = self._loop.call_later(CLOSE_WAIT, tcp.abort)
 
     def abort(self) -> None:
         self._closing = True
