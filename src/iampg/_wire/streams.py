@@ -132,8 +132,9 @@ class Stream(asyncio.Protocol, Channel):
         self._wake()
         if not self.closed.done():
             self.closed.set_result(None)
-        if self._partner is not None:
-            self._partner.close()
+        partner, self._partner, self._relay = self._partner, None, None  # no cycle left
+        if partner is not None:
+            partner.close()
 
     def pause_writing(self) -> None:
         if self._partner is not None and self._partner.transport is not None:

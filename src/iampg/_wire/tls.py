@@ -35,6 +35,7 @@ DELIVERY: Final = 4 * RECORD
 CLOSE_WAIT: Final = 30.0
 
 _scratch = threading.local()
+_GONE: Final = asyncio.Protocol()  # what a connection's app is once it was told of the loss
 
 
 def _scratch_view() -> memoryview:
@@ -131,7 +132,8 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
         if not self._established:
             self._fail_handshake(exc or ConnectionResetError("the connection closed"))
             return
-        self._app.connection_lost(cast("Exception | None", self._error or exc))
+        app, self._app = self._app, _GONE  # no cycle with the app: freed without the GC
+        app.connection_lost(cast("Exception | None", self._error or exc))
 
     def pause_writing(self) -> None:
         if self._established:

@@ -1307,7 +1307,12 @@ class Emulator(BackgroundLoop):
             phase = "TLS" if session.client is None else "authentication"
             logger.debug("client %s timed out waiting for %s", session.peer, phase)
             return False
-        startup.result()  # its exception, if any
+        try:
+            startup.result()  # its exception, if any
+        finally:
+            # Its traceback holds this frame, whose locals hold the task holding the exception:
+            # without this, the session's streams (and their TLS) wait for the cyclic GC.
+            del startup, done
         return True
 
     async def _close_session(self, session: _Session, *, abort: bool) -> None:
