@@ -399,4 +399,5 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
 
     def __repr__(self) -> str:
         state = "closing" if self._closing else "open" if self._established else "handshake"
-        return f"<TlsTransport {state}>"
+        flags = (" paused", self._paused), (" peer ended", self._peer_ended), (" lost", self._lost)
+        return f"<TlsTransport {state}{''.join(name for name, on in flags if on)}>"
