@@ -614,3 +614,56 @@ def test_cancelled_while_connecting_leaves_no_unretrieved_error(
     run_on(event_loop_kind, main)
     gc.collect()
     assert "never retrieved" not in caplog.text
+
+
+def test_an_app_that_fails_on_resumed_data_loses_its_connection(
+    event_loop_kind: str,
+    listener: socket.socket,
+    server_context: ssl.SSLContext,
+    client_context: ssl.SSLContext,
+) -> None:
+    """Records held back while paused, delivered on resume: the app fails, the connection ends.
+
+    As when it fails on data that comes straight from the TCP transport.
+    """
+    sent = threading.Event()
+
+    def send_then_wait(conn: socket.socket) -> None:
+        peer = Memory(conn, server_context)
+        conn.sendall(peer.records(os.urandom(100_000)))  # more than a delivery, one TCP read
+        sent.set()
+        with contextlib.suppress(OSError):
+            conn.recv(1)  # until the client is gone
+
+    class AppError(Exception):
+        pass
+
+    async def main(loop: asyncio.AbstractEventLoop) -> BaseException | None:
+        loop.set_exception_handler(lambda _loop, _context: None)  # the loop's report: not here
+        app = await connect(loop, listener, client_context)
+        transport = app.transport
+        assert transport is not None
+        transport.pause_reading()
+        await loop.run_in_executor(None, sent.wait, 10)
+        await asyncio.sleep(0.1)
+        original = app.data_received
+
+        def pause_after_first(data: bytes) -> None:
+            original(data)
+            transport.pause_reading()
+
+        app.data_received = pause_after_first  # type: ignore[method-assign]
+        transport.resume_reading()
+        await app.until(lambda: len(app.data) > 0)
+        await asyncio.sleep(0.1)
+        assert transport._incoming.pending  # records wait in the layer, none in the kernel
+
+        def fail(data: bytes) -> None:
+            raise AppError(len(data))
+
+        app.data_received = fail  # type: ignore[method-assign]
+        transport.resume_reading()
+        return await asyncio.wait_for(app.lost, 10)
+
+    with serving(send_then_wait, listener):
+        assert isinstance(run_on(event_loop_kind, main), AppError)

@@ -321,7 +321,18 @@ class TlsTransport(asyncio.Transport, asyncio.Protocol):
     def _resumed(self) -> None:
         if self._paused or not self._established:
             return
-        self._read()
+        try:
+            self._read()
+        except Exception as exc:  # noqa: BLE001 -- the app's: ends it, as the loop would
+            self._loop.call_exception_handler(
+                {
+                    "message": "Fatal error: protocol.data_received() call failed.",
+                    "exception": exc,
+                    "transport": self,
+                    "protocol": self._app,
+                }
+            )
+            self._fatal(exc)
 
     def is_reading(self) -> bool:
         return not self._paused and not self._closing and not self._lost
