@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -20,8 +21,10 @@ from iampg._wire.lifecycle import loop_factory, uvloop_installed
 from iampg._wire.protocol import PeerGoneError
 from iampg._wire.streams import Stream, connect_tls
 from iampg._wire.tls import TlsTransport
+from iampg.emulator import Emulator
 from iampg.proxy import Proxy
 from proxy_support import ProxyFactory, eventually
+from support import endpoint_for
 
 pytestmark = pytest.mark.usefixtures("quiet_botocore")
 
@@ -226,3 +229,23 @@ def test_a_server_s_last_bytes_reach_a_paused_reader_after_it_closed(
         listener.close()
         server.join(10)
     assert received == payload
+
+
+def test_the_upstream_host_is_resolved_by_python_s_resolver_on_either_loop(
+    emulator: Emulator, start_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the process set up in socket.getaddrinfo holds on uvloop too (libuv's would not)."""
+    real = socket.getaddrinfo
+    asked: list[str] = []
+
+    def resolve(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == emulator.host:
+            asked.append(host)
+            host = "127.0.0.1"
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    proxy = start_proxy(endpoint_for(emulator, hostaddr=None))  # the name only, no address
+    with psycopg.connect(proxy.conninfo) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    assert asked == [emulator.host]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -159,9 +160,12 @@ class Upstream:
         return stream
 
     async def _dial(self, loop: asyncio.AbstractEventLoop) -> socket.socket:
-        infos = await loop.getaddrinfo(
-            self._endpoint.dialled, self._endpoint.port, type=socket.SOCK_STREAM
+        # Python's resolver, in a thread, on every loop (asyncio's loop.getaddrinfo does the
+        # same): uvloop's own would go around what the process set up in socket.getaddrinfo.
+        resolve = functools.partial(
+            socket.getaddrinfo, self._endpoint.dialled, self._endpoint.port, type=socket.SOCK_STREAM
         )
+        infos = await loop.run_in_executor(None, resolve)
         last: OSError = OSError(f"cannot resolve {self._endpoint.dialled}")
         for family, kind, proto, _, address in infos:
             sock = socket.socket(family, kind, proto)
