@@ -56,6 +56,21 @@ class Recorder(asyncio.Protocol):
         self.lost.set_result(exc)
         self.changed.set()
 
+    async def one_delivery(self) -> None:
+        """Resume reading, take one delivery and pause again, as a relay whose partner is full."""
+        transport = self.transport
+        assert transport is not None
+
+        def pause_after(data: bytes) -> None:
+            Recorder.data_received(self, data)
+            transport.pause_reading()
+
+        self.data_received = pause_after  # type: ignore[method-assign]
+        transport.resume_reading()
+        await self.until(lambda: len(self.data) > 0)
+        await asyncio.sleep(0.1)
+        del self.data_received  # the class's again
+
     async def until(self, done: Callable[[], bool], timeout: float = 10.0) -> None:
         async def wait() -> None:
             while not done():
@@ -469,16 +484,7 @@ def test_nothing_reaches_the_app_after_the_connection_is_lost(
         go.set()
         await loop.run_in_executor(None, sent.wait, 10)
         await asyncio.sleep(0.2)
-        original = app.data_received
-
-        def pause_after_first(data: bytes) -> None:
-            original(data)
-            transport.pause_reading()  # as a relay does when its partner cannot keep up
-
-        app.data_received = pause_after_first  # type: ignore[method-assign]
-        transport.resume_reading()
-        await app.until(lambda: len(app.data) > 0)
-        await asyncio.sleep(0.1)
+        await app.one_delivery()
         assert 0 < len(app.data) < 300_000  # the rest waits, some of it decrypted-ready
         reset.set()
         for _ in range(50):  # a write meets the reset: the connection is lost
@@ -488,7 +494,6 @@ def test_nothing_reaches_the_app_after_the_connection_is_lost(
                 break
         assert isinstance(app.lost.result(), ConnectionError)
         delivered = len(app.data)
-        app.data_received = original  # type: ignore[method-assign]
         transport.resume_reading()  # as the relay does once its partner drained
         await asyncio.sleep(0.2)
         return app.events, len(app.data) - delivered
@@ -646,16 +651,7 @@ def test_an_app_that_fails_on_resumed_data_loses_its_connection(
         transport.pause_reading()
         await loop.run_in_executor(None, sent.wait, 10)
         await asyncio.sleep(0.1)
-        original = app.data_received
-
-        def pause_after_first(data: bytes) -> None:
-            original(data)
-            transport.pause_reading()
-
-        app.data_received = pause_after_first  # type: ignore[method-assign]
-        transport.resume_reading()
-        await app.until(lambda: len(app.data) > 0)
-        await asyncio.sleep(0.1)
+        await app.one_delivery()
         assert transport._incoming.pending  # records wait in the layer, none in the kernel
 
         def fail(data: bytes) -> None:
